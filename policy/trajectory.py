@@ -1,0 +1,78 @@
+"""The trajectory schema: what a rollout worker returns and the learner trains on.
+
+One trajectory is one sample of one prompt. Its token sequence holds the prompt and the response.
+Image slots in the sequence are runs of ``n_image_tokens`` placeholder ids (``<img>``) between
+``<img_start>`` and ``<img_end>``; the latent in each slot (the input image's, then any generated one)
+is listed in ``slot_latents`` in order of appearance and enters the LM through the Latent
+Representation Bridge. A generated image also keeps the stochastic window of its SDE sampler, which is
+what Flow-GRPO trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageSegment:
+    """One generated image: the trained SDE window and the final latent.
+
+    The generator was conditioned on the LM's last hidden states of ``tokens[:cond_end]``.
+    Shapes: latents / next_latents (W, C, h, w); sigmas / sigma_nexts / log_probs (W,).
+    """
+
+    cond_end: int
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    sigmas: torch.Tensor
+    sigma_nexts: torch.Tensor
+    log_probs: torch.Tensor
+    final_latent: torch.Tensor
+
+    @property
+    def window(self) -> int:
+        return int(self.sigmas.shape[0])
+
+
+@dataclass
+class Trajectory:
+    """One sampled response with everything the learner needs to recompute and train on it."""
+
+    prompt_id: str
+    group_index: int
+    input_ids: torch.Tensor  # (T,) long: prompt + response
+    prompt_len: int
+    loss_mask: torch.Tensor  # (T,) bool: True on tokens the policy sampled
+    behaviour_logp: torch.Tensor  # (T,) float: log-prob of each sampled token when sampled, 0 elsewhere
+    slot_latents: torch.Tensor  # (n_slots, C, h, w): latents of the image slots, in order
+    images: list[ImageSegment] = field(default_factory=list)
+    policy_version: int = 0
+    response_text: str = ""
+    reward: float = float("nan")
+    reward_components: dict[str, float] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # task fields the reward needs (answer, choices, ...)
+
+    @property
+    def response_len(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def generated_image(self) -> bool:
+        return len(self.images) > 0
+
+    def validate(self) -> None:
+        t = self.input_ids.shape[0]
+        if self.input_ids.dim() != 1 or self.input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be 1-D long, got {tuple(self.input_ids.shape)} {self.input_ids.dtype}")
+        for name in ("loss_mask", "behaviour_logp"):
+            v = getattr(self, name)
+            if v.shape != (t,):
+                raise ValueError(f"{name} must have shape ({t},), got {tuple(v.shape)}")
+        for i, seg in enumerate(self.images):
+            w = seg.window
+            if seg.latents.shape != seg.next_latents.shape or seg.latents.shape[0] != w:
+                raise ValueError(f"images[{i}]: latents/next_latents must be (W, C, h, w) with W={w}")
+            if not (0 < seg.cond_end <= t):
+                raise ValueError(f"images[{i}]: cond_end={seg.cond_end} outside the sequence of length {t}")
