@@ -1,0 +1,194 @@
+"""Flow-matching samplers: the stochastic (SDE) step with its log-probability, the plain Euler step,
+and a K-step sampler whose window of W steps is stochastic and recorded for Flow-GRPO.
+
+Convention: sigma runs from 1 (pure noise) to 0 (data); the model predicts the velocity v = dx/dsigma
+of the rectified flow x_sigma = (1 - sigma) * x_data + sigma * noise, so v = noise - x_data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,...), sigma (B,)) -> v
+
+
+def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or (B,) value against x of shape (B, ...)."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(like.shape[0])
+    if t.shape != (like.shape[0],):
+        raise ValueError(f"sigma must be a scalar or shaped ({like.shape[0]},), got {tuple(t.shape)}")
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def sde_step(
+    x: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    noise_level: float,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Flow-GRPO SDE step; returns (prev_sample, log_prob (B,), mean, std).
+
+    dt       = sigma_next - sigma                                   (negative)
+    std_t    = a * sqrt(sigma / (1 - sigma'))   sigma' = sigma, or sigma_next where sigma == 1
+    mean     = x*(1 + std_t^2/(2 sigma) dt) + v*(1 + std_t^2 (1 - sigma)/(2 sigma)) dt
+    x_next   = mean + std_t sqrt(-dt) eps
+    log_prob = mean over latent elements of log N(x_next; mean, (std_t sqrt(-dt))^2)
+    ``std`` is the step's standard deviation std_t * sqrt(-dt), shaped like ``sigma`` broadcast to x.
+    With ``prev_sample`` given, no noise is drawn: the log-prob of that sample is computed instead.
+    """
+    if x.shape != velocity.shape:
+        raise ValueError(f"x {tuple(x.shape)} and velocity {tuple(velocity.shape)} must have the same shape")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    x32, v32 = x.to(compute), velocity.to(compute)
+    s = _per_sample(sigma, x32)
+    s_next = _per_sample(sigma_next, x32)
+    dt = s_next - s
+    s_prime = torch.where(s == 1, s_next, s)
+    std_t = noise_level * torch.sqrt(s / (1 - s_prime))
+    mean = x32 * (1 + std_t**2 / (2 * s) * dt) + v32 * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_t * torch.sqrt(-dt)
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn_like(x32)
+        prev_sample = mean + std * noise.to(compute)
+    else:
+        if prev_sample.shape != x.shape:
+            raise ValueError(f"prev_sample {tuple(prev_sample.shape)} must match x {tuple(x.shape)}")
+        prev_sample = prev_sample.to(compute)
+    log_density = (
+        -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    )
+    log_prob = log_density.mean(dim=tuple(range(1, x.dim())))
+    return prev_sample.to(x.dtype), log_prob, mean, std
+
+
+def euler_step(
+    x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float
+) -> torch.Tensor:
+    """Deterministic (ODE) step: x_next = x + v * (sigma_next - sigma)."""
+    return x + velocity * (_per_sample(sigma_next, x) - _per_sample(sigma, x))
+
+
+def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """K+1 sigmas from 1 to 0; ``shift`` warps them as SD3 does: s' = shift*s / (1 + (shift-1)*s)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    s = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@dataclass
+class SampledLatents:
+    """The sampler's record. Window tensors are (B, W, ...) / (B, W); ``final`` is (B, C, h, w)."""
+
+    final: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    sigmas: torch.Tensor
+    sigma_nexts: torch.Tensor
+    log_probs: torch.Tensor
+    window_start: torch.Tensor  # (B,) long
+
+
+def window_starts(batch: int, steps: int, window: int, position: str, start: int, generator=None) -> torch.Tensor:
+    """Where each sample's stochastic window begins: fixed at ``start``, or uniform per sample.
+
+    Random windows avoid the last step (sigma_next = 0) when the schedule leaves room for that.
+    """
+    if not 1 <= window <= steps:
+        raise ValueError(f"window must be in [1, steps={steps}], got {window}")
+    if position == "fixed":
+        if not 0 <= start <= steps - window:
+            raise ValueError(f"window_start must be in [0, {steps - window}], got {start}")
+        return torch.full((batch,), start, dtype=torch.long)
+    if position != "random":
+        raise ValueError(f"window_position must be 'fixed' or 'random', got {position!r}")
+    high = steps - window if steps - window >= 1 else steps - window + 1
+    return torch.randint(0, high, (batch,), generator=generator)
+
+
+@torch.no_grad()
+def sample_latents(
+    velocity_fn: VelocityFn,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    window: int,
+    noise_level: float,
+    starts: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> SampledLatents:
+    """Run K = len(sigmas) - 1 steps from ``noise``; steps [start_b, start_b + W) of sample b are SDE
+    steps whose (x, x_next, sigma, sigma_next, log_prob) are recorded, the others plain Euler steps.
+    Classifier-free guidance lives in ``velocity_fn`` (see :func:`guided`).
+    """
+    b, steps = noise.shape[0], sigmas.shape[0] - 1
+    x = noise
+    rec_x = noise.new_zeros((b, window, *noise.shape[1:]))
+    rec_next = torch.zeros_like(rec_x)
+    rec_s = noise.new_zeros((b, window))
+    rec_sn = torch.zeros_like(rec_s)
+    rec_lp = torch.zeros_like(rec_s)
+    rows = torch.arange(b)
+    for k in range(steps):
+        sigma = sigmas[k].expand(b).to(noise)
+        sigma_next = sigmas[k + 1].expand(b).to(noise)
+        v = velocity_fn(x, sigma)
+        slot = k - starts
+        in_window = (slot >= 0) & (slot < window)
+        if not bool(in_window.any()):
+            x = euler_step(x, v, sigma, sigma_next)
+            continue
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x_sde, lp, _, _ = sde_step(x, v, sigma, sigma_next, noise_level, noise=eps)
+        idx, s_idx = rows[in_window], slot[in_window]
+        rec_x[idx, s_idx] = x[in_window]
+        rec_next[idx, s_idx] = x_sde[in_window]
+        rec_s[idx, s_idx] = sigma[in_window]
+        rec_sn[idx, s_idx] = sigma_next[in_window]
+        rec_lp[idx, s_idx] = lp[in_window]
+        mask = in_window.view(-1, *([1] * (x.dim() - 1)))
+        x = torch.where(mask, x_sde, euler_step(x, v, sigma, sigma_next))
+    return SampledLatents(x, rec_x, rec_next, rec_s, rec_sn, rec_lp, starts)
+
+
+def guided(cond_fn: VelocityFn, uncond_fn: VelocityFn | None, scale: float) -> VelocityFn:
+    """Classifier-free guidance: v = v_u + scale * (v_c - v_u); scale 1 (or no uncond) is v_c."""
+    if uncond_fn is None or scale == 1.0:
+        return cond_fn
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        v_uncond = uncond_fn(x, sigma)
+        return v_uncond + scale * (cond_fn(x, sigma) - v_uncond)
+
+    return velocity
+
+
+def window_log_probs(
+    velocity_fn: VelocityFn,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    sigma_nexts: torch.Tensor,
+    noise_level: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute the window's log-probs from stored latents (B, W, ...): returns (log_prob (B, W),
+    mean (B, W, ...), std (B, W)). All W steps of all samples go through ``velocity_fn`` in one batch
+    of B*W rows, sample-major (row b*W + j is step j of sample b): repeat conditioning accordingly.
+    """
+    b, w = latents.shape[:2]
+    x = latents.flatten(0, 1)
+    s, sn = sigmas.flatten(), sigma_nexts.flatten()
+    v = velocity_fn(x, s)
+    _, lp, mean, std = sde_step(x, v, s, sn, noise_level, prev_sample=next_latents.flatten(0, 1))
+    return lp.view(b, w), mean.view(b, w, *latents.shape[2:]), std.view(b, w)
