@@ -1,0 +1,648 @@
+"""Run configuration: pydantic models loaded from YAML, ``--set`` overrides, error formatting.
+
+Every model forbids unknown keys, so a typo is an error naming its field path. The embedded default
+(``services/default.yaml``, package data) is the tiny CPU CLEAR run. ``RunConfig.check_paths()`` checks
+that local files named by the config exist; plain validation never touches the file system, so a
+real-scale config validates on a machine without the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from policy.config import PolicyConfig
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "TaskConfig",
+    "RolloutConfig",
+    "SDEConfig",
+    "VLLMConfig",
+    "AutoscaleConfig",
+    "RewardConfig",
+    "RewardComponent",
+    "ServeConfig",
+    "LearnerConfig",
+    "LoraConfig",
+    "SyncConfig",
+    "AlgorithmConfig",
+    "SFTConfig",
+    "TrackingConfig",
+    "CheckpointConfig",
+    "ClusterConfig",
+    "PolicyConfig",
+    "load_config",
+    "load_yaml",
+    "default_config_text",
+    "apply_overrides",
+    "validate_config",
+    "flatten",
+    "to_yaml",
+    "format_validation_error",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem tied to one field path (``rollout.group_size``)."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        self.field_path = field_path
+        self.message = message
+        super().__init__(f"{field_path}: {message}" if field_path else message)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Prob = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+# The default task's four degradations (severity 1-3) and the degradation suite's corruptions
+# (tasks.degrade.DEGRADATIONS / CORRUPTIONS; severity s -> suite intensity level s).
+Degradation = Literal[
+    "blur", "noise", "jpeg", "lowlight",
+    "defocus_blur", "motion_blur", "gaussian_noise", "low_light",
+    "jpeg_compression", "pixelate", "packet_loss", "quantization",
+    "fog", "rain", "snow", "shadow_glare",
+    "oversharpen", "contrast_reduction", "saturation_shift", "elastic_warp",
+]  # fmt: skip
+SHAPES_QUESTION_TYPES = ("color", "shape", "count", "position")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- task
+class TaskConfig(_Section):
+    name: Literal["shapes_vqa", "jsonl", "tsv"] = "shapes_vqa"
+    path: str | None = None
+    train_size: PosInt = 2000
+    eval_size: PosInt = 200
+    image_size: PosInt = 32
+    degradations: list[Degradation] = Field(default_factory=lambda: ["blur", "noise", "jpeg", "lowlight"])
+    severities: list[Annotated[int, Field(ge=1, le=3)]] = Field(default_factory=lambda: [1, 2, 3])
+    degrade_prob: Prob = 0.75
+    # A list (equal weights) or name -> sampling weight. shapes_vqa knows color, shape, count, position.
+    question_types: list[str] | dict[str, NonNegFloat] = Field(
+        default_factory=lambda: {"color": 0.55, "shape": 0.15, "count": 0.15, "position": 0.15}
+    )
+    on_bad_row: Literal["stop", "skip"] = "stop"
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one severity is needed")
+        return v
+
+    @field_validator("question_types")
+    @classmethod
+    def _question_types(cls, v: list[str] | dict[str, float]) -> list[str] | dict[str, float]:
+        names = list(v)
+        if not names or any(not str(q).strip() for q in names):
+            raise ValueError("a non-empty list (or name -> weight mapping) of non-empty names is needed")
+        if isinstance(v, dict) and sum(v.values()) <= 0:
+            raise ValueError("the question type weights must not all be 0")
+        return v
+
+    @model_validator(mode="after")
+    def _known_question_types(self) -> TaskConfig:
+        if self.name == "shapes_vqa":
+            bad = [q for q in self.question_types if q not in SHAPES_QUESTION_TYPES]
+            if bad:
+                raise ConfigError(
+                    "task.question_types",
+                    f"unknown question types {bad} for shapes_vqa; known: {list(SHAPES_QUESTION_TYPES)}",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> TaskConfig:
+        if self.name in ("jsonl", "tsv") and not self.path:
+            raise ConfigError("task.path", f"required when task.name is {self.name!r}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ rollout
+class SDEConfig(_Section):
+    steps: PosInt = 8
+    window: PosInt = 2
+    window_position: Literal["fixed", "random"] = "random"
+    window_start: NonNegInt = 0
+    noise_level: NonNegFloat = 0.7
+    cfg_scale: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 1.0
+
+    @model_validator(mode="after")
+    def _window(self) -> SDEConfig:
+        if self.window > self.steps:
+            raise ConfigError("rollout.sde.window", f"window ({self.window}) must be <= steps ({self.steps})")
+        if self.window_position == "fixed" and self.window_start + self.window > self.steps:
+            raise ConfigError(
+                "rollout.sde.window_start",
+                f"window_start + window ({self.window_start} + {self.window}) must be <= steps ({self.steps})",
+            )
+        return self
+
+
+class VLLMConfig(_Section):
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
+    enforce_eager: bool = True
+
+
+class AutoscaleConfig(_Section):
+    enabled: bool = False
+    min_workers: PosInt = 1
+    max_workers: PosInt = 4
+    target_rollout_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.min_workers > self.max_workers:
+            raise ConfigError(
+                "rollout.autoscale.min_workers",
+                f"min_workers ({self.min_workers}) must be <= max_workers ({self.max_workers})",
+            )
+        return self
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    num_workers: PosInt = 2
+    prompts_per_step: PosInt = 8
+    group_size: Annotated[int, Field(ge=2)] = 4
+    max_new_tokens: PosInt = 16
+    temperature: PosFloat = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    max_images: NonNegInt = 1
+    num_cpus_per_worker: NonNegFloat = 1.0
+    num_gpus_per_worker: NonNegFloat = 0.0
+    sde: SDEConfig = Field(default_factory=SDEConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
+
+    @model_validator(mode="after")
+    def _engine(self) -> RolloutConfig:
+        if self.engine == "vllm" and self.num_gpus_per_worker <= 0:
+            raise ConfigError("rollout.num_gpus_per_worker", "engine 'vllm' needs num_gpus_per_worker > 0")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- reward
+class RewardComponent(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    weight: Annotated[float, Field(allow_inf_nan=False)] = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServeAutoscaling(_Section):
+    min_replicas: NonNegInt = 1
+    max_replicas: PosInt = 2
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(
+                "reward.serve.autoscaling.min_replicas",
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})",
+            )
+        return self
+
+
+class ServeConfig(_Section):
+    route_prefix: str = "/reward"
+    max_body_mb: PosFloat = 16
+    autoscaling: ServeAutoscaling = Field(default_factory=ServeAutoscaling)
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+
+def _default_components() -> list[RewardComponent]:
+    return [RewardComponent(name="answer", weight=1.0), RewardComponent(name="format", weight=0.1)]
+
+
+class RewardConfig(_Section):
+    backend: Literal["actor", "serve"] = "actor"
+    components: list[RewardComponent] = Field(default_factory=_default_components)
+    num_cpus: NonNegFloat = 0.5
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("components")
+    @classmethod
+    def _components(cls, v: list[RewardComponent]) -> list[RewardComponent]:
+        if not v:
+            raise ValueError("at least one reward component is needed")
+        names = [c.name for c in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate component names: {', '.join(dup)}")
+        return v
+
+
+# ------------------------------------------------------------------------------------------ learner
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: PosInt = 8
+    alpha: PosFloat = 16
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class SyncConfig(_Section):
+    backend: Literal["object_store", "nccl"] = "object_store"
+    bucket_mb: PosFloat = 32
+    timeout_s: PosFloat = 120
+
+
+Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
+class LearnerConfig(_Section):
+    num_workers: PosInt = 1
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    lr: PosFloat = 3e-4
+    weight_decay: NonNegFloat = 0.0
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    grad_clip: NonNegFloat = 1.0
+    mini_batches: PosInt = 1
+    train_lm: bool = True
+    train_generator: bool = True
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    num_cpus_per_worker: NonNegFloat = 1.0
+    num_gpus_per_worker: NonNegFloat = 0.0
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> LearnerConfig:
+        if not (self.train_lm or self.train_generator):
+            raise ConfigError(
+                "learner.train_lm", "train_lm and train_generator are both false: nothing to train"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------- algorithm
+class AlgorithmConfig(_Section):
+    steps: PosInt = 40
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: NonNegInt = 1
+    adv_scale: Literal["std", "none"] = "std"
+    zero_variance: Literal["drop", "zero"] = "drop"
+    clip_low: Prob = 0.2
+    clip_high: NonNegFloat = 0.28
+    kl: Literal["k1", "k2", "k3"] = "k3"
+    beta_text: NonNegFloat = 0.0
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    clip_img: NonNegFloat = 1e-3
+    beta_img: NonNegFloat = 0.0
+    lambda_img: NonNegFloat = 1.0
+    eval_every: NonNegInt = 0
+
+
+class SFTConfig(_Section):
+    enabled: bool = True
+    steps: NonNegInt = 300
+    batch_size: PosInt = 32
+    lr: PosFloat = 1e-3
+    flow_weight: NonNegFloat = 1.0
+    text_weight: NonNegFloat = 1.0
+
+
+# ------------------------------------------------------------------------------- tracking / ckpt / ray
+class TrackingConfig(_Section):
+    uri: str | None = None
+    experiment: Annotated[str, Field(min_length=1)] = "unigrpo"
+    log_images_every: NonNegInt = 10
+
+    def resolved_uri(self, cwd: str | os.PathLike[str] | None = None) -> str:
+        """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+        if self.uri:
+            return self.uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        base = Path(cwd) if cwd is not None else Path.cwd()
+        return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+class CheckpointConfig(_Section):
+    dir: Annotated[str, Field(min_length=1)] = "checkpoints"
+    every: NonNegInt = 10
+    keep: PosInt = 2
+
+
+class ClusterConfig(_Section):
+    address: str | None = None
+    num_cpus: PosInt | None = None
+    rollout_resource: Annotated[str, Field(min_length=1)] = "rollout_gpu"
+    learner_resource: Annotated[str, Field(min_length=1)] = "learner_gpu"
+    use_custom_resources: bool = False
+
+    def resolved_address(self) -> str | None:
+        """``address``, else ``$RAY_ADDRESS``, else None (start a local Ray)."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
+
+
+# ---------------------------------------------------------------------------------------------- run
+_MODEL_PATH_FIELDS = ("lm_path", "tokenizer_path", "generator_path", "vae_path")
+
+
+class RunConfig(_Section):
+    run_name: Annotated[str, Field(min_length=1)] = "clear-tiny"
+    recipe: Literal["clear", "uae", "gvu"] = "clear"
+    seed: NonNegInt = 0
+    model: PolicyConfig = Field(default_factory=PolicyConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> RunConfig:
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if self.learner.mini_batches > batch:
+            raise ConfigError(
+                "learner.mini_batches",
+                f"{self.learner.mini_batches} mini-batches > {batch} trajectories per step "
+                "(rollout.prompts_per_step * rollout.group_size)",
+            )
+        if self.learner.sync.backend == "nccl" and (
+            self.learner.num_gpus_per_worker <= 0 or self.rollout.num_gpus_per_worker <= 0
+        ):
+            raise ConfigError(
+                "learner.sync.backend",
+                "'nccl' needs GPUs on both sides (learner.num_gpus_per_worker and rollout.num_gpus_per_worker > 0)",
+            )
+        if getattr(self.model, "freeze_generator", False) and self.learner.train_generator:
+            raise ConfigError("learner.train_generator", "must be false when model.freeze_generator is true")
+        if self.rollout.autoscale.enabled and not (
+            self.rollout.autoscale.min_workers
+            <= self.rollout.num_workers
+            <= self.rollout.autoscale.max_workers
+        ):
+            raise ConfigError(
+                "rollout.num_workers",
+                f"{self.rollout.num_workers} is outside autoscale bounds "
+                f"[{self.rollout.autoscale.min_workers}, {self.rollout.autoscale.max_workers}]",
+            )
+        return self
+
+    def check_paths(self) -> RunConfig:
+        """Raise ConfigError naming the first configured local path that does not exist.
+
+        Checks the model's weight/tokenizer directories and the task's data file. Call this before a
+        run; plain validation does not touch the file system.
+        """
+        for name in _MODEL_PATH_FIELDS:
+            value = getattr(self.model, name, None)
+            if value and not Path(value).expanduser().exists():
+                raise ConfigError(f"model.{name}", f"path does not exist: {value}")
+        if self.task.path and not Path(self.task.path).expanduser().exists():
+            raise ConfigError("task.path", f"path does not exist: {self.task.path}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loading
+def default_config_text() -> str:
+    """The embedded default config (``services/default.yaml``) as text."""
+    return resources.files("services").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError("", f"{source}: invalid YAML: {msg}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The raw mapping of a YAML config file (None: the embedded default)."""
+    if path is None:
+        return _parse_yaml(default_config_text(), "default.yaml")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {str(p)!r}: {e.strerror or e}") from e
+    return _parse_yaml(text, str(p))
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping; raises ConfigError (one field path, one line)."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(*_first_error(e)) from e
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (None: the embedded default), apply ``a.b=c`` overrides, validate.
+
+    Raises ConfigError on any problem. Does not check that paths exist (see ``RunConfig.check_paths``).
+    """
+    data = load_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data)
+
+
+# ---------------------------------------------------------------------------------------- overrides
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap_optional(args[0])
+    if origin is Annotated:
+        return _unwrap_optional(typing.get_args(tp)[0])
+    return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _check_schema_path(keys: list[str], schema: type[BaseModel]) -> None:
+    """Raise ConfigError unless ``keys`` names a field (or inside a free-form dict / list) of schema."""
+    tp: Any = schema
+    for i, key in enumerate(keys):
+        here = ".".join(keys[: i + 1])
+        tp = _unwrap_optional(tp)
+        origin = typing.get_origin(tp)
+        if _is_model(tp):
+            fields = tp.model_fields
+            if key not in fields:
+                extra = tp.model_config.get("extra")
+                if extra == "forbid":
+                    known = ", ".join(fields)
+                    raise ConfigError(here, f"unknown config key (known here: {known})")
+                return
+            tp = fields[key].annotation
+        elif origin in (dict, typing.Mapping) or tp is dict:
+            return  # free-form mapping: any sub-key
+        elif origin in (list, tuple) or tp in (list, tuple):
+            if not key.lstrip("-").isdigit():
+                raise ConfigError(here, f"expected a list index, got {key!r}")
+            args = typing.get_args(tp)
+            tp = args[0] if args else Any
+        else:
+            parent = ".".join(keys[:i])
+            raise ConfigError(here, f"{parent} is a plain value, it has no key {key!r}")
+
+
+def _set_path(data: Any, keys: list[str], value: Any, full: str) -> None:
+    node = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        here = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            idx = int(key)
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(here, f"list index {idx} out of range (length {len(node)})")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(here, f"cannot set a key inside a non-mapping value (in --set {full})")
+        if last:
+            node[key] = value
+        else:
+            nxt = node.get(key)
+            if nxt is None:
+                nxt = node[key] = {}
+            node = nxt
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], schema: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b.c=value`` applied.
+
+    Values are parsed with ``yaml.safe_load`` (``3`` -> int, ``1e-4`` -> float, ``true`` -> bool,
+    ``[1,2]`` -> list, ``null`` -> None). Keys are checked against ``schema`` (default RunConfig);
+    list elements are addressed by index (``reward.components.0.weight=2``).
+    """
+    schema = schema or RunConfig
+    out = json.loads(json.dumps(data, default=_json_default)) if data else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(key or item, f"override must look like key.path=value, got {item!r}")
+        keys = key.split(".")
+        if any(not k for k in keys):
+            raise ConfigError(key, "empty component in override key")
+        _check_schema_path(keys, schema)
+        _set_path(out, keys, _parse_value(raw), item)
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    return str(obj)
+
+
+# ------------------------------------------------------------------------------------------- output
+def flatten(cfg: RunConfig | BaseModel | dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params. Lists are JSON; values capped at 500 chars."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+            return
+        if isinstance(node, (dict, list, tuple)):
+            text = json.dumps(node, sort_keys=True, default=str)
+        elif node is None:
+            text = "None"
+        else:
+            text = str(node)
+        out[key] = text if len(text) <= 500 else text[:497] + "..."
+
+    walk(data, prefix)
+    return out
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (field order kept)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _first_error(e: ValidationError) -> tuple[str, str]:
+    errors = e.errors(include_url=False)
+    if not errors:
+        return "", " ".join(str(e).split())
+    err = errors[0]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    loc = _loc_path(err.get("loc", ()))
+    if isinstance(ctx_err, ConfigError):
+        path, msg = ctx_err.field_path or loc, ctx_err.message
+    else:
+        path, msg = loc, err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown config key (Extra inputs are not permitted)"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+    if len(errors) > 1:
+        msg += f" (+{len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return path, " ".join(msg.split())
+
+
+def format_validation_error(e: BaseException) -> str:
+    """One line: ``config error: rollout.group_size: Input should be greater than or equal to 2``."""
+    if isinstance(e, ValidationError):
+        path, msg = _first_error(e)
+    elif isinstance(e, ConfigError):
+        path, msg = e.field_path, e.message
+    else:
+        path, msg = "", str(e)
+    line = f"config error: {path}: {msg}" if path else f"config error: {msg}"
+    return " ".join(line.split())
