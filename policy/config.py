@@ -1,0 +1,128 @@
+"""PolicyConfig: what the unified model is built from (tiny from configs, or local checkpoints).
+
+No torch / transformers import here: ``services/config.py`` embeds this as the ``model`` section and
+validates YAML without loading weights. Paths are only checked by :meth:`PolicyConfig.check_paths`
+(called when the model is actually loaded), so real-scale configs validate on a machine without weights.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Defaults of the tiny model; the ``*_tiny`` fields are overrides merged on top of these.
+TINY_LM: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,
+    # vocab_size: set from the tokenizer at build time
+}
+
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [16, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "scaling_factor": 1.0,
+    # sample_size: set from image_size at build time
+}
+
+TINY_GENERATOR: dict[str, Any] = {
+    "patch_size": 2,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 32,  # must equal num_attention_heads * attention_head_dim
+    "pooled_projection_dim": 32,
+    "pos_embed_max_size": 16,
+    # sample_size / in_channels / out_channels: set from the VAE latent at build time
+}
+
+
+class PolicyConfig(BaseModel):
+    """The ``model`` section: LM + generator + VAE + bridge. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lm_path: str | None = None
+    lm_tiny: dict[str, Any] = Field(default_factory=dict)
+    tokenizer_path: str | None = None
+    generator_class: str = "SD3Transformer2DModel"
+    generator_path: str | None = None
+    generator_tiny: dict[str, Any] = Field(default_factory=dict)
+    vae_path: str | None = None
+    vae_tiny: dict[str, Any] = Field(default_factory=dict)
+    image_size: int = Field(32, gt=0)
+    cond_tokens: int = Field(32, gt=0)
+    bridge_patch: int = Field(2, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    freeze_generator: bool = False
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"image_size must be a multiple of 8, got {v}")
+        return v
+
+    # ---- merged sub-configs -------------------------------------------------------------------
+    def lm_tiny_config(self) -> dict[str, Any]:
+        """Qwen2Config kwargs of the tiny LM (defaults + ``lm_tiny`` overrides)."""
+        return {**TINY_LM, **self.lm_tiny}
+
+    def vae_tiny_config(self) -> dict[str, Any]:
+        """AutoencoderKL kwargs of the tiny VAE."""
+        return {"sample_size": self.image_size, **TINY_VAE, **self.vae_tiny}
+
+    def generator_tiny_config(self, latent_channels: int, latent_side: int) -> dict[str, Any]:
+        """Generator kwargs of the tiny DiT for a latent of ``latent_channels`` x side x side."""
+        base = {"sample_size": latent_side, "in_channels": latent_channels, "out_channels": latent_channels}
+        return {**base, **TINY_GENERATOR, **self.generator_tiny}
+
+    # ---- paths ---------------------------------------------------------------------------------
+    def check_paths(self, prefix: str = "model") -> None:
+        """Raise FileNotFoundError naming the field for every set path that does not exist."""
+        for name in ("lm_path", "tokenizer_path", "generator_path", "vae_path"):
+            path = getattr(self, name)
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"{prefix}.{name}: {path} does not exist")
+
+    # ---- real-scale presets (validate without weights) -----------------------------------------
+    @classmethod
+    def real_clear(cls, root: str = "/models", **overrides: Any) -> PolicyConfig:
+        """CLEAR: Qwen2.5-7B-Instruct LM + SD3.5-medium DiT / VAE, both trained."""
+        sd = f"{root}/stable-diffusion-3.5-medium"
+        base = dict(
+            lm_path=f"{root}/Qwen2.5-7B-Instruct",
+            tokenizer_path=f"{root}/Qwen2.5-7B-Instruct",
+            generator_class="SD3Transformer2DModel",
+            generator_path=f"{sd}/transformer",
+            vae_path=f"{sd}/vae",
+            image_size=512,  # 16 x 64 x 64 latent
+            cond_tokens=256,
+            bridge_patch=4,  # 256 image tokens per slot
+            dtype="bfloat16",
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def real_uae(cls, root: str = "/models", **overrides: Any) -> PolicyConfig:
+        """UAE: same backbone; the generator is frozen (part of the reward environment)."""
+        return cls.real_clear(root, **{"freeze_generator": True, **overrides})
+
+    @classmethod
+    def real_gvu(cls, root: str = "/models", **overrides: Any) -> PolicyConfig:
+        """GvU: same backbone; generator and LM trained from the model's own understanding reward."""
+        return cls.real_clear(root, **overrides)

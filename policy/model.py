@@ -1,0 +1,301 @@
+"""UnifiedPolicy: the one model rollout workers and the learner both run.
+
+LM (understanding, text) + generator (flow-matching DiT) + frozen VAE, joined by two small trainable
+heads: the Latent Representation Bridge (latent -> LM tokens at ``<img>`` placeholders) and the
+connector (LM hidden states -> generator conditioning). See docs/CONTRACTS.md "policy/".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from policy.bridge import Connector, LatentBridge, positions_from_mask
+from policy.build import build_generator, build_lm, build_tokenizer, build_vae, latent_geometry, torch_dtype
+from policy.config import PolicyConfig
+from policy.tokenizer import special_token_ids
+
+HEADS_FILE = "heads.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "unigrpo-policy/1"
+
+
+class UnifiedPolicy(nn.Module):
+    """LM + generator + VAE + bridge + connector. Built in eval mode; call ``.train()`` to train."""
+
+    def __init__(self, cfg: PolicyConfig, tokenizer, lm: nn.Module, generator: nn.Module, vae: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.lm = lm
+        self.generator = generator
+        self.vae = vae
+        dtype = torch_dtype(cfg)
+        hidden = int(lm.config.hidden_size)
+        channels, side = latent_geometry(cfg, vae)
+        self.bridge = LatentBridge(channels, side, cfg.bridge_patch, hidden).to(dtype)
+        gcfg = generator.config
+        try:
+            joint, pooled = int(gcfg.joint_attention_dim), int(gcfg.pooled_projection_dim)
+        except AttributeError as e:
+            raise ValueError(f"model.generator_class: {cfg.generator_class} has no joint/pooled dims") from e
+        self.connector = Connector(hidden, joint, pooled).to(dtype)
+        self.token_ids: dict[str, int] = special_token_ids(tokenizer)
+        self.eval()
+
+    # ---- construction / persistence -----------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: PolicyConfig) -> UnifiedPolicy:
+        """Tiny parts from configs (random init seeded by ``cfg.seed``), others from local paths."""
+        cfg.check_paths()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            tokenizer = build_tokenizer(cfg)
+            lm = build_lm(cfg, len(tokenizer))
+            vae = build_vae(cfg)
+            channels, side = latent_geometry(cfg, vae)
+            generator = build_generator(cfg, channels, side)
+            return cls(cfg, tokenizer, lm, generator, vae)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json + tokenizer/ + lm/ + generator/ + vae/ + heads.safetensors (safetensors only)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(d / "tokenizer")
+        self.lm.save_pretrained(d / "lm")
+        self.generator.save_pretrained(d / "generator", safe_serialization=True)
+        self.vae.save_pretrained(d / "vae", safe_serialization=True)
+        heads = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
+        heads |= {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(d / HEADS_FILE))
+        meta = {
+            "format": FORMAT,
+            "policy": self.cfg.model_dump(mode="json"),
+            "lm": self.lm.config.to_dict(),
+            "generator_class": type(self.generator).__name__,
+            "generator": dict(self.generator.config),
+            "vae": dict(self.vae.config),
+            "latent_shape": list(self.latent_shape),
+            "n_image_tokens": self.n_image_tokens,
+            "token_ids": self.token_ids,
+        }
+        (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> UnifiedPolicy:
+        """Load what :meth:`save_pretrained` wrote (local files only, no network)."""
+        d = Path(directory)
+        if not (d / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{d / CONFIG_FILE} does not exist")
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        paths = {
+            "lm_path": str(d / "lm"),
+            "tokenizer_path": str(d / "tokenizer"),
+            "generator_path": str(d / "generator"),
+            "vae_path": str(d / "vae"),
+        }
+        cfg = PolicyConfig(**{**meta["policy"], **paths})
+        policy = cls.from_config(cfg)
+        heads = load_file(str(d / HEADS_FILE))
+        result = policy.load_state_dict(heads, strict=False)
+        missing = [k for k in result.missing_keys if k.startswith(("bridge.", "connector."))]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{d / HEADS_FILE}: missing {missing}, unexpected {result.unexpected_keys}")
+        return policy
+
+    def train(self, mode: bool = True) -> UnifiedPolicy:
+        super().train(mode)
+        self.vae.eval()  # frozen, always eval
+        return self
+
+    # ---- shapes and ids -----------------------------------------------------------------------
+    @property
+    def n_image_tokens(self) -> int:
+        return self.bridge.n_tokens
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.bridge.latent_channels, self.bridge.latent_side, self.bridge.latent_side)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bridge.pos.device
+
+    def image_placeholder_ids(self) -> list[int]:
+        """Token ids of one image slot: ``<img_start> <img>*n <img_end>``."""
+        t = self.token_ids
+        return [t["img_start"]] + [t["img"]] * self.n_image_tokens + [t["img_end"]]
+
+    # ---- LM side ------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, slot_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with ``bridge(latent)`` at ``<img>`` positions, in row-major batch order."""
+        emb = self.lm.get_input_embeddings()(input_ids)
+        mask = input_ids == self.token_ids["img"]
+        n_placeholders = int(mask.sum())
+        n_latents = 0 if slot_latents is None else int(slot_latents.shape[0])
+        if n_placeholders != n_latents * self.n_image_tokens:
+            raise ValueError(
+                f"embed: {n_placeholders} <img> placeholders in input_ids, but {n_latents} latent(s) x "
+                f"{self.n_image_tokens} image tokens = {n_latents * self.n_image_tokens}"
+            )
+        if n_placeholders == 0:
+            return emb
+        tokens = self.bridge(slot_latents).reshape(-1, emb.shape[-1]).to(emb.dtype)
+        return emb.masked_scatter(mask.unsqueeze(-1), tokens)
+
+    def lm_step(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """One cached LM call. ``attention_mask`` covers past + new tokens (B, P+T); positions default
+        to ``cumsum(mask) - 1`` of the new tokens. Returns (logits (B,T,V), hidden (B,T,H), cache)."""
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
+        out = self.lm.base_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state
+        return self.lm.get_output_embeddings()(hidden), hidden, out.past_key_values
+
+    def lm_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot_latents: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B,T,V), last hidden (B,T,H)); positions from the mask. A passed cache is updated
+        in place (``attention_mask`` then covers past + new tokens)."""
+        emb = self.embed(input_ids, slot_latents)
+        positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+        out = self.lm.base_model(
+            inputs_embeds=emb,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=past_key_values,
+            use_cache=use_cache or past_key_values is not None,
+        )
+        hidden = out.last_hidden_state
+        return self.lm.get_output_embeddings()(hidden), hidden
+
+    def token_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot_latents: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logp[:, t] = log p(input_ids[:, t] | < t)`` in float32; 0 at t=0, on padding and on a
+        row's first real token. Returns (logp (B,T), hidden (B,T,H))."""
+        logits, hidden = self.lm_forward(input_ids, attention_mask, slot_latents)
+        lg = logits[:, :-1].float() / temperature
+        target = input_ids[:, 1:].unsqueeze(-1)
+        lp = lg.gather(-1, target).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+        m = attention_mask.bool()
+        lp = torch.where(m[:, 1:] & m[:, :-1], lp, torch.zeros_like(lp))
+        return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1), hidden
+
+    # ---- generator side -----------------------------------------------------------------------
+    def condition(
+        self,
+        hidden: torch.Tensor,
+        cond_end: torch.Tensor | list[int] | int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last ``cond_tokens`` hidden states before ``cond_end`` (left zero-padded; positions where
+        ``attention_mask`` is 0 count as padding) -> (encoder_hidden_states (B,L,D), pooled (B,P))."""
+        b, t, h = hidden.shape
+        end = torch.as_tensor(cond_end, device=hidden.device, dtype=torch.long).reshape(-1).expand(b)
+        if bool(((end <= 0) | (end > t)).any()):
+            raise ValueError(f"condition: cond_end {end.tolist()} outside (0, {t}]")
+        n = self.cfg.cond_tokens
+        idx = end[:, None] - n + torch.arange(n, device=hidden.device)[None]
+        valid = idx >= 0
+        idx = idx.clamp(min=0)
+        if attention_mask is not None:
+            valid = valid & attention_mask.bool().gather(1, idx)
+        window = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, h))
+        window = torch.where(valid.unsqueeze(-1), window, torch.zeros_like(window))
+        return self.connector(window.to(self.bridge.pos.dtype), valid)
+
+    def velocity(
+        self,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        """Generator velocity at noise level ``sigma`` (timestep = sigma * 1000, as diffusers' SD3)."""
+        dtype = torch_dtype(self.cfg)
+        sigma = torch.as_tensor(sigma, device=latent.device, dtype=torch.float32).reshape(-1)
+        timestep = (sigma * 1000.0).expand(latent.shape[0]).to(dtype)
+        v = self.generator(
+            hidden_states=latent.to(dtype),
+            encoder_hidden_states=encoder_hidden_states.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+        return v.to(latent.dtype)
+
+    # ---- VAE ----------------------------------------------------------------------------------
+    def _vae_shift_scale(self) -> tuple[float, float]:
+        c = self.vae.config
+        return float(c.get("shift_factor") or 0.0), float(c.scaling_factor)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) in [0,1] -> float32 latent ``(mean - shift) * scale`` (B,C,h,w)."""
+        shift, scale = self._vae_shift_scale()
+        x = pixels.to(device=self.device, dtype=torch_dtype(self.cfg)) * 2.0 - 1.0
+        z = self.vae.encode(x).latent_dist.mean
+        return ((z.float() - shift) * scale).contiguous()
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent (B,C,h,w) -> float32 pixels in [0,1] (gradients flow to the latent)."""
+        shift, scale = self._vae_shift_scale()
+        z = (latent / scale + shift).to(torch_dtype(self.cfg))
+        x = self.vae.decode(z, return_dict=False)[0]
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # ---- weights ------------------------------------------------------------------------------
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return ("vae.", "generator.") if self.cfg.freeze_generator else ("vae.",)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Name -> tensor for everything but the frozen parts (VAE; generator if frozen).
+        Names are ``load_state_dict(strict=False)`` compatible; tensors share storage with the model."""
+        skip = self._frozen_prefixes()
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    @torch.no_grad()
+    def load_trainable(
+        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> int:
+        """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count."""
+        own = self.trainable_state_dict()
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        n = 0
+        for name, tensor in items:
+            if name not in own:
+                raise KeyError(f"load_trainable: unknown tensor {name!r}")
+            if own[name].shape != tensor.shape:
+                raise ValueError(
+                    f"load_trainable: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
+                )
+            own[name].copy_(tensor)
+            n += 1
+        return n
