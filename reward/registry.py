@@ -121,7 +121,9 @@ def _clip_setup(kwargs: dict, resources: dict) -> Any:
     from reward.clip_similarity import ImageSimilarity
 
     backbones = kwargs.get("backbones") or [{"kind": "clip", "weight": 1.0}]
-    return ImageSimilarity(backbones, **{k: kwargs[k] for k in _SIM_SETUP_KEYS if k in kwargs})
+    opts = {k: kwargs[k] for k in _SIM_SETUP_KEYS if k in kwargs}
+    opts.setdefault("device", "auto")  # CUDA when the actor was given a GPU (Ray hides it otherwise)
+    return ImageSimilarity(backbones, **opts)
 
 
 def _clip_similarity(trajectories: Sequence[Any], ctx: RewardContext) -> list[float]:
