@@ -1,0 +1,88 @@
+"""Collate trajectories into the padded tensors one learner forward pass takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from policy.trajectory import Trajectory
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded token tensors (B, T) and the generated images' windows (S segments, W steps)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    behaviour_logp: torch.Tensor
+    advantages: torch.Tensor  # (B,)
+    slot_latents: torch.Tensor  # (N, C, h, w), row-major over the batch
+    slot_counts: torch.Tensor  # (B,) long: slots of each row
+    seg_rows: torch.Tensor  # (S,) long: which row each image segment belongs to
+    seg_cond_end: torch.Tensor  # (S,) long
+    seg_latents: torch.Tensor  # (S, W, C, h, w)
+    seg_next_latents: torch.Tensor
+    seg_sigmas: torch.Tensor  # (S, W)
+    seg_sigma_nexts: torch.Tensor
+    seg_log_probs: torch.Tensor  # (S, W) behaviour log-probs
+    seg_final: torch.Tensor  # (S, C, h, w)
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_rows.shape[0])
+
+    def select(self, rows: torch.Tensor) -> TrainBatch:
+        """The mini-batch of the given rows (their slots and segments follow them)."""
+        rows = rows.sort().values
+        keep_row = torch.zeros(self.input_ids.shape[0], dtype=torch.bool)
+        keep_row[rows] = True
+        slot_keep = torch.repeat_interleave(keep_row, self.slot_counts)
+        seg_keep = keep_row[self.seg_rows]
+        new_index = torch.full_like(keep_row, -1, dtype=torch.long)
+        new_index[rows] = torch.arange(rows.numel())
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts"):
+            kw[name] = kw[name][rows]
+        kw["slot_latents"] = self.slot_latents[slot_keep]
+        for name in ("seg_cond_end", "seg_latents", "seg_next_latents", "seg_sigmas", "seg_sigma_nexts",
+                     "seg_log_probs", "seg_final"):
+            kw[name] = kw[name][seg_keep]
+        kw["seg_rows"] = new_index[self.seg_rows[seg_keep]]
+        return TrainBatch(**kw)
+
+
+def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> TrainBatch:
+    """Pad on the right; slot latents concatenated in row order; image segments stacked."""
+    if len(trajs) != advantages.shape[0]:
+        raise ValueError(f"{len(trajs)} trajectories but {advantages.shape[0]} advantages")
+    b, t = len(trajs), max(int(tr.input_ids.shape[0]) for tr in trajs)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, t), dtype=torch.long)
+    lmask = torch.zeros((b, t), dtype=torch.bool)
+    blogp = torch.zeros((b, t))
+    for i, tr in enumerate(trajs):
+        n = tr.input_ids.shape[0]
+        ids[i, :n], attn[i, :n] = tr.input_ids, 1
+        lmask[i, :n], blogp[i, :n] = tr.loss_mask, tr.behaviour_logp
+    segs = [(i, s) for i, tr in enumerate(trajs) for s in tr.images]
+    latent_shape = trajs[0].slot_latents.shape[1:]
+    if segs:
+        stack = lambda name: torch.stack([getattr(s, name) for _, s in segs])  # noqa: E731
+        seg = dict(
+            seg_latents=stack("latents"), seg_next_latents=stack("next_latents"), seg_sigmas=stack("sigmas"),
+            seg_sigma_nexts=stack("sigma_nexts"), seg_log_probs=stack("log_probs"), seg_final=stack("final_latent"),
+        )
+    else:
+        empty = torch.zeros((0, 1, *latent_shape))
+        seg = dict(seg_latents=empty, seg_next_latents=empty, seg_sigmas=torch.zeros(0, 1),
+                   seg_sigma_nexts=torch.zeros(0, 1), seg_log_probs=torch.zeros(0, 1),
+                   seg_final=torch.zeros((0, *latent_shape)))
+    return TrainBatch(
+        input_ids=ids, attention_mask=attn, loss_mask=lmask, behaviour_logp=blogp,
+        advantages=advantages.float(), slot_latents=torch.cat([tr.slot_latents for tr in trajs]),
+        slot_counts=torch.tensor([tr.slot_latents.shape[0] for tr in trajs], dtype=torch.long),
+        seg_rows=torch.tensor([i for i, _ in segs], dtype=torch.long),
+        seg_cond_end=torch.tensor([s.cond_end for _, s in segs], dtype=torch.long), **seg,
+    )

@@ -1,0 +1,124 @@
+"""The learner's objectives over a :class:`TrainBatch`: the unified GRPO loss (text tokens and denoising
+steps under one advantage) and the stage-1 supervised loss (text cross-entropy + flow matching)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from learner.batch import TrainBatch
+from learner.losses import image_policy_loss, text_policy_loss, total_loss
+from policy.prompting import mask_unsampleable
+from policy.sde import window_log_probs
+
+
+@dataclass
+class GRPOSettings:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl: str = "k3"
+    beta_text: float = 0.0
+    agg: str = "token-mean"
+    clip_img: float = 1e-3
+    beta_img: float = 0.0
+    lambda_img: float = 1.0
+    temperature: float = 1.0
+    noise_level: float = 0.7
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GRPOSettings:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class PolicyOutputs:
+    logp: torch.Tensor  # (B, T): logp[:, t] = log p(x_t | x_<t); 0 at t = 0
+    entropy: torch.Tensor  # (B, T)
+    img_logp: torch.Tensor | None  # (S, W)
+    img_mean: torch.Tensor | None  # (S, W, C, h, w)
+    img_std: torch.Tensor | None  # (S, W)
+
+
+def _conditioning(policy, hidden: torch.Tensor, batch: TrainBatch, repeat: int):
+    enc, pooled = policy.condition(hidden[batch.seg_rows], batch.seg_cond_end)
+    return enc.repeat_interleave(repeat, 0), pooled.repeat_interleave(repeat, 0)
+
+
+def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: float) -> PolicyOutputs:
+    """One LM forward gives the token log-probs and, causally, the generator's conditioning; the image
+    windows' log-probs are recomputed from the stored latents in one generator batch."""
+    logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents)
+    logits = mask_unsampleable(logits[:, :-1].float(), policy.token_ids) / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))  # slot tokens: never sampled
+    entropy = -(logp_all.exp() * logp_all.clamp(min=-1e4)).sum(-1).detach()
+    logp = F.pad(logp, (1, 0))
+    entropy = F.pad(entropy, (1, 0))
+    if batch.num_segments == 0 or batch.seg_latents.shape[1] == 0:
+        return PolicyOutputs(logp, entropy, None, None, None)
+    w = batch.seg_latents.shape[1]
+    enc, pooled = _conditioning(policy, hidden, batch, w)
+    img_logp, mean, std = window_log_probs(
+        lambda x, s: policy.velocity(x, s, enc, pooled),
+        batch.seg_latents, batch.seg_next_latents, batch.seg_sigmas, batch.seg_sigma_nexts, noise_level,
+    )
+    return PolicyOutputs(logp, entropy, img_logp, mean, std)
+
+
+def grpo_loss(
+    out: PolicyOutputs, old: PolicyOutputs, batch: TrainBatch, s: GRPOSettings, ref: PolicyOutputs | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = L_text(tokens, A) + lambda_img * L_img(denoising steps, A[row of the image]): one advantage."""
+    text, tm = text_policy_loss(
+        out.logp, old.logp, batch.advantages, batch.loss_mask,
+        ref_logp=None if ref is None else ref.logp, clip_low=s.clip_low, clip_high=s.clip_high,
+        beta=s.beta_text, kl=s.kl, agg=s.agg,
+    )
+    metrics = {f"text/{k}": v for k, v in tm.items()}
+    mask = batch.loss_mask.float()
+    metrics["text/entropy"] = ((out.entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+    metrics["text/loss"] = text.item()
+    image = None
+    if out.img_logp is not None:
+        image, im = image_policy_loss(
+            out.img_logp, old.img_logp, batch.advantages[batch.seg_rows], clip=s.clip_img, beta=s.beta_img,
+            mean=out.img_mean, ref_mean=None if ref is None else ref.img_mean, std=out.img_std,
+        )
+        metrics.update({f"image/{k}": v for k, v in im.items()})
+        metrics["image/loss"] = image.item()
+    loss = total_loss(text, image, s.lambda_img)
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+def sft_loss(
+    policy, batch: TrainBatch, text_weight: float = 1.0, flow_weight: float = 1.0, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage 1: text cross-entropy on the target tokens + flow matching that restores each image
+    segment's target latent (``seg_final``) from noise, conditioned on the context before it.
+
+    Flow matching: x_s = (1 - s) x_0 + s eps,  v* = eps - x_0,  L_fm = mean ||v(x_s, s) - v*||^2.
+    """
+    logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    mask = batch.loss_mask[:, 1:].float()
+    ce = -(logp * mask).sum() / mask.sum().clamp(min=1)
+    loss = text_weight * ce
+    metrics = {"sft/text_ce": ce.item()}
+    if batch.num_segments:
+        x0 = batch.seg_final
+        eps = torch.randn(x0.shape, generator=generator)
+        s = torch.rand(x0.shape[0], generator=generator)
+        xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+        enc, pooled = _conditioning(policy, hidden, batch, 1)
+        fm = F.mse_loss(policy.velocity(xs, s, enc, pooled), eps - x0)
+        loss = loss + flow_weight * fm
+        metrics["sft/flow_mse"] = fm.item()
+    with torch.no_grad():
+        pred = logits[:, :-1].argmax(-1) == batch.input_ids[:, 1:]
+        metrics["sft/token_acc"] = ((pred.float() * mask).sum() / mask.sum().clamp(min=1)).item()
+    metrics["sft/loss"] = loss.item()
+    return loss, metrics

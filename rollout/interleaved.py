@@ -1,0 +1,119 @@
+"""CLEAR's generate-then-answer rollout, as one batched procedure over prompts x group samples.
+
+1. Sample text from prompt (image slot + question); stop at <eos> or <gen>.
+2. Rows that stopped at <gen> (and may still generate): the LM's hidden states of the context condition
+   the generator; the SDE sampler draws a latent and records its stochastic window (log-probs kept).
+3. The latent enters the context through the bridge (an image slot after <gen>, no decode/re-encode) and
+   text sampling continues to the answer. A second <gen> ends the response (it then has no answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from policy.prompting import decode_response, encode_prompt
+from policy.sde import flow_sigmas, sample_latents, window_starts
+from policy.trajectory import ImageSegment, Trajectory
+from rollout.engine import SamplingSettings, TextEngine, TextRequest
+
+
+@dataclass
+class RolloutSettings:
+    group_size: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_images: int = 1
+    sde_steps: int = 8
+    sde_window: int = 2
+    sde_window_position: str = "random"
+    sde_window_start: int = 0
+    sde_noise_level: float = 0.7
+    sde_shift: float = 1.0
+
+
+def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tensor], s: RolloutSettings,
+                    generator: torch.Generator | None) -> tuple[list[ImageSegment], torch.Tensor]:
+    """Latents conditioned on each context's hidden states; returns their segments and final latents."""
+    ids, attn = _right_padded(contexts, policy.token_ids["pad"])
+    _, hidden = policy.lm_forward(ids, attn, torch.cat(latents))
+    cond_end = torch.tensor([len(c) for c in contexts])
+    enc, pooled = policy.condition(hidden, cond_end)
+    b = len(contexts)
+    noise = torch.randn((b, *policy.latent_shape), generator=generator)
+    starts = window_starts(b, s.sde_steps, s.sde_window, s.sde_window_position, s.sde_window_start, generator)
+    rec = sample_latents(lambda x, sig: policy.velocity(x, sig, enc, pooled), noise,
+                         flow_sigmas(s.sde_steps, s.sde_shift), s.sde_window, s.sde_noise_level, starts, generator)
+    segs = [
+        ImageSegment(cond_end=int(cond_end[i]), latents=rec.latents[i], next_latents=rec.next_latents[i],
+                     sigmas=rec.sigmas[i], sigma_nexts=rec.sigma_nexts[i], log_probs=rec.log_probs[i],
+                     final_latent=rec.final[i])
+        for i in range(b)
+    ]
+    return segs, rec.final
+
+
+@torch.no_grad()
+def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings, version: int,
+            generator: torch.Generator | None = None) -> list[Trajectory]:
+    """G trajectories per request. A request: prompt_id, text, image (H,W,3 uint8 or None), meta."""
+    tok, ids = policy.tokenizer, policy.token_ids
+    sampling = SamplingSettings(s.temperature, s.top_p, (ids["eos"], ids["gen"]))
+    rows = []  # (request, group index, prompt ids, slot latents)
+    for r in requests:
+        image = r.get("image")
+        if image is not None:
+            pixels = torch.as_tensor(image).permute(2, 0, 1)[None].float() / 255.0
+            lat = policy.encode_image(pixels)
+        else:
+            lat = torch.zeros((0, *policy.latent_shape))
+        prompt = encode_prompt(tok, r["text"], policy.n_image_tokens, with_image=image is not None)
+        rows += [(r, g, prompt, lat) for g in range(s.group_size)]
+    first = engine.generate([TextRequest(p, lat, s.max_new_tokens) for _, _, p, lat in rows], sampling, generator)
+    seqs = [list(p) + c.token_ids for (_, _, p, _), c in zip(rows, first)]
+    masks = [[False] * len(p) + [True] * len(c.token_ids) for (_, _, p, _), c in zip(rows, first)]
+    logps = [[0.0] * len(p) + c.logprobs for (_, _, p, _), c in zip(rows, first)]
+    slot_lat = [lat for *_, lat in rows]
+    images: list[list[ImageSegment]] = [[] for _ in rows]
+    gen_rows = [i for i, c in enumerate(first)
+                if s.max_images > 0 and c.finish == "stop" and c.token_ids[-1] == ids["gen"]
+                and len(c.token_ids) < s.max_new_tokens]
+    if gen_rows:
+        segs, finals = generate_images(policy, [seqs[i] for i in gen_rows], [slot_lat[i] for i in gen_rows], s, generator)
+        slot = policy.image_placeholder_ids()
+        for j, i in enumerate(gen_rows):
+            images[i].append(segs[j])
+            seqs[i] += slot
+            masks[i] += [False] * len(slot)
+            logps[i] += [0.0] * len(slot)
+            slot_lat[i] = torch.cat([slot_lat[i], finals[j : j + 1]])
+        budgets = [s.max_new_tokens - len(first[i].token_ids) for i in gen_rows]
+        second = engine.generate([TextRequest(seqs[i], slot_lat[i], n) for i, n in zip(gen_rows, budgets)],
+                                 sampling, generator)
+        for i, c in zip(gen_rows, second):
+            seqs[i] += c.token_ids
+            masks[i] += [True] * len(c.token_ids)
+            logps[i] += c.logprobs
+    out = []
+    for i, (r, g, prompt, _) in enumerate(rows):
+        sampled = [t for t, m in zip(seqs[i], masks[i]) if m]
+        out.append(Trajectory(
+            prompt_id=str(r["prompt_id"]), group_index=g, input_ids=torch.tensor(seqs[i], dtype=torch.long),
+            prompt_len=len(prompt), loss_mask=torch.tensor(masks[i]), behaviour_logp=torch.tensor(logps[i]),
+            slot_latents=slot_lat[i], images=images[i], policy_version=version,
+            response_text=decode_response(tok, sampled), meta=dict(r.get("meta") or {}),
+        ))
+    return out

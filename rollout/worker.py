@@ -1,0 +1,64 @@
+"""The rollout worker: one Ray actor (own placement group), a policy replica, a text engine, and the
+weight-receive path. It holds a policy version; the driver never gives it prompts while it is stale."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from learner.weight_sync import WeightHandle, make_receiver
+from policy.config import PolicyConfig
+from policy.model import UnifiedPolicy
+from policy.trajectory import Trajectory
+from rollout.engine import make_engine
+from rollout.interleaved import RolloutSettings, rollout
+
+
+class RolloutWorker:
+    """Plain class; the pool wraps it with ``ray.remote``. ``version`` is -1 until weights arrive."""
+
+    def __init__(self, worker_id: int, policy_cfg: dict, settings: dict, engine: str = "hf",
+                 engine_kwargs: dict | None = None, sync_backend: str = "object_store", seed: int = 0,
+                 num_threads: int = 1) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.worker_id = worker_id
+        cfg = PolicyConfig.model_validate(policy_cfg)
+        self.policy = UnifiedPolicy.from_config(cfg).eval()
+        self.engine = make_engine(engine, self.policy, **(engine_kwargs or {}))
+        self.settings = RolloutSettings(**settings)
+        self.receiver = make_receiver(sync_backend)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + worker_id)
+        self.policy_version = -1
+
+    def update_weights(self, handle: WeightHandle, timeout_s: float = 60.0) -> int:
+        """Load the published weights (bucketed) and take their version."""
+        t0 = time.perf_counter()
+        self.engine.load_weights(self.receiver.receive(handle, timeout_s))
+        self.policy_version = handle.version
+        self.last_sync_s = time.perf_counter() - t0
+        return self.policy_version
+
+    def generate(self, requests: list[dict], expected_version: int | None = None) -> list[Trajectory]:
+        """G trajectories per request, stamped with this worker's policy version."""
+        if self.policy_version < 0:
+            raise RuntimeError(f"rollout worker {self.worker_id} has no weights yet (stale)")
+        if expected_version is not None and expected_version != self.policy_version:
+            raise RuntimeError(f"rollout worker {self.worker_id} holds version {self.policy_version}, "
+                               f"driver expected {expected_version}")
+        trajs = rollout(self.policy, self.engine, requests, self.settings, self.policy_version, self.generator)
+        for t in trajs:
+            t.meta["worker_id"] = self.worker_id
+        return trajs
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [0, 1] (for sample images and reconstruction rewards)."""
+        with torch.no_grad():
+            return self.policy.decode_latent(latents)
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def pid(self) -> int:
+        return os.getpid()
