@@ -1,0 +1,291 @@
+"""JanusPolicy: an adapter for transformers' ``JanusForConditionalGeneration`` (UMM-2 style: ONE
+autoregressive model both understands and generates; images are generated as discrete VQ codes).
+
+Joint token space. Text ids are ``[0, V_text)``; VQ code ``c`` of an image is the id ``V_text + c``
+(``image_offset = V_text``). A sequence such as
+
+    "\\n" prompt "\\n" <img_start> (V_text + c_1) ... (V_text + c_n)
+
+goes through one LM; the embedding of a position is
+
+    e_t = E_text[x_t]                                     x_t < V_text   (text)
+    e_t = aligner(E_gen[x_t - V_text])                    x_t >= V_text  (image code, Janus's generation path)
+
+and the next-token distribution comes from the head of the NEXT token's kind:
+
+    log p(x_t | x_<t) = log_softmax(lm_head(h_{t-1}) / T)[x_t]                          text
+                      = log_softmax(generation_head(h_{t-1}) / T)[x_t - V_text]         image code
+
+so ``token_logprobs`` gives one (B, T) log-prob tensor over text AND image tokens, and the text GRPO loss
+(``learner.losses.text_policy_loss`` with ``loss_mask`` True on the sampled codes) trains image generation.
+Understanding inputs (pixels through the SigLIP encoder + aligner at ``image_token_id`` placeholders) are
+supported by ``pixel_values``. Sampling draws from the unguided distribution (no classifier-free guidance),
+so behaviour and recomputed log-probs describe the same policy.
+
+The VQ model is frozen (Janus keeps it in eval); everything else is trainable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from policy.bridge import positions_from_mask
+from policy.tokenizer import build_tiny_tokenizer, special_token_ids
+
+TINY_TEXT: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+}
+TINY_VISION: dict[str, Any] = {  # SigLIP-style understanding encoder: 16x16 pixels, 4x4 patches
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 16,
+    "patch_size": 4,
+    "mlp_ratio": 2.0,
+    "depth": 2,
+    "num_image_tokens": 16,
+}
+TINY_VQ: dict[str, Any] = {  # 4x4 codes -> 8x8 pixels (one upsample); GroupNorm(32) needs channels % 32 == 0
+    "embed_dim": 8,
+    "num_embeddings": 64,
+    "latent_channels": 32,
+    "base_channels": 32,
+    "channel_multiplier": [1, 1],
+    "num_res_blocks": 1,
+    "num_hidden_layers": 2,
+}
+
+
+def tiny_janus_config(text_vocab: int, image_token_id: int, text: dict | None = None, vision: dict | None = None,
+                      vq: dict | None = None):
+    """A small ``JanusConfig``: dims that must agree are derived (LM hidden = aligner / head widths)."""
+    from transformers import JanusConfig
+
+    t = {**TINY_TEXT, **(text or {}), "vocab_size": int(text_vocab)}
+    h = int(t["hidden_size"])
+    v = {**TINY_VISION, "projection_dim": h, **(vision or {})}
+    q = {**TINY_VQ, "projection_dim": h, "image_token_embed_dim": h, **(vq or {})}
+    return JanusConfig(text_config=t, vision_config=v, vq_config=q, image_token_id=int(image_token_id))
+
+
+class JanusPolicy(nn.Module):
+    """Janus with a joint text + image-code token space (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.model = model  # JanusForConditionalGeneration
+        self.tokenizer = tokenizer
+        self.token_ids: dict[str, int] = special_token_ids(tokenizer)
+        self.image_offset = int(model.config.text_config.vocab_size)
+        self.model.model.vqmodel.requires_grad_(False)
+        self.eval()
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_tiny(cls, seed: int = 0, text: dict | None = None, vision: dict | None = None,
+                  vq: dict | None = None) -> JanusPolicy:
+        """Random-init tiny Janus with the project's tiny BPE tokenizer (no download)."""
+        from transformers import JanusForConditionalGeneration
+
+        tok = build_tiny_tokenizer()
+        ids = special_token_ids(tok)
+        cfg = tiny_janus_config(len(tok), ids["img"], text, vision, vq)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = JanusForConditionalGeneration(cfg)
+        return cls(model, tok)
+
+    @classmethod
+    def from_pretrained(cls, path: str, tokenizer_path: str | None = None, dtype: torch.dtype = torch.float32
+                        ) -> JanusPolicy:
+        """A local Janus checkpoint (``local_files_only``); text vocab = the checkpoint's text vocab."""
+        from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+        from policy.tokenizer import add_missing_special_tokens
+
+        model = JanusForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+        if add_missing_special_tokens(tok):
+            model.resize_token_embeddings(len(tok))
+            model.config.text_config.vocab_size = len(tok)
+        return cls(model, tok)
+
+    def train(self, mode: bool = True) -> JanusPolicy:
+        super().train(mode)
+        self.model.model.vqmodel.eval()  # frozen, always eval
+        return self
+
+    # ---- sizes ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model.config.vq_config.num_embeddings)
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Codes of one generated image: num_patches^2 (what the VQ decoder takes)."""
+        d = self.model.model.vqmodel.quantize.quant_state_dims
+        return int(d[0] * d[1])
+
+    def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQ codes -> joint token ids (``codes + image_offset``)."""
+        return codes + self.image_offset
+
+    def codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Joint token ids of image tokens -> VQ codes."""
+        return ids - self.image_offset
+
+    def is_image(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >= self.image_offset
+
+    def generation_prompt(self, text: str) -> list[int]:
+        """Prompt ids of text -> image: "\\n" text "\\n" <img_start> (Janus's begin-of-image)."""
+        body = self.tokenizer.encode("\n" + text + "\n", add_special_tokens=False)
+        return body + [self.token_ids["img_start"]]
+
+    # ---- LM -------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """e_t = E_text[x_t] for text, aligner(E_gen[x_t - V_text]) for image codes; understanding
+        features at ``image_token_id`` placeholders when ``pixel_values`` (B_img,3,H,W) are given."""
+        m = self.model
+        is_img = self.is_image(input_ids)
+        emb = m.get_input_embeddings()(torch.where(is_img, torch.zeros_like(input_ids), input_ids))
+        if bool(is_img.any()):
+            codes = self.codes(input_ids[is_img])
+            gen = m.prepare_embeddings_for_image_generation(codes).to(emb.dtype)  # aligner(E_gen[c])
+            emb = emb.masked_scatter(is_img.unsqueeze(-1), gen)
+        if pixel_values is not None:
+            feats = m.model.get_image_features(pixel_values.to(emb.dtype)).pooler_output
+            slots = input_ids == m.config.image_token_id
+            if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"embed: {int(slots.sum())} image placeholders for {feats.shape[0]} image(s) "
+                                 f"x {feats.shape[1]} features")
+            emb = emb.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, emb.shape[-1]).to(emb.dtype))
+        return emb
+
+    def _lm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None):
+        positions = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1]:]
+        out = self.model.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions,
+            past_key_values=past_key_values, use_cache=past_key_values is not None,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       pixel_values: torch.Tensor | None = None, temperature: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logp[:, t] = log p(x_t | x_<t)`` (float32) from the head of x_t's kind; 0 at t = 0, on padding
+        and on a row's first real token. Returns (logp (B,T), hidden (B,T,H))."""
+        hidden, _ = self._lm(self.embed(input_ids, pixel_values), attention_mask)
+        h, target = hidden[:, :-1], input_ids[:, 1:]
+        img = self.is_image(target)
+        lp = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
+        txt = ~img
+        if bool(txt.any()):  # log_softmax(lm_head(h_{t-1}) / T)[x_t]
+            lg = self.model.lm_head(h[txt]).float() / temperature
+            lp = lp.masked_scatter(txt, lg.gather(-1, target[txt, None]).squeeze(-1) - lg.logsumexp(-1))
+        if bool(img.any()):  # log_softmax(generation_head(h_{t-1}) / T)[x_t - V_text]
+            lg = self.model.model.generation_head(h[img]).float() / temperature
+            lp = lp.masked_scatter(img, lg.gather(-1, self.codes(target[img])[:, None]).squeeze(-1) - lg.logsumexp(-1))
+        m = attention_mask.bool()
+        lp = torch.where(m[:, 1:] & m[:, :-1], lp, torch.zeros_like(lp))
+        return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1), hidden
+
+    # ---- image generation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_image_tokens(self, prompt_ids: torch.Tensor | list[list[int]], n_tokens: int | None = None,
+                            generator: torch.Generator | None = None, temperature: float = 1.0,
+                            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``n_tokens`` (default :attr:`n_image_tokens`) VQ codes after each prompt, with a KV cache:
+
+            c_k ~ softmax(generation_head(h_k) / T),   next input = aligner(E_gen[c_k])
+
+        ``prompt_ids``: (B,P) (padding given by ``attention_mask``) or a list of rows (left-padded here).
+        Returns (codes (B,n) long, behaviour log-probs (B,n) float32 under the temperature-scaled policy).
+        """
+        n = self.n_image_tokens if n_tokens is None else int(n_tokens)
+        ids, attn = self._left_padded(prompt_ids, attention_mask)
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config.text_config)
+        hidden, cache = self._lm(self.embed(ids), attn, past_key_values=cache)
+        b = ids.shape[0]
+        codes = torch.zeros((b, n), dtype=torch.long)
+        logps = torch.zeros((b, n), dtype=torch.float32)
+        head = self.model.model.generation_head
+        for k in range(n):
+            logp_all = torch.log_softmax(head(hidden[:, -1]).float() / temperature, dim=-1)
+            c = torch.multinomial(logp_all.exp().cpu(), 1, generator=generator).squeeze(-1)
+            codes[:, k] = c
+            logps[:, k] = logp_all.cpu().gather(-1, c[:, None]).squeeze(-1)
+            if k == n - 1:
+                break
+            attn = torch.cat([attn, attn.new_ones(b, 1)], dim=1)
+            step = self.model.prepare_embeddings_for_image_generation(c[:, None].to(self.device))
+            hidden, cache = self._lm(step, attn, past_key_values=cache)
+        return codes, logps
+
+    def _left_padded(self, prompt_ids: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_tensor(prompt_ids):
+            mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask
+            return prompt_ids.long(), mask.long()
+        pad, width = self.token_ids["pad"], max(len(r) for r in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(prompt_ids):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        return ids, mask
+
+    def decode_image_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQ codes (B, n_image_tokens) -> float32 pixels (B,3,H,W) in [0,1] through the frozen VQ decoder
+        (Janus's pixels are in [-1, 1]: x01 = (x + 1) / 2, clamped)."""
+        px = self.model.model.vqmodel.decode(codes.to(self.device).long())
+        return ((px.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # ---- weights ----------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen VQ model (what weight sync ships); tied weights appear once."""
+        skip = "model.model.vqmodel."
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    @torch.no_grad()
+    def load_trainable(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy tensors in place; unknown names or shape mismatches raise. Returns the count."""
+        own = self.trainable_state_dict()
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        n = 0
+        for name, t in items:
+            if name not in own:
+                raise KeyError(f"load_trainable: unknown tensor {name!r}")
+            if own[name].shape != t.shape:
+                raise ValueError(f"load_trainable: {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+            own[name].copy_(t)
+            n += 1
+        return n
+
+
+def text_image_sequence(policy: JanusPolicy, prompt: list[int], codes: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One trajectory's (input_ids (T,), loss_mask (T,)): prompt (not trained) + image tokens (trained)."""
+    ids = torch.tensor(prompt + policy.image_ids(codes.cpu()).tolist(), dtype=torch.long)
+    mask = torch.tensor([False] * len(prompt) + [True] * int(codes.numel()))
+    return ids, mask
+
+
+__all__ = ["JanusPolicy", "text_image_sequence", "tiny_janus_config"]
