@@ -1,0 +1,322 @@
+"""Weight sync: bucketing, object-store publish/receive across real Ray actors, bounded failures,
+the collective path over gloo (CPU) and over NCCL (GPU only)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from learner.weight_sync import (
+    BACKENDS,
+    ObjectStorePublisher,
+    ObjectStoreReceiver,
+    WeightHandle,
+    WeightSyncError,
+    WeightSyncLost,
+    WeightSyncTimeout,
+    bucketize,
+    free_port,
+    make_publisher,
+    make_receiver,
+    unbucketize,
+)
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def mixed_tensors(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(6, 8, generator=g)
+    return [
+        ("lm.embed.weight", torch.randn(17, 5, generator=g)),
+        ("lm.norm.weight", torch.randn(5, generator=g).to(torch.bfloat16)),
+        ("gen.proj.weight", torch.randn(3, 4, 2, generator=g).half()),
+        ("counter", torch.randint(0, 1000, (7,), generator=g)),
+        ("mask", torch.rand(4, 3, generator=g) > 0.5),
+        ("scalar", torch.tensor(3.5)),
+        ("empty", torch.zeros(0, 4)),
+        ("transposed", base.t()),  # not contiguous
+        ("bytes", torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8)),
+        ("lm.head.weight", torch.randn(40, 3, generator=g).to(torch.bfloat16)),
+    ]
+
+
+def assert_same(got: dict[str, torch.Tensor], want: list[tuple[str, torch.Tensor]]) -> None:
+    assert sorted(got) == sorted(n for n, _ in want)
+    for name, t in want:
+        assert got[name].dtype == t.dtype, name
+        assert got[name].shape == t.shape, name
+        assert torch.equal(got[name].cpu(), t), name
+
+
+# ------------------------------------------------------------------------------------------ buckets
+@pytest.mark.parametrize("bucket_bytes", [1, 48, 256, 1 << 30])
+def test_bucketize_round_trip(bucket_bytes: int) -> None:
+    tensors = mixed_tensors()
+    buckets = bucketize(tensors, bucket_bytes)
+    got = {}
+    for b in buckets:
+        assert b.buffer.dim() == 1 and b.buffer.is_contiguous()
+        assert {e.name for e in b.meta.entries} and str(b.buffer.dtype) == f"torch.{b.meta.dtype}"
+        # a bucket only exceeds the budget when it holds one tensor
+        assert b.nbytes <= bucket_bytes or len([e for e in b.meta.entries if e.numel]) <= 1
+        for name, view in unbucketize(b):
+            if view.numel():  # views into the flat buffer, no copy
+                start = b.buffer.data_ptr()
+                assert start <= view.data_ptr() < start + b.nbytes
+            got[name] = view
+    assert_same(got, tensors)
+    if bucket_bytes == 1 << 30:
+        assert len(buckets) == len({t.dtype for _, t in tensors})  # one bucket per dtype
+    if bucket_bytes <= 48:
+        assert len(buckets) > len({t.dtype for _, t in tensors})
+
+
+def test_bucketize_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        bucketize([("a", torch.zeros(1)), ("a", torch.zeros(1))], 64)
+    with pytest.raises(ValueError):
+        bucketize([("a", torch.zeros(1))], 0)
+    (b,) = bucketize([("a", torch.zeros(4))], 64)
+    with pytest.raises(ValueError, match="does not match"):
+        list(unbucketize((b.meta, torch.zeros(3))))
+
+
+def test_handle_is_small_and_picklable() -> None:
+    handle = WeightHandle(version=3, backend="nccl", buckets=tuple(b.meta for b in bucketize(mixed_tensors(), 64)),
+                            total_bytes=1)
+    again = pickle.loads(pickle.dumps(handle))
+    assert again == handle and again.num_tensors == len(mixed_tensors())
+    assert len(pickle.dumps(handle)) < 4096
+
+
+def test_registry() -> None:
+    assert {"object_store", "nccl"} <= set(BACKENDS)
+    assert isinstance(make_publisher("object_store", bucket_mb=1), ObjectStorePublisher)
+    assert isinstance(make_receiver("object_store"), ObjectStoreReceiver)
+    assert make_receiver("gloo").backend == "gloo"
+    with pytest.raises(ValueError, match="unknown weight-sync backend 'carrier_pigeon'"):
+        make_publisher("carrier_pigeon")
+
+
+# --------------------------------------------------------------------------------------------- Ray
+@ray.remote(num_cpus=0)
+class Learner:
+    """Rank 0 side; holds one publisher per key (several groups may coexist in one process)."""
+
+    def __init__(self) -> None:
+        self.pubs = {}
+
+    def make(self, key: str, backend: str, **kw) -> None:
+        self.pubs[key] = make_publisher(backend, **kw)
+
+    def init_group(self, key: str, addr: str, port: int, world_size: int) -> None:
+        self.pubs[key].init_group(addr, port, world_size, timeout_s=60)
+
+    def publish(self, key: str, version: int, seed: int) -> WeightHandle:
+        return self.pubs[key].publish(version, mixed_tensors(seed))
+
+    def publish_big(self, key: str, version: int, numel: int) -> WeightHandle:
+        return self.pubs[key].publish(version, [("big", torch.ones(numel))])
+
+    def wait(self, key: str, timeout_s: float) -> None:
+        self.pubs[key].wait(timeout_s)
+
+    def live_versions(self, key: str) -> list[int]:
+        return self.pubs[key].live_versions
+
+
+@ray.remote(num_cpus=0)
+class Worker:
+    """Rollout-worker side; one receiver per key."""
+
+    def __init__(self) -> None:
+        self.recvs = {"object_store": make_receiver("object_store")}
+        self.version = -1
+
+    def make(self, key: str, backend: str, **kw) -> None:
+        self.recvs[key] = make_receiver(backend, **kw)
+
+    def init_group(self, key: str, addr: str, port: int, world_size: int, rank: int) -> None:
+        self.recvs[key].init_group(addr, port, world_size, rank, timeout_s=60)
+
+    def update_weights(self, handle: WeightHandle, timeout_s: float = 30.0, key: str | None = None):
+        recv = self.recvs[key or handle.backend]
+        state = {name: t.clone() for name, t in recv.receive(handle, timeout_s)}
+        self.version = handle.version
+        return self.version, state
+
+    def try_update(self, handle: WeightHandle, timeout_s: float, key: str | None = None):
+        t0 = time.monotonic()
+        try:
+            self.update_weights(handle, timeout_s, key)
+        except WeightSyncError as e:
+            return type(e).__name__, str(e), time.monotonic() - t0
+        return None, "", time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def actors():
+    paths = (ROOT, str(Path(__file__).parent), os.environ.get("PYTHONPATH"))  # workers import this module
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    learner, w1, w2 = Learner.remote(), Worker.remote(), Worker.remote()
+    yield learner, w1, w2
+    ray.shutdown()
+
+
+def test_object_store_actor_to_actor(actors) -> None:
+    learner, worker, _ = actors
+    ray.get(learner.make.remote("os", "object_store", bucket_mb=0.0002))
+    handle = ray.get(learner.publish.remote("os", 1, seed=1))
+    assert handle.version == 1 and handle.backend == "object_store" and len(handle.refs) > 3
+    version, state = ray.get(worker.update_weights.remote(handle))
+    assert version == 1
+    assert_same(state, mixed_tensors(1))
+
+    handle2 = ray.get(learner.publish.remote("os", 2, seed=2))
+    assert ray.get(learner.live_versions.remote("os")) == [2]  # older version released by the publisher ...
+    version, state = ray.get(worker.update_weights.remote(handle))  # ... but alive while a handle holds it
+    assert version == 1 and torch.equal(state["counter"], mixed_tensors(1)[3][1])
+    version, state = ray.get(worker.update_weights.remote(handle2))
+    assert version == 2
+    assert_same(state, mixed_tensors(2))
+
+
+def test_object_store_driver_publish_local_receive(actors) -> None:
+    pub = ObjectStorePublisher(bucket_mb=1)
+    tensors = mixed_tensors(5)
+    handle = pub.publish(10, tensors)
+    assert handle.total_bytes == sum(t.numel() * t.element_size() for _, t in tensors)
+    assert_same(dict(ObjectStoreReceiver().receive(handle, 10)), tensors)
+    with pytest.raises(ValueError, match="not newer"):
+        pub.publish(10, tensors)
+    with pytest.raises(WeightSyncError, match="backend 'object_store'"):
+        make_receiver("gloo").receive(handle, 1)
+
+
+@ray.remote(num_cpus=0)
+def _late(seconds: float):
+    time.sleep(seconds)
+    return None
+
+
+def test_object_never_arrives_raises_timeout(actors) -> None:
+    _, worker, _ = actors
+    (bucket,) = bucketize([("w", torch.zeros(4))], 1 << 20)
+    slow = _late.remote(60)
+    handle = WeightHandle(version=42, backend="object_store", buckets=(bucket.meta,), total_bytes=16, refs=(slow,))
+    kind, msg, took = ray.get(worker.try_update.remote(handle, 1.5), timeout=30)
+    assert kind == "WeightSyncTimeout"
+    assert "version 42" in msg and "'object_store'" in msg and "1.5 s" in msg
+    assert took < 10
+    t0 = time.monotonic()  # same on the driver, as an exception
+    with pytest.raises(WeightSyncTimeout) as err:
+        ObjectStoreReceiver().receive(handle, 1.0)
+    assert time.monotonic() - t0 < 10 and err.value.version == 42
+    ray.cancel(slow, force=True)
+
+
+def test_timeout_error_crosses_ray() -> None:
+    err = pickle.loads(pickle.dumps(WeightSyncLost(3, "object_store", 2.0, "owner died")))
+    assert isinstance(err, WeightSyncTimeout) and err.version == 3 and "owner died" in str(err)
+
+
+def test_owner_died_raises_lost(actors) -> None:
+    _, worker, _ = actors
+    doomed = Learner.remote()
+    ray.get(doomed.make.remote("os", "object_store", bucket_mb=1))
+    handle = ray.get(doomed.publish_big.remote("os", 1, 1 << 20))  # 4 MiB: lives in plasma, not inlined
+    ray.kill(doomed)
+    with pytest.raises(ray.exceptions.RayActorError):  # wait until it is really gone
+        ray.get(doomed.live_versions.remote("os"), timeout=30)
+    deadline = time.monotonic() + 20  # Ray learns of the owner's death asynchronously
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.refs[0], timeout=5)
+        except ray.exceptions.ObjectLostError:
+            break
+        time.sleep(0.5)
+    kind, msg, took = ray.get(worker.try_update.remote(handle, 5.0), timeout=60)
+    assert kind == "WeightSyncLost", (kind, msg)
+    assert took < 20
+
+
+# ---------------------------------------------------------------------------- collective path (gloo)
+def test_collective_gloo_receive_without_publisher_times_out(actors) -> None:
+    learner, _, worker = actors
+    port = free_port()
+    ray.get([learner.make.remote("lonely", "gloo"), worker.make.remote("lonely", "gloo")])
+    ray.get([learner.init_group.remote("lonely", "127.0.0.1", port, 2),
+             worker.init_group.remote("lonely", "127.0.0.1", port, 2, 1)], timeout=60)
+    (bucket,) = bucketize([("w", torch.zeros(4))], 1 << 20)
+    handle = WeightHandle(version=9, backend="gloo", buckets=(bucket.meta,), total_bytes=16, group={"world_size": 2})
+    kind, msg, took = ray.get(worker.try_update.remote(handle, 1.0, "lonely"), timeout=30)
+    assert kind == "WeightSyncTimeout" and "version 9" in msg and "'gloo'" in msg
+    assert took < 10
+
+
+def test_collective_gloo_broadcast(actors) -> None:
+    """The NCCL publisher/receiver code path with dist_backend='gloo': learner rank 0 + two workers."""
+    learner, *workers = actors
+    port = free_port()
+    ray.get([learner.make.remote("g", "gloo", bucket_mb=0.0002), workers[0].make.remote("g", "gloo"),
+             workers[1].make.remote("g", "gloo", stream=True)])
+    joins = [w.init_group.remote("g", "127.0.0.1", port, 3, rank) for rank, w in enumerate(workers, start=1)]
+    ray.get([learner.init_group.remote("g", "127.0.0.1", port, 3), *joins], timeout=60)
+    for version in (1, 2):
+        handle = ray.get(learner.publish.remote("g", version, seed=version))
+        assert handle.backend == "gloo" and not handle.refs and len(handle.buckets) > 3
+        results = [w.update_weights.remote(handle, 30.0, "g") for w in workers]
+        ray.get(learner.wait.remote("g", 30.0), timeout=60)
+        for got_version, state in ray.get(results, timeout=60):
+            assert got_version == version
+            assert_same(state, mixed_tensors(version))
+    # a publish nobody receives: the learner's wait raises instead of hanging (leaves group "g" unusable)
+    ray.get(learner.publish.remote("g", 3, seed=3))
+    with pytest.raises(WeightSyncTimeout, match="version 3"):
+        ray.get(learner.wait.remote("g", 1.0), timeout=30)
+
+
+# ------------------------------------------------------------------------------------ NCCL (GPU only)
+def _nccl_rank(rank: int, port: int, queue, results) -> None:
+    torch.cuda.set_device(rank)
+    try:
+        if rank == 0:
+            pub = make_publisher("nccl", bucket_mb=0.0002)
+            pub.init_group("127.0.0.1", port, 2)
+            queue.put(pub.publish(1, [(n, t.cuda()) for n, t in mixed_tensors(7)]))
+            pub.wait(60)
+            results.put((0, "ok"))
+        else:
+            recv = make_receiver("nccl", device="cuda")
+            recv.init_group("127.0.0.1", port, 2, 1)
+            handle = queue.get(timeout=60)
+            results.put((1, {n: t.cpu().clone() for n, t in recv.receive(handle, 60)}))
+    except BaseException as e:  # noqa: BLE001
+        results.put((rank, repr(e)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs CUDA with two devices (NCCL refuses two ranks on one GPU)")
+def test_nccl_broadcast_two_ranks() -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port, queue, results = free_port(), ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_nccl_rank, args=(r, port, queue, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got[0] == "ok", got[0]
+    assert isinstance(got[1], dict), got[1]
+    assert_same(got[1], mixed_tensors(7))
