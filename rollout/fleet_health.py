@@ -5,12 +5,12 @@ were loaded, a worker is being drained) and asks :meth:`FleetHealth.schedulable`
 
     HEALTHY --call_failed--> DEAD --restart_started--> RESTARTING --restart_done--> STALE
     STALE --weights_loaded(current)--> HEALTHY          (weights_loaded(older) keeps it STALE)
-    HEALTHY | STALE --drain--> DRAINING --drained--> REMOVED        (scale-down)
-    DEAD --drain--> REMOVED                                          (nothing left to drain)
+    HEALTHY | STALE | DEAD --drain--> DRAINING --drained--> REMOVED (scale-down: always drain, then drained)
 
 A new worker (``add_worker``) starts STALE: it gets the current weights before any prompt. A failed
-restart (``call_failed`` while RESTARTING) goes back to DEAD; a draining worker that fails is REMOVED.
-``call_failed`` on a DEAD worker is a no-op (several in-flight calls fail together) but is counted.
+restart (``call_failed`` while RESTARTING) goes back to DEAD. ``call_failed`` on a DEAD or DRAINING
+worker keeps its state (several in-flight calls fail together; a worker being removed is not restarted)
+but is counted. REMOVED is final (the id may be added again as a new worker).
 Anything else raises :class:`InvalidTransition`.
 """
 
@@ -51,7 +51,7 @@ TRANSITIONS: dict[tuple[WorkerState, Event], WorkerState] = {
     (S.STALE, E.CALL_FAILED): S.DEAD,
     (S.DEAD, E.CALL_FAILED): S.DEAD,
     (S.RESTARTING, E.CALL_FAILED): S.DEAD,
-    (S.DRAINING, E.CALL_FAILED): S.REMOVED,
+    (S.DRAINING, E.CALL_FAILED): S.DRAINING,
     (S.DEAD, E.RESTART_STARTED): S.RESTARTING,
     (S.RESTARTING, E.RESTART_DONE): S.STALE,
     (S.STALE, E.WEIGHTS_LOADED): S.HEALTHY,
@@ -59,7 +59,7 @@ TRANSITIONS: dict[tuple[WorkerState, Event], WorkerState] = {
     (S.DRAINING, E.WEIGHTS_LOADED): S.DRAINING,
     (S.HEALTHY, E.DRAIN): S.DRAINING,
     (S.STALE, E.DRAIN): S.DRAINING,
-    (S.DEAD, E.DRAIN): S.REMOVED,
+    (S.DEAD, E.DRAIN): S.DRAINING,
     (S.DRAINING, E.DRAINED): S.REMOVED,
 }
 

@@ -114,10 +114,13 @@ def test_scale_down_drain() -> None:
     assert f.drained("w2") is S.REMOVED
     assert sorted(f.active()) == ["w0", "w1"]
     to_state(f, "w1", S.DEAD)
-    assert f.drain("w1") is S.REMOVED  # nothing to drain on a dead worker
+    assert f.drain("w1") is S.DRAINING  # same protocol for a dead worker: drain, then drained
+    assert f.drained("w1") is S.REMOVED
     to_state(f, "w0", S.STALE)
     assert f.drain("w0") is S.DRAINING
-    assert f.call_failed("w0") is S.REMOVED  # a draining worker that dies is not restarted
+    assert f.call_failed("w0") is S.DRAINING  # a draining worker that dies is not restarted ...
+    assert f.failures == 3  # w1's death, w0's death before its restart, and this one
+    assert f.drained("w0") is S.REMOVED  # ... only finished
     assert f.active() == [] and f.counts()["removed"] == 3
     f.add_worker("w2")  # an id can be reused once removed
     assert f.state("w2") is S.STALE
