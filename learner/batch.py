@@ -86,3 +86,9 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         seg_rows=torch.tensor([i for i, _ in segs], dtype=torch.long),
         seg_cond_end=torch.tensor([s.cond_end for _, s in segs], dtype=torch.long), **seg,
     )
+
+
+def average_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean over metric dicts (mini-batches, ranks); a key counts where it appears."""
+    keys = set().union(*rows) if rows else set()
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}

@@ -46,7 +46,10 @@ class TextEngine(Protocol):
 
 def sample_token(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None):
     """Draw from softmax(logits / T), nucleus-truncated at top_p; returns (token (B,), logp (B,)) with
-    logp under the untruncated temperature-scaled distribution."""
+    logp under the untruncated temperature-scaled distribution. Temperature 0 is greedy."""
+    if s.temperature <= 0:  # greedy (evaluation); logp under the untempered distribution
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits.float(), -1).gather(-1, token[:, None]).squeeze(-1)
     logp_all = torch.log_softmax(logits.float() / s.temperature, dim=-1)
     probs = logp_all.exp()
     if s.top_p < 1.0:

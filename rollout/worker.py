@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -13,14 +14,15 @@ from policy.config import PolicyConfig
 from policy.model import UnifiedPolicy
 from policy.trajectory import Trajectory
 from rollout.engine import make_engine
-from rollout.interleaved import RolloutSettings, rollout
+from rollout.interleaved import RolloutSettings
+from rollout.recipes import ROLLOUTS
 
 
 class RolloutWorker:
     """Plain class; the pool wraps it with ``ray.remote``. ``version`` is -1 until weights arrive."""
 
     def __init__(self, worker_id: int, policy_cfg: dict, settings: dict, engine: str = "hf",
-                 engine_kwargs: dict | None = None, sync_backend: str = "object_store", seed: int = 0,
+                 engine_kwargs: dict | None = None, sync_backend: str = "object_store", recipe: str = "clear",
                  num_threads: int = 1) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.worker_id = worker_id
@@ -29,7 +31,7 @@ class RolloutWorker:
         self.engine = make_engine(engine, self.policy, **(engine_kwargs or {}))
         self.settings = RolloutSettings(**settings)
         self.receiver = make_receiver(sync_backend)
-        self.generator = torch.Generator().manual_seed(seed * 1000 + worker_id)
+        self.recipe = recipe
         self.policy_version = -1
 
     def update_weights(self, handle: WeightHandle, timeout_s: float = 60.0) -> int:
@@ -40,14 +42,19 @@ class RolloutWorker:
         self.last_sync_s = time.perf_counter() - t0
         return self.policy_version
 
-    def generate(self, requests: list[dict], expected_version: int | None = None) -> list[Trajectory]:
-        """G trajectories per request, stamped with this worker's policy version."""
+    def generate(self, requests: list[dict], seed: int, overrides: dict | None = None,
+                 expected_version: int | None = None) -> list[Trajectory]:
+        """G trajectories per request, stamped with this worker's policy version. ``seed`` fixes the
+        sampling noise of this call (so a re-queued chunk gives the same result on any worker);
+        ``overrides`` replaces rollout settings for this call (evaluation: group_size 1, temperature 0)."""
         if self.policy_version < 0:
             raise RuntimeError(f"rollout worker {self.worker_id} has no weights yet (stale)")
         if expected_version is not None and expected_version != self.policy_version:
             raise RuntimeError(f"rollout worker {self.worker_id} holds version {self.policy_version}, "
                                f"driver expected {expected_version}")
-        trajs = rollout(self.policy, self.engine, requests, self.settings, self.policy_version, self.generator)
+        settings = replace(self.settings, **(overrides or {}))
+        generator = torch.Generator().manual_seed(seed)
+        trajs = ROLLOUTS[self.recipe](self.policy, self.engine, requests, settings, self.policy_version, generator)
         for t in trajs:
             t.meta["worker_id"] = self.worker_id
         return trajs

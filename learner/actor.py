@@ -1,0 +1,207 @@
+"""The DeepSpeed learner: one Ray actor per rank, all in one placement group.
+
+Each rank builds the policy, wraps its trainable part in a DeepSpeed engine (ZeRO stage from the config;
+torch's AdamW; gloo on CPU, NCCL on GPU), recomputes old log-probs on its own model, and takes one
+optimizer step per mini-batch over both modalities. Rank 0 publishes weights and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from learner.batch import TrainBatch, average_metrics
+from learner.sft import sft_batch
+from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
+from learner.weight_sync import make_publisher
+from policy.config import PolicyConfig
+from policy.model import UnifiedPolicy
+
+
+def _cpu_deepspeed_without_jit() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op on first use (~1-2 min of
+    C++ build); gloo does the same work, so on CPU the op is marked unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class LearnerWorker:
+    """Plain class; ``learner.group`` wraps it with ``ray.remote``."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, policy_cfg: dict,
+                 learner_cfg: dict, algo_cfg: dict, sft_cfg: dict, seed: int = 0, num_threads: int = 1) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        torch.set_num_threads(max(1, num_threads))
+        torch.manual_seed(seed)
+        import deepspeed
+
+        self.rank, self.world_size = rank, world_size
+        self.cuda = torch.cuda.is_available() and learner_cfg.get("num_gpus_per_worker", 0) > 0
+        if not self.cuda:
+            _cpu_deepspeed_without_jit()
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        self.cfg, self.algo, self.sft_cfg = learner_cfg, algo_cfg, sft_cfg
+        self.policy = UnifiedPolicy.from_config(PolicyConfig.model_validate(policy_cfg))
+        self._freeze(learner_cfg)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learner_cfg["lr"], betas=tuple(learner_cfg["betas"]),
+                                      weight_decay=learner_cfg["weight_decay"])
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": learner_cfg["grad_clip"],
+            "zero_optimization": {"stage": learner_cfg["zero_stage"]},
+            "bf16": {"enabled": policy_cfg.get("dtype") == "bfloat16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.policy, optimizer=optimizer, model_parameters=params, config=ds_config)
+        self.settings = GRPOSettings.from_dict({**algo_cfg, "temperature": algo_cfg.get("temperature", 1.0)})
+        self.publisher = make_publisher(learner_cfg["sync"]["backend"], bucket_mb=learner_cfg["sync"]["bucket_mb"])
+        self.reference: UnifiedPolicy | None = None
+        self.version = 0
+        self.steps_done = 0
+        self.sft_generator = torch.Generator().manual_seed(seed + 17)
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _freeze(self, cfg: dict) -> None:
+        p = self.policy
+        if not cfg.get("train_lm", True):
+            for m in (p.lm, p.bridge):
+                m.requires_grad_(False)
+        if not cfg.get("train_generator", True) or p.cfg.freeze_generator:
+            for m in (p.generator, p.connector):
+                m.requires_grad_(False)
+
+    def set_sampling(self, temperature: float, noise_level: float) -> None:
+        """The rollout's temperature and SDE noise level: the learner recomputes log-probs under them."""
+        self.settings.temperature, self.settings.noise_level = temperature, noise_level
+
+    def snapshot_reference(self) -> None:
+        """Freeze a copy of the current policy as the KL reference (only when a KL term is on)."""
+        if self.settings.beta_text or self.settings.beta_img:
+            with self._gathered():
+                self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """Full parameters on every rank (a no-op below ZeRO-3)."""
+        if self.cfg["zero_stage"] == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    # ---- training --------------------------------------------------------------------------
+    def _step(self, loss: torch.Tensor) -> float:
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """GRPO + Flow-GRPO on this rank's shard: recompute old log-probs, then a step per mini-batch."""
+        t0 = time.perf_counter()
+        self.engine.train()
+        s = self.settings
+        with torch.no_grad():
+            old = policy_outputs(self.policy, batch, s.temperature, s.noise_level)
+            ref = None if self.reference is None else policy_outputs(self.reference, batch, s.temperature,
+                                                                     s.noise_level)
+        metrics = _behaviour_gap(batch, old)
+        n = batch.input_ids.shape[0]
+        chunks = torch.arange(n).chunk(max(1, min(self.cfg["mini_batches"], n)))
+        rows = []
+        for idx in chunks:
+            mb, mb_old = batch.select(idx), _select_outputs(old, batch, idx)
+            mb_ref = None if ref is None else _select_outputs(ref, batch, idx)
+            out = policy_outputs(self.policy, mb, s.temperature, s.noise_level)
+            loss, m = grpo_loss(out, mb_old, mb, s, mb_ref)
+            m["grad_norm"] = self._step(loss)
+            rows.append(m)
+        metrics.update(average_metrics(rows))
+        self.steps_done += 1
+        metrics["learn/time_s"] = time.perf_counter() - t0
+        return metrics
+
+    def sft_step(self, examples: list[dict]) -> dict[str, float]:
+        """Stage 1 on raw examples (see ``learner.sft``): text cross-entropy + flow matching + bridge."""
+        self.engine.train()
+        batch = sft_batch(self.policy, examples)
+        loss, m = sft_loss(self.policy, batch, self.sft_cfg["text_weight"], self.sft_cfg["flow_weight"],
+                           self.sft_generator)
+        m["sft/grad_norm"] = self._step(loss)
+        return m
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.policy.encode_image(pixels)
+
+    # ---- weights out -----------------------------------------------------------------------
+    def publish(self, bump: bool = True):
+        """Bucket the trainable weights into the sync backend; returns the WeightHandle (rank 0)."""
+        if bump:
+            self.version += 1
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            state = {k: v.detach().cpu() for k, v in self.policy.trainable_state_dict().items()}
+            return self.publisher.publish(self.version, state.items())
+
+    def save(self, directory: str) -> None:
+        """Weights as safetensors (rank 0), optimizer and engine state through DeepSpeed (all ranks)."""
+        d = Path(directory)
+        with self._gathered():
+            if self.rank == 0:
+                self.policy.save_pretrained(d / "policy")
+        self.engine.save_checkpoint(str(d / "deepspeed"), tag="state", exclude_frozen_parameters=True,
+                                    client_state={"version": self.version, "steps_done": self.steps_done})
+        if self.rank == 0:
+            torch_state = {"sft_generator": self.sft_generator.get_state().tolist()}
+            (d / "learner_rng.json").write_text(__import__("json").dumps(torch_state))
+
+    def load(self, directory: str) -> int:
+        import json
+
+        d = Path(directory)
+        _, client = self.engine.load_checkpoint(str(d / "deepspeed"), tag="state", load_module_strict=False)
+        if client is None:
+            raise RuntimeError(f"checkpoint {d}: DeepSpeed state could not be loaded")
+        self.version, self.steps_done = int(client["version"]), int(client["steps_done"])
+        rng = json.loads((d / "learner_rng.json").read_text())
+        self.sft_generator.set_state(torch.tensor(rng["sft_generator"], dtype=torch.uint8))
+        return self.version
+
+    def weights_digest(self) -> dict[str, float]:
+        """A few parameter sums, to check that workers hold the learner's weights."""
+        with self._gathered():
+            return {k: float(v.double().sum()) for k, v in list(self.policy.trainable_state_dict().items())[:4]}
+
+
+def _behaviour_gap(batch: TrainBatch, old: PolicyOutputs) -> dict[str, float]:
+    """How far the rollout's behaviour log-probs are from the learner's recomputation (should be ~0)."""
+    m = batch.loss_mask
+    out = {"learn/logp_gap_text": float((old.logp - batch.behaviour_logp)[m].abs().max()) if m.any() else 0.0}
+    if old.img_logp is not None:
+        out["learn/logp_gap_image"] = float((old.img_logp - batch.seg_log_probs).abs().max())
+    return out
+
+
+def _select_outputs(o: PolicyOutputs, batch: TrainBatch, rows: torch.Tensor) -> PolicyOutputs:
+    seg = torch.isin(batch.seg_rows, rows)
+    pick = lambda t: None if t is None else t[seg]  # noqa: E731
+    return PolicyOutputs(o.logp[rows], o.entropy[rows], pick(o.img_logp), pick(o.img_mean), pick(o.img_std))

@@ -1,0 +1,287 @@
+"""The driver loop: prompts -> rollout pool -> reward actor -> group advantages -> DeepSpeed learner ->
+weights back to the pool -> MLflow, with checkpoints. Stage 1 (SFT) runs first on the same learner."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from learner.advantage import group_advantages, zero_variance_groups
+from learner.batch import collate
+from learner.group import LearnerGroup
+from policy.build import build_tokenizer
+from policy.tokenizer import special_token_ids
+from reward.actor import make_reward_actor
+from rollout.interleaved import RolloutSettings
+from rollout.pool import PoolSpec, RolloutPool
+from services import checkpoint
+from services.config import RunConfig
+from services.evaluate import evaluate, request_of
+from services.tracking import Tracker, image_strip, plot_curves
+from tasks import build_dataset
+from tasks.items import format_prompt
+from tasks.sampler import PromptSampler
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(cfg: RunConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.resolved_address()
+    kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, **kw)
+        return
+    # A local cluster gets at least the logical CPUs the run's actors ask for (a small box oversubscribes
+    # its cores rather than deadlock on placement), plus room to scale the pool out.
+    r = cfg.rollout
+    need = (cfg.learner.num_workers * cfg.learner.num_cpus_per_worker + cfg.reward.num_cpus
+            + max(r.num_workers, r.autoscale.max_workers) * r.num_cpus_per_worker + 1)
+    ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need))), **kw)
+
+
+def rollout_settings(cfg: RunConfig) -> dict:
+    r, s = cfg.rollout, cfg.rollout.sde
+    return vars(RolloutSettings(
+        group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+        max_images=r.max_images, sde_steps=s.steps, sde_window=s.window, sde_window_position=s.window_position,
+        sde_window_start=s.window_start, sde_noise_level=s.noise_level))
+
+
+def worker_pool(cfg: RunConfig, n: int) -> RolloutPool:
+    r = cfg.rollout
+    spec = PoolSpec(
+        policy_cfg=cfg.model.model_dump(), settings=rollout_settings(cfg), engine=r.engine,
+        engine_kwargs=r.vllm.model_dump() if r.engine == "vllm" else None, sync_backend=cfg.learner.sync.backend,
+        recipe=cfg.recipe, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
+        custom_resource=cfg.cluster.rollout_resource if cfg.cluster.use_custom_resources else None,
+        sync_timeout_s=cfg.learner.sync.timeout_s)
+    return RolloutPool(spec, n)
+
+
+def _dataset(cfg: RunConfig, split: str, seed_offset: int = 0):
+    t = cfg.task
+    if t.name != "shapes_vqa":
+        return build_dataset(t.name, path=t.path, on_bad_row=t.on_bad_row)
+    return build_dataset(t.name, size=t.train_size if split == "train" else t.eval_size, seed=cfg.seed + seed_offset,
+                         split=split, image_size=t.image_size, degradations=t.degradations, severities=t.severities,
+                         degrade_prob=t.degrade_prob, question_types=t.question_types)
+
+
+def assemble(trajs, totals, components, cfg: RunConfig, learner_version: int):
+    """Drop NaN rewards and stale trajectories (counted), group advantages, handle zero-variance groups.
+    Returns (kept trajectories, advantages, metrics)."""
+    g, a = cfg.rollout.group_size, cfg.algorithm
+    for t, r in zip(trajs, totals):
+        t.reward = float(r)
+    m: dict[str, float] = {}
+    groups: dict[str, list] = {}
+    for t in trajs:
+        groups.setdefault(t.prompt_id, []).append(t)
+    kept, advs = [], []
+    n_nan = n_stale = n_zero = n_small = 0
+    for members in groups.values():
+        fresh = [t for t in members if learner_version - t.policy_version <= a.max_staleness]
+        n_stale += len(members) - len(fresh)
+        valid = [t for t in fresh if np.isfinite(t.reward)]
+        n_nan += len(fresh) - len(valid)
+        if len(valid) < 2:
+            n_small += 1
+            continue
+        r = torch.tensor([t.reward for t in valid])
+        if bool(zero_variance_groups(r, len(valid))[0]):
+            n_zero += 1
+            if a.zero_variance == "drop":
+                continue
+        kept += valid
+        advs.append(group_advantages(r, len(valid), scale=a.adv_scale))
+    for name, vals in components.items():
+        v = np.asarray(vals, dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = float(v.mean()), float(v.std())
+    tot = np.asarray(totals, dtype=float)
+    fin = tot[np.isfinite(tot)]
+    m.update({
+        "reward/total/mean": float(fin.mean()) if fin.size else float("nan"),
+        "reward/total/std": float(fin.std()) if fin.size else float("nan"),
+        "reward/nan_dropped": float(n_nan), "rollout/stale_dropped": float(n_stale),
+        "rollout/zero_variance_groups": float(n_zero), "rollout/groups_too_small": float(n_small),
+        "rollout/trigger_rate": float(np.mean([t.generated_image for t in trajs])),
+        "rollout/response_len": float(np.mean([t.response_len for t in trajs])),
+        "rollout/version_lag": float(np.mean([learner_version - t.policy_version for t in trajs])),
+    })
+    if "answer" in components:
+        m["accuracy"] = m.get("reward/answer/mean", float("nan"))
+    return kept, (torch.cat(advs) if advs else torch.zeros(0)), m
+
+
+class Run:
+    """One training run's actors and state."""
+
+    def __init__(self, cfg: RunConfig, resume: bool) -> None:
+        self.cfg = cfg
+        self.ckpt_root = Path(cfg.checkpoint.dir) / cfg.run_name
+        self.resume_dir = None
+        state = None
+        if resume:
+            self.resume_dir = checkpoint.latest(self.ckpt_root)
+            if self.resume_dir is None:
+                raise SystemExit(f"--resume: no complete checkpoint under {self.ckpt_root}")
+            state = checkpoint.load_state(self.resume_dir)
+        self.state = state
+        start_ray(cfg)
+        self.tracker = Tracker(cfg, run_id=state["mlflow_run_id"] if state else None)
+        self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
+        self.train_set = _dataset(cfg, "train")
+        self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, cfg.seed)
+        L = cfg.learner
+        self.learner = LearnerGroup(
+            cfg.model.model_dump(), L.model_dump(), cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed,
+            cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None)
+        self.learner._all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
+        self.reward = make_reward_actor([c.model_dump() for c in cfg.reward.components], num_cpus=cfg.reward.num_cpus)
+        self.pool = worker_pool(cfg, cfg.rollout.num_workers)
+        self.step = 0
+        self.version = 0
+
+    # ---- stage 1 ----------------------------------------------------------------------------
+    def sft(self) -> None:
+        s = self.cfg.sft
+        sampler = PromptSampler(self.train_set, s.batch_size, self.cfg.seed + 1)
+        self.learner._all("set_lr", s.lr)
+        bar = tqdm(range(s.steps), desc="stage 1 (SFT)", unit="step", dynamic_ncols=True)
+        for i in bar:
+            examples = [{"text": format_prompt(it), "image": it.image, "clean_image": it.meta["clean_image"],
+                         "answer": it.answer, "generate": int(it.meta.get("severity", 0)) > 0}
+                        for it in sampler.next_batch()]
+            m = self.learner.sft_step(examples)
+            if i % 10 == 0 or i == s.steps - 1:
+                self.tracker.log_metrics(m, i)
+                bar.set_postfix(ce=f"{m['sft/text_ce']:.3f}", fm=f"{m.get('sft/flow_mse', 0):.3f}")
+        self.learner._all("set_lr", self.cfg.learner.lr)
+
+    # ---- stage 2 ----------------------------------------------------------------------------
+    def publish_and_sync(self, bump: bool = True) -> float:
+        handle = self.learner.publish(bump)
+        self.version = handle.version
+        return self.pool.sync(handle)
+
+    def rl_step(self, prefetched=None) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if prefetched is None:
+            items = self.sampler.next_batch()
+            trajs = self.pool.generate([request_of(i) for i in items], cfg.seed * 100003 + self.step)
+        else:
+            items, trajs = prefetched
+        t1 = time.perf_counter()
+        totals, comps = ray.get(self.reward.score_values.remote(trajs))
+        t2 = time.perf_counter()
+        kept, adv, m = assemble(trajs, totals, comps, cfg, self.version)
+        nxt = None
+        if cfg.algorithm.mode == "async" and self.step + 1 < cfg.algorithm.steps:
+            nxt_items = self.sampler.next_batch()
+            ex = cf.ThreadPoolExecutor(1)
+            nxt = (nxt_items, ex.submit(self.pool.generate, [request_of(i) for i in nxt_items],
+                                        cfg.seed * 100003 + self.step + 1))
+        if kept:
+            m.update(self.learner.train_step(collate(kept, adv, self.pad_id)))
+        m["learn/trained_samples"] = float(len(kept))
+        t3 = time.perf_counter()
+        if nxt is not None:
+            nxt = (nxt[0], nxt[1].result())
+        t4 = time.perf_counter()
+        m["time/sync_s"] = self.publish_and_sync()
+        t5 = time.perf_counter()
+        m.update({"time/rollout_s": t1 - t0 + (t4 - t3), "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
+                  "time/step_s": t5 - t0, "samples_per_s": len(trajs) / (t5 - t0), "policy_version": self.version})
+        m.update(self.pool.metrics())
+        self.step += 1
+        if cfg.tracking.log_images_every and self.step % cfg.tracking.log_images_every == 0:
+            self.log_samples(items, trajs)
+        return m, nxt
+
+    def log_samples(self, items, trajs) -> None:
+        """Degraded input | generated restoration | clean source, for a trajectory that generated."""
+        by_id = {i.prompt_id: i for i in items}
+        shown = [t for t in trajs if t.generated_image][:4]
+        for k, t in enumerate(shown):
+            item = by_id[t.prompt_id]
+            pix = self.pool.call("decode", t.images[0].final_latent[None])[0]
+            gen = (pix.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            self.tracker.log_image(image_strip([item.image, gen, item.meta["clean_image"]]),
+                                   f"samples/step_{self.step:05d}_{k}.png")
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(), "policy_version": self.version,
+                 "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name}
+        return checkpoint.save(self.ckpt_root, self.step, state, lambda d: self.learner._all("save", d),
+                               self.cfg.checkpoint.keep)
+
+    def restore(self) -> None:
+        self.learner._all("load", str(self.resume_dir))
+        self.sampler.load_state_dict(self.state["sampler"])
+        checkpoint.restore_rng(self.state["rng"])
+        self.step = int(self.state["step"])
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        self.learner.shutdown()
+        ray.kill(self.reward)
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Run stage 1 (unless resuming past it) and stage 2 to ``algorithm.steps``; returns a summary."""
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg, resume)
+    summary: dict = {"run_id": run.tracker.run_id}
+    status = "FAILED"
+    try:
+        if resume:
+            run.restore()
+        else:
+            if cfg.sft.enabled and cfg.sft.steps:
+                run.sft()
+            run.learner._all("snapshot_reference")
+        run.publish_and_sync(bump=not resume)
+        if not resume:
+            stage1 = evaluate(run.pool, cfg)
+            run.tracker.log_metrics(stage1, 0)
+            summary["stage1"] = stage1
+        bar = tqdm(range(run.step, cfg.algorithm.steps), desc="stage 2 (GRPO)", unit="step", dynamic_ncols=True)
+        prefetched = None
+        for _ in bar:
+            m, prefetched = run.rl_step(prefetched)
+            run.tracker.log_metrics(m, run.step)
+            bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", step_s=f"{m['time/step_s']:.1f}")
+            if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
+                run.save()
+        final = evaluate(run.pool, cfg)
+        run.tracker.log_metrics(final, run.step)
+        summary["final"] = final
+        _curves(run)
+        status = "FINISHED"
+    finally:
+        run.tracker.end(status)
+        run.shutdown()
+    summary["steps"] = run.step
+    return summary
+
+
+def _curves(run: Run) -> None:
+    out = Path("runs") / run.cfg.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    series = {k: run.tracker.history(k) for k in ("reward/total/mean", "accuracy")}
+    fig = plot_curves(series, f"{run.cfg.run_name}: reward during GRPO", out / "reward_curve.png")
+    run.tracker.log_figure(fig, "plots/reward_curve.png")

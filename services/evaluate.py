@@ -1,0 +1,88 @@
+"""Evaluation: answer accuracy on held-out images, clean and per degradation severity, with the
+generation trigger rate and time per sample (greedy decoding through the rollout pool)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from reward.answer import answer_reward
+from services.config import RunConfig
+from tasks import build_dataset
+from tasks.items import PromptItem, format_prompt
+
+
+def request_of(item: PromptItem) -> dict:
+    """A rollout request from a task item; the reward meta travels with it."""
+    meta = {"answer": item.answer, "choices": item.choices, "answer_type": "choice" if item.choices else None,
+            "severity": int(item.meta.get("severity", 0)), "degradation": item.meta.get("degradation", "none")}
+    return {"prompt_id": item.prompt_id, "text": format_prompt(item), "image": item.image, "meta": meta}
+
+
+def eval_sets(cfg: RunConfig, severities: list[int] | None = None) -> dict[str, list[PromptItem]]:
+    """The held-out split, clean and at each severity (every image degraded)."""
+    t = cfg.task
+    common = dict(size=t.eval_size, seed=cfg.seed, split="eval", image_size=t.image_size,
+                  degradations=t.degradations, question_types=t.question_types)
+    sets = {"clean": list(build_dataset(t.name, **common, severities=[1], degrade_prob=0.0))}
+    for s in severities or [3]:
+        sets[f"severity{s}"] = list(build_dataset(t.name, **common, severities=[s], degrade_prob=1.0))
+    return sets
+
+
+def accuracy(pool, items: list[PromptItem], seed: int = 0) -> dict[str, float]:
+    t0 = time.perf_counter()
+    trajs = pool.generate([request_of(i) for i in items], seed, {"group_size": 1, "temperature": 0.0})
+    dt = time.perf_counter() - t0
+    correct = [answer_reward(t.response_text, t.meta) for t in trajs]
+    return {"accuracy": sum(correct) / len(correct), "trigger_rate": sum(t.generated_image for t in trajs) / len(trajs),
+            "time_per_sample_s": dt / len(trajs)}
+
+
+def evaluate(pool, cfg: RunConfig, severities: list[int] | None = None) -> dict[str, float]:
+    """Flat metrics: eval/<set>/<metric> for clean and each severity."""
+    out = {}
+    for name, items in eval_sets(cfg, severities).items():
+        for k, v in accuracy(pool, items, cfg.seed).items():
+            out[f"eval/{name}/{k}"] = v
+    return out
+
+
+def run_eval(cfg: RunConfig, checkpoint: str, benchmark: str | None = None, out_dir: str | None = None) -> int:
+    """``unigrpo eval``: a checkpoint's accuracy on clean and each severity -> JSON, PNG bar chart, MLflow."""
+    import ray
+
+    from services.driver import start_ray, worker_pool
+    from services.tracking import Tracker, plot_bars
+
+    if benchmark not in (None, "degradation"):
+        raise SystemExit(f"eval: benchmark {benchmark!r} is not available in this build")
+    start_ray(cfg)
+    policy_dir = Path(checkpoint) / "policy" if (Path(checkpoint) / "policy").is_dir() else Path(checkpoint)
+    pool = worker_pool(cfg, 1)
+    pool.sync(_publish_dir(policy_dir))
+    metrics = evaluate(pool, cfg, [1, 2, 3])
+    out = Path(out_dir or "eval_out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    bars = {k.split("/")[1]: v for k, v in metrics.items() if k.endswith("/accuracy")}
+    plot_bars(bars, "accuracy by severity", out / "eval.png")
+    tracker = Tracker(cfg)
+    tracker.log_metrics(metrics, 0)
+    tracker.log_file(out / "eval.json", "eval")
+    tracker.log_file(out / "eval.png", "eval")
+    tracker.end()
+    pool.shutdown()
+    ray.shutdown()
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _publish_dir(policy_dir: Path):
+    """Publish a saved policy's trainable weights through the object store (version 1)."""
+    from learner.weight_sync import make_publisher
+    from policy.model import UnifiedPolicy
+
+    policy = UnifiedPolicy.from_pretrained(policy_dir)
+    return make_publisher("object_store").publish(1, policy.trainable_state_dict().items())

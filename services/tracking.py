@@ -1,0 +1,112 @@
+"""MLflow tracking from the driver alone: one run per training (resumed runs continue it), the flattened
+config as params, per-step metrics, images and plots as artifacts."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from services.config import RunConfig, flatten, to_yaml
+
+
+class Tracker:
+    def __init__(self, cfg: RunConfig, run_id: str | None = None) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        self.uri = cfg.tracking.resolved_uri()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name)
+        self.run_id = self.run.info.run_id
+        if run_id is None:
+            params = flatten(cfg)
+            for i in range(0, len(params), 90):  # MLflow takes at most 100 params per batch
+                mlflow.log_params(dict(list(params.items())[i : i + 90]))
+            mlflow.log_text(to_yaml(cfg), "config/resolved.yaml")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k.replace(":", "_"): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def log_image(self, image: np.ndarray, path: str) -> None:
+        mlflow.log_image(image, path)
+
+    def log_figure(self, fig, path: str) -> None:
+        mlflow.log_figure(fig, path)
+
+    def log_dict(self, d: dict, path: str) -> None:
+        mlflow.log_dict(d, path)
+
+    def log_file(self, local: str | Path, artifact_dir: str | None = None) -> None:
+        mlflow.log_artifact(str(local), artifact_dir)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        client = mlflow.tracking.MlflowClient(self.uri)
+        return sorted((m.step, m.value) for m in client.get_metric_history(self.run_id, key))
+
+    def end(self, status: str = "FINISHED") -> None:
+        mlflow.end_run(status=status)
+
+
+def image_strip(images: list[np.ndarray], scale: int = 4) -> np.ndarray:
+    """Side-by-side uint8 (H, W, 3) images, upscaled (nearest) so tiny images stay visible."""
+    tiles = [np.kron(im, np.ones((scale, scale, 1), dtype=np.uint8)) for im in images]
+    gap = np.full((tiles[0].shape[0], 2 * scale, 3), 255, dtype=np.uint8)
+    parts = []
+    for t in tiles:
+        parts += [t, gap]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+def plot_curves(series: dict[str, list[tuple[int, float]]], title: str, out_png: str | Path):
+    """A PNG line plot of metric histories; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=name, marker="o" if len(points) < 30 else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    return fig
+
+
+def plot_bars(values: dict[str, float], title: str, out_png: str | Path):
+    """A PNG bar chart (accuracy per severity, ...); returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    ax.bar(list(values), list(values.values()), color="#4c72b0")
+    for i, v in enumerate(values.values()):
+        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    return fig
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
