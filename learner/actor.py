@@ -187,9 +187,9 @@ class LearnerWorker:
         return self.version
 
     def weights_digest(self) -> dict[str, float]:
-        """A few parameter sums, to check that workers hold the learner's weights."""
+        """Parameter sums, to check that workers hold the learner's weights."""
         with self._gathered():
-            return {k: float(v.double().sum()) for k, v in list(self.policy.trainable_state_dict().items())[:4]}
+            return self.policy.weights_digest()
 
 
 def _behaviour_gap(batch: TrainBatch, old: PolicyOutputs) -> dict[str, float]:

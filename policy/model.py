@@ -282,6 +282,11 @@ class UnifiedPolicy(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
     @torch.no_grad()
+    def weights_digest(self) -> dict[str, float]:
+        """Per-tensor float64 sums of the trainable weights: a cheap check that two replicas agree."""
+        return {k: float(v.double().sum()) for k, v in self.trainable_state_dict().items()}
+
+    @torch.no_grad()
     def load_trainable(
         self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
     ) -> int:

@@ -64,6 +64,9 @@ class RolloutWorker:
         with torch.no_grad():
             return self.policy.decode_latent(latents)
 
+    def weights_digest(self) -> dict[str, float]:
+        return self.policy.weights_digest()
+
     def version(self) -> int:
         return self.policy_version
 

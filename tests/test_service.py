@@ -1,0 +1,144 @@
+"""The training service end to end on real components: a local Ray cluster, DeepSpeed on CPU, MLflow on a
+temporary SQLite file. Runs are tiny (a few SFT and GRPO steps)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from services import checkpoint
+from services.config import load_config
+from services.driver import Run, train
+from services.evaluate import request_of
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "sft.steps=4", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
+    "rollout.group_size=4", "rollout.max_new_tokens=12", "tracking.log_images_every=1", "checkpoint.every=2",
+]
+
+
+def _cfg(tmp_path, name: str, *extra: str):
+    return load_config(None, [*TINY, f"run_name={name}", f"checkpoint.dir={tmp_path}/ckpt",
+                              f"tracking.uri=sqlite:///{tmp_path}/{name}.db", *extra])
+
+
+@pytest.fixture(autouse=True)
+def _ray_down():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _metric(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    c = mlflow.tracking.MlflowClient(uri)
+    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+
+
+def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, "e2e", "algorithm.steps=2")
+    summary = train(cfg)
+    uri = cfg.tracking.resolved_uri()
+    rid = summary["run_id"]
+    assert summary["steps"] == 2
+    for key in ("reward/total/mean", "reward/answer/mean", "reward/format/mean", "accuracy", "rollout/trigger_rate",
+                "time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s", "samples_per_s",
+                "rollout/version_lag", "pool/size", "sft/text_ce"):
+        assert _metric(uri, rid, key), key
+    assert [s for s, _ in _metric(uri, rid, "reward/total/mean")] == [1, 2]
+    assert _metric(uri, rid, "eval/severity3/accuracy")
+    client = mlflow.tracking.MlflowClient(uri)
+    arts = {a.path for a in client.list_artifacts(rid)} | {a.path for d in ("samples", "plots", "config")
+                                                           for a in client.list_artifacts(rid, d)}
+    assert "config/resolved.yaml" in arts and "plots/reward_curve.png" in arts
+    assert any(p.startswith("samples/") and p.endswith(".png") for p in arts)
+    assert (tmp_path / "runs" / "e2e" / "reward_curve.png").stat().st_size > 1000
+
+
+def test_weights_reach_workers_and_killed_worker_loses_no_group(tmp_path):
+    cfg = _cfg(tmp_path, "sync", "algorithm.steps=1")
+    run = Run(cfg, resume=False)
+    try:
+        run.publish_and_sync()
+        m, _ = run.rl_step()
+        assert m["policy_version"] == 2
+        learner = run.learner.call("weights_digest")
+        for wid in run.pool.health.schedulable():
+            assert ray.get(run.pool.actor(wid).version.remote()) == 2
+            worker = ray.get(run.pool.actor(wid).weights_digest.remote())
+            assert worker.keys() == learner.keys()
+            assert all(abs(worker[k] - learner[k]) <= 1e-6 * (1 + abs(learner[k])) for k in learner)
+
+        items = run.sampler.next_batch()
+        requests = [request_of(i) for i in items]
+        # the worker dies inside the step: the pool still counts it healthy when it hands out prompts
+        ray.kill(run.pool.actor(run.pool.health.schedulable()[0]), no_restart=True)
+        trajs = run.pool.generate(requests, seed=5)
+        got = sorted((tr.prompt_id, tr.group_index) for tr in trajs)
+        want = sorted((r["prompt_id"], g) for r in requests for g in range(cfg.rollout.group_size))
+        assert got == want  # every group, once
+        assert run.pool.health.failures >= 1 and run.pool.health.restarts >= 1
+        assert len(run.pool.health.schedulable()) == cfg.rollout.num_workers
+        assert all(tr.policy_version == 2 for tr in trajs)
+    finally:
+        run.tracker.end()
+        run.shutdown()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    full = train(_cfg(tmp_path / "a", "full", "algorithm.steps=4"))
+    ray.shutdown()
+    train(_cfg(tmp_path / "b", "split", "algorithm.steps=2"))
+    ray.shutdown()
+    resumed_cfg = _cfg(tmp_path / "b", "split", "algorithm.steps=4")
+    resumed = train(resumed_cfg, resume=True)
+    assert resumed["steps"] == 4
+    a = checkpoint.latest(tmp_path / "a" / "ckpt" / "full")
+    b = checkpoint.latest(tmp_path / "b" / "ckpt" / "split")
+    assert a.name == b.name == "step-000004"
+    for sub in ("lm", "generator"):
+        wa = load_file(next((a / "policy" / sub).glob("*.safetensors")))
+        wb = load_file(next((b / "policy" / sub).glob("*.safetensors")))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert (wa[k] - wb[k]).abs().max() <= 1e-6, k
+    ua, ub = _cfg(tmp_path / "a", "full").tracking.resolved_uri(), resumed_cfg.tracking.resolved_uri()
+    ma = dict(_metric(ua, full["run_id"], "reward/total/mean"))
+    mb = dict(_metric(ub, resumed["run_id"], "reward/total/mean"))
+    assert resumed["run_id"] == checkpoint.load_state(b)["mlflow_run_id"]
+    assert sorted(mb) == [1, 2, 3, 4]  # the resumed run continued the same MLflow run
+    assert ma[4] == pytest.approx(mb[4], abs=1e-6)
+    la = dict(_metric(ua, full["run_id"], "loss"))
+    lb = dict(_metric(ub, resumed["run_id"], "loss"))
+    assert la[4] == pytest.approx(lb[4], abs=1e-5)
+
+
+def test_resume_rejects_partial_checkpoint(tmp_path):
+    d = tmp_path / "ckpt" / "x" / "step-000002"
+    d.mkdir(parents=True)
+    (d / "state.json").write_text("{}")
+    assert checkpoint.latest(tmp_path / "ckpt" / "x") is None
+    with pytest.raises(checkpoint.CheckpointError, match="partial"):
+        checkpoint.load_state(d)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("rollout.bogus=1", "rollout.bogus"),
+    ("rollout.group_size=many", "rollout.group_size"),
+    ("rollout.prompts_per_step=-3", "rollout.prompts_per_step"),
+    ("model.lm_path=/does/not/exist", "model.lm_path"),
+])
+def test_bad_config_exits_2_naming_the_field(override, field):
+    p = subprocess.run([sys.executable, "-m", "services.cli", "train", "--set", override],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in p.stderr
