@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from learner.batch import TrainBatch, average_metrics
-from learner.sft import sft_batch
 from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
+from learner.sft import sft_batch
 from learner.weight_sync import make_publisher
 from policy.config import PolicyConfig
 from policy.model import UnifiedPolicy
@@ -137,7 +137,7 @@ class LearnerWorker:
     def sft_step(self, examples: list[dict]) -> dict[str, float]:
         """Stage 1 on raw examples (see ``learner.sft``): text cross-entropy + flow matching + bridge."""
         self.engine.train()
-        batch = sft_batch(self.policy, examples)
+        batch = sft_batch(self.policy, examples, self.sft_cfg.get("sde_steps", 8), self.sft_generator)
         loss, m = sft_loss(self.policy, batch, self.sft_cfg["text_weight"], self.sft_cfg["flow_weight"],
                            self.sft_generator)
         m["sft/grad_norm"] = self._step(loss)

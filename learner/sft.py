@@ -1,9 +1,11 @@
 """Stage-1 (CLEAR) supervised examples: generate-then-answer targets on degraded images.
 
-A degraded image's target is ``<gen> [slot: clean latent] <answer>X</answer>``: the model learns to
-trigger generation, the generator learns (flow matching, conditioned on the context up to <gen>) to
-restore the clean latent, and the bridge carries that latent into the answer. A clean image's target is
-the answer alone, so the model learns when generation is worth it.
+A degraded image's target is ``<gen> [slot] <answer>X</answer>``: the model learns to trigger generation,
+the generator learns (flow matching, conditioned on the context up to <gen>) to restore the clean latent,
+and the answer is read from the degraded input and, through the bridge, the slot. The slot holds the
+model's OWN generation (Euler sampling, no gradient), as at rollout time: teacher-forcing the clean latent
+there teaches an answer path that rollouts never see. A clean image's target is the answer alone, so the
+model learns when generation is worth it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from learner.batch import TrainBatch, collate
 from policy.prompting import encode_prompt, encode_target
+from policy.sde import flow_sigmas, sample_ode
 from policy.trajectory import ImageSegment, Trajectory
 
 
@@ -21,26 +24,47 @@ def _pixels(images: list[np.ndarray]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sft_batch(policy, examples: list[dict]) -> TrainBatch:
+def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tensor, steps: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Latents the policy generates (ODE) from each context (ending in <gen>) with one input image each."""
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), policy.token_ids["pad"], dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, c in enumerate(contexts):
+        ids[i, : len(c)], attn[i, : len(c)] = torch.tensor(c), 1
+    _, hidden = policy.lm_forward(ids, attn, input_latents)
+    enc, pooled = policy.condition(hidden, torch.tensor([len(c) for c in contexts]))
+    noise = torch.randn((len(contexts), *policy.latent_shape), generator=generator)
+    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise, flow_sigmas(steps))
+
+
+@torch.no_grad()
+def sft_batch(policy, examples: list[dict], steps: int = 8, generator: torch.Generator | None = None) -> TrainBatch:
     """examples: {text, image (H,W,3 uint8), clean_image, answer, generate: bool}."""
     tok, n = policy.tokenizer, policy.n_image_tokens
     degraded = policy.encode_image(_pixels([e["image"] for e in examples]))
     clean = policy.encode_image(_pixels([e["clean_image"] for e in examples]))
+    prompts = [encode_prompt(tok, e["text"], n) for e in examples]
+    gen_rows = [i for i, e in enumerate(examples) if e["generate"]]
+    own = {}
+    if gen_rows:
+        made = own_generations(policy, [prompts[i] + [policy.token_ids["gen"]] for i in gen_rows],
+                               degraded[gen_rows], steps, generator)
+        own = {i: made[j : j + 1] for j, i in enumerate(gen_rows)}
     trajs = []
     for i, e in enumerate(examples):
-        prompt = encode_prompt(tok, e["text"], n)
         target, mask = encode_target(tok, e["answer"], n, e["generate"])
-        ids = torch.tensor(prompt + target, dtype=torch.long)
+        ids = torch.tensor(prompts[i] + target, dtype=torch.long)
         slots, images = degraded[i : i + 1], []
         if e["generate"]:
-            slots = torch.cat([slots, clean[i : i + 1]])
+            slots = torch.cat([slots, own[i]])
             empty = clean.new_zeros((0, *clean.shape[1:]))
-            images = [ImageSegment(cond_end=len(prompt) + 1, latents=empty, next_latents=empty,
+            images = [ImageSegment(cond_end=len(prompts[i]) + 1, latents=empty, next_latents=empty,
                                    sigmas=torch.zeros(0), sigma_nexts=torch.zeros(0), log_probs=torch.zeros(0),
-                                   final_latent=clean[i])]
+                                   final_latent=clean[i])]  # the flow-matching target
         trajs.append(Trajectory(
-            prompt_id=str(i), group_index=0, input_ids=ids, prompt_len=len(prompt),
-            loss_mask=torch.tensor([False] * len(prompt) + mask), behaviour_logp=torch.zeros(len(ids)),
+            prompt_id=str(i), group_index=0, input_ids=ids, prompt_len=len(prompts[i]),
+            loss_mask=torch.tensor([False] * len(prompts[i]) + mask), behaviour_logp=torch.zeros(len(ids)),
             slot_latents=slots, images=images,
         ))
     return collate(trajs, torch.zeros(len(trajs)), policy.token_ids["pad"])

@@ -80,6 +80,15 @@ def euler_step(
     return x + velocity * (_per_sample(sigma_next, x) - _per_sample(sigma, x))
 
 
+@torch.no_grad()
+def sample_ode(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Plain Euler sampling over the whole schedule (no recorded window)."""
+    x = noise
+    for k in range(sigmas.shape[0] - 1):
+        x = euler_step(x, velocity_fn(x, sigmas[k].expand(x.shape[0]).to(x)), sigmas[k], sigmas[k + 1])
+    return x
+
+
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """K+1 sigmas from 1 to 0; ``shift`` warps them as SD3 does: s' = shift*s / (1 + (shift-1)*s)."""
     if steps < 1:

@@ -100,8 +100,9 @@ class TaskConfig(_Section):
     severities: list[Annotated[int, Field(ge=1, le=3)]] = Field(default_factory=lambda: [1, 2, 3])
     degrade_prob: Prob = 0.75
     # A list (equal weights) or name -> sampling weight. shapes_vqa knows color, shape, count, position.
+    shuffle_choices: bool = False  # fixed choice order keeps the tiny default learnable in minutes
     question_types: list[str] | dict[str, NonNegFloat] = Field(
-        default_factory=lambda: {"color": 0.55, "shape": 0.15, "count": 0.15, "position": 0.15}
+        default_factory=lambda: {"color": 0.7, "shape": 0.1, "count": 0.1, "position": 0.1}
     )
     on_bad_row: Literal["stop", "skip"] = "stop"
 
@@ -280,7 +281,7 @@ Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 class LearnerConfig(_Section):
     num_workers: PosInt = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 3e-4
+    lr: PosFloat = 2e-4
     weight_decay: NonNegFloat = 0.0
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0
@@ -303,7 +304,7 @@ class LearnerConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- algorithm
 class AlgorithmConfig(_Section):
-    steps: PosInt = 40
+    steps: PosInt = 120
     mode: Literal["sync", "async"] = "sync"
     max_staleness: NonNegInt = 1
     adv_scale: Literal["std", "none"] = "std"
@@ -321,9 +322,9 @@ class AlgorithmConfig(_Section):
 
 class SFTConfig(_Section):
     enabled: bool = True
-    steps: NonNegInt = 300
+    steps: NonNegInt = 400
     batch_size: PosInt = 32
-    lr: PosFloat = 1e-3
+    lr: PosFloat = 2e-3
     flow_weight: NonNegFloat = 1.0
     text_weight: NonNegFloat = 1.0
 
@@ -332,7 +333,7 @@ class SFTConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None
     experiment: Annotated[str, Field(min_length=1)] = "unigrpo"
-    log_images_every: NonNegInt = 10
+    log_images_every: NonNegInt = 20
 
     def resolved_uri(self, cwd: str | os.PathLike[str] | None = None) -> str:
         """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
@@ -347,7 +348,7 @@ class TrackingConfig(_Section):
 
 class CheckpointConfig(_Section):
     dir: Annotated[str, Field(min_length=1)] = "checkpoints"
-    every: NonNegInt = 10
+    every: NonNegInt = 20
     keep: PosInt = 2
 
 

@@ -74,13 +74,14 @@ def _dataset(cfg: RunConfig, split: str, seed_offset: int = 0):
         return build_dataset(t.name, path=t.path, on_bad_row=t.on_bad_row)
     return build_dataset(t.name, size=t.train_size if split == "train" else t.eval_size, seed=cfg.seed + seed_offset,
                          split=split, image_size=t.image_size, degradations=t.degradations, severities=t.severities,
-                         degrade_prob=t.degrade_prob, question_types=t.question_types)
+                         degrade_prob=t.degrade_prob, question_types=t.question_types,
+                         shuffle_choices=t.shuffle_choices)
 
 
 def assemble(trajs, totals, components, cfg: RunConfig, learner_version: int):
     """Drop NaN rewards and stale trajectories (counted), group advantages, handle zero-variance groups.
     Returns (kept trajectories, advantages, metrics)."""
-    g, a = cfg.rollout.group_size, cfg.algorithm
+    a = cfg.algorithm
     for t, r in zip(trajs, totals):
         t.reward = float(r)
     m: dict[str, float] = {}

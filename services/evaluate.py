@@ -24,7 +24,8 @@ def eval_sets(cfg: RunConfig, severities: list[int] | None = None) -> dict[str, 
     """The held-out split, clean and at each severity (every image degraded)."""
     t = cfg.task
     common = dict(size=t.eval_size, seed=cfg.seed, split="eval", image_size=t.image_size,
-                  degradations=t.degradations, question_types=t.question_types)
+                  degradations=t.degradations, question_types=t.question_types,
+                         shuffle_choices=t.shuffle_choices)
     sets = {"clean": list(build_dataset(t.name, **common, severities=[1], degrade_prob=0.0))}
     for s in severities or [3]:
         sets[f"severity{s}"] = list(build_dataset(t.name, **common, severities=[s], degrade_prob=1.0))
