@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from policy.bridge import positions_from_mask
+from policy.model import copy_named_tensors
 from policy.tokenizer import build_tiny_tokenizer, special_token_ids
 
 TINY_TEXT: dict[str, Any] = {
@@ -264,20 +265,9 @@ class JanusPolicy(nn.Module):
         skip = "model.model.vqmodel."
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
-    @torch.no_grad()
     def load_trainable(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy tensors in place; unknown names or shape mismatches raise. Returns the count."""
-        own = self.trainable_state_dict()
-        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        n = 0
-        for name, t in items:
-            if name not in own:
-                raise KeyError(f"load_trainable: unknown tensor {name!r}")
-            if own[name].shape != t.shape:
-                raise ValueError(f"load_trainable: {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
-            own[name].copy_(t)
-            n += 1
-        return n
+        return copy_named_tensors(self.trainable_state_dict(), named_tensors)
 
 
 def text_image_sequence(policy: JanusPolicy, prompt: list[int], codes: torch.Tensor

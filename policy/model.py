@@ -154,9 +154,10 @@ class UnifiedPolicy(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         past_key_values=None,
+        use_cache: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """One cached LM call. ``attention_mask`` covers past + new tokens (B, P+T); positions default
-        to ``cumsum(mask) - 1`` of the new tokens. Returns (logits (B,T,V), hidden (B,T,H), cache)."""
+        """One LM call on embeddings. ``attention_mask`` covers past + new tokens (B, P+T); positions
+        default to ``cumsum(mask) - 1`` of the new tokens. Returns (logits (B,T,V), hidden (B,T,H), cache)."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
         out = self.lm.base_model(
@@ -164,7 +165,7 @@ class UnifiedPolicy(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
-            use_cache=True,
+            use_cache=use_cache or past_key_values is not None,
         )
         hidden = out.last_hidden_state
         return self.lm.get_output_embeddings()(hidden), hidden, out.past_key_values
@@ -179,17 +180,9 @@ class UnifiedPolicy(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B,T,V), last hidden (B,T,H)); positions from the mask. A passed cache is updated
         in place (``attention_mask`` then covers past + new tokens)."""
-        emb = self.embed(input_ids, slot_latents)
-        positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
-        out = self.lm.base_model(
-            inputs_embeds=emb,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=past_key_values,
-            use_cache=use_cache or past_key_values is not None,
-        )
-        hidden = out.last_hidden_state
-        return self.lm.get_output_embeddings()(hidden), hidden
+        logits, hidden, _ = self.lm_step(self.embed(input_ids, slot_latents), attention_mask,
+                                         past_key_values=past_key_values, use_cache=use_cache)
+        return logits, hidden
 
     def token_logprobs(
         self,
@@ -286,21 +279,25 @@ class UnifiedPolicy(nn.Module):
         """Per-tensor float64 sums of the trainable weights: a cheap check that two replicas agree."""
         return {k: float(v.double().sum()) for k, v in self.trainable_state_dict().items()}
 
-    @torch.no_grad()
     def load_trainable(
         self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
     ) -> int:
         """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count."""
-        own = self.trainable_state_dict()
-        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        n = 0
-        for name, tensor in items:
-            if name not in own:
-                raise KeyError(f"load_trainable: unknown tensor {name!r}")
-            if own[name].shape != tensor.shape:
-                raise ValueError(
-                    f"load_trainable: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
-                )
-            own[name].copy_(tensor)
-            n += 1
-        return n
+        return copy_named_tensors(self.trainable_state_dict(), named_tensors)
+
+
+@torch.no_grad()
+def copy_named_tensors(
+    own: dict[str, torch.Tensor], named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+) -> int:
+    """Copy (name, tensor) pairs into ``own`` in place; unknown names or shape mismatches raise."""
+    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+    n = 0
+    for name, tensor in items:
+        if name not in own:
+            raise KeyError(f"load_trainable: unknown tensor {name!r}")
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"load_trainable: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+        own[name].copy_(tensor)
+        n += 1
+    return n
