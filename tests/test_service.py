@@ -146,3 +146,20 @@ def test_bad_config_exits_2_naming_the_field(override, field):
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.strip().splitlines() if ln]
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("staleness", [1, 0])
+def test_async_mode_bounds_staleness(tmp_path, monkeypatch, staleness):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, f"async{staleness}", "algorithm.steps=3", "algorithm.mode=async",
+               f"algorithm.max_staleness={staleness}", "checkpoint.every=0", "tracking.log_images_every=0")
+    summary = train(cfg)
+    uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
+    lag = dict(_metric(uri, rid, "rollout/version_lag"))
+    stale = dict(_metric(uri, rid, "rollout/stale_dropped"))
+    assert lag[1] == 0 and lag[2] == 1 and lag[3] == 1  # steps 2.. were sampled while the learner worked
+    n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if staleness == 1:
+        assert all(v == 0 for v in stale.values())
+    else:
+        assert stale[1] == 0 and stale[2] == n and stale[3] == n
