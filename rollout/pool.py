@@ -81,13 +81,22 @@ class RolloutPool:
             self._load(wid)
         return wid
 
-    def _load(self, wid: int) -> None:
+    def _load(self, wid: int, attempt: int = 1) -> None:
+        """The current weights into worker ``wid`` (STALE -> HEALTHY); a worker that dies meanwhile is
+        replaced (up to ``max_attempts`` times)."""
         m = self.members[wid]
-        version = ray.get(m.actor.update_weights.remote(self.handle, self.spec.sync_timeout_s),
-                          timeout=self.spec.sync_timeout_s + 30)
+        try:
+            version = ray.get(m.actor.update_weights.remote(self.handle, self.spec.sync_timeout_s),
+                              timeout=self.spec.sync_timeout_s + 30)
+        except WORKER_LOST:
+            self.health.call_failed(wid)
+            if attempt >= self.spec.max_attempts:
+                raise
+            self._replace(wid, attempt + 1)
+            return
         self.health.weights_loaded(wid, version)
 
-    def _replace(self, wid: int) -> None:
+    def _replace(self, wid: int, attempt: int = 1) -> None:
         """A dead worker gets a fresh actor in its placement group and the current weights."""
         m = self.members[wid]
         self.health.restart_started(wid)
@@ -95,17 +104,26 @@ class RolloutPool:
         m.actor = self._spawn(wid, m.pg)
         self.health.restart_done(wid)
         if self.handle is not None:
-            self._load(wid)
+            self._load(wid, attempt)
 
-    def _remove(self, wid: int) -> None:
+    def _remove(self, wid: int, drain_timeout_s: float = 600.0) -> None:
+        """A DRAINING worker finishes what it has queued (its calls run in order, so a no-op call returns
+        after them), then goes with its placement group."""
         m = self.members.pop(wid)
+        try:
+            ray.get(m.actor.version.remote(), timeout=drain_timeout_s)
+        except WORKER_LOST:
+            self.health.call_failed(wid)  # died while draining: nothing left to finish
+        except ray.exceptions.GetTimeoutError:
+            log.warning("rollout worker %d did not drain in %.0f s; removing it", wid, drain_timeout_s)
         ray.kill(m.actor, no_restart=True)
         remove_placement_group(m.pg)
         self.health.drained(wid)
 
     def scale(self, n: int) -> None:
-        """Grow (new workers get weights before prompts) or shrink (removed workers are idle here:
-        the driver scales between steps, so their in-flight work has finished)."""
+        """Grow (each new worker: own placement group, STALE until it has loaded the current weights, so
+        it gets no prompt before) or shrink (the newest workers are drained: they finish queued calls,
+        then go). The driver scales between steps."""
         if n < 1:
             raise ValueError(f"rollout pool size must be >= 1, got {n}")
         while len(self.members) < n:
@@ -174,9 +192,17 @@ class RolloutPool:
         return sorted(trajs, key=lambda t: (order[t.prompt_id], t.group_index))
 
     def call(self, method: str, *args):
-        """Run a method on the first schedulable worker (decode images, ...)."""
-        wid = self.health.schedulable()[0]
-        return ray.get(getattr(self.members[wid].actor, method).remote(*args))
+        """Run a method on a schedulable worker (decode images, ...); a dead one is replaced and the call
+        goes to the next."""
+        for attempt in range(self.spec.max_attempts):
+            wid = self.health.schedulable()[0]
+            try:
+                return ray.get(getattr(self.members[wid].actor, method).remote(*args))
+            except WORKER_LOST:
+                if attempt + 1 >= self.spec.max_attempts:
+                    raise
+                self.health.call_failed(wid)
+                self._replace(wid)
 
     def actor(self, wid: int):
         return self.members[wid].actor

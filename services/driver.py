@@ -19,10 +19,9 @@ from learner.batch import collate
 from learner.group import LearnerGroup
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
-from reward.actor import make_reward_actor
 from rollout.interleaved import RolloutSettings
 from rollout.pool import PoolSpec, RolloutPool
-from services import checkpoint
+from services import checkpoint, control
 from services.config import RunConfig
 from services.evaluate import evaluate, request_of
 from services.tracking import Tracker, image_strip, plot_curves
@@ -142,6 +141,7 @@ class Run:
         self.state = state
         start_ray(cfg)
         self.tracker = Tracker(cfg, run_id=state["mlflow_run_id"] if state else None)
+        print(f"mlflow_run_id={self.tracker.run_id}", flush=True)  # `unigrpo submit` reads this line
         self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
         self.train_set = _dataset(cfg, "train")
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, cfg.seed)
@@ -150,8 +150,9 @@ class Run:
             cfg.model.model_dump(), L.model_dump(), cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed,
             cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None)
         self.learner._all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
-        self.reward = make_reward_actor([c.model_dump() for c in cfg.reward.components], num_cpus=cfg.reward.num_cpus)
+        self.reward = control.start_reward(cfg)  # reward.backend: actor | serve
         self.pool = worker_pool(cfg, cfg.rollout.num_workers)
+        self.supervisor = control.RunSupervisor(self)  # `unigrpo scale`, autoscale, core-actor failures
         self.step = 0
         self.version = 0
 
@@ -186,7 +187,7 @@ class Run:
         else:
             items, trajs = prefetched
         t1 = time.perf_counter()
-        totals, comps = ray.get(self.reward.score_values.remote(trajs))
+        totals, comps = control.score_values(self.reward, trajs)
         t2 = time.perf_counter()
         kept, adv, m = assemble(trajs, totals, comps, cfg, self.version)
         nxt = None
@@ -239,7 +240,7 @@ class Run:
     def shutdown(self) -> None:
         self.pool.shutdown()
         self.learner.shutdown()
-        ray.kill(self.reward)
+        control.stop_reward(self.reward)
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
@@ -263,7 +264,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         bar = tqdm(range(run.step, cfg.algorithm.steps), desc="stage 2 (GRPO)", unit="step", dynamic_ncols=True)
         prefetched = None
         for _ in bar:
+            run.supervisor.before_step()
             m, prefetched = run.rl_step(prefetched)
+            run.supervisor.after_step(m)
             run.tracker.log_metrics(m, run.step)
             bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", step_s=f"{m['time/step_s']:.1f}")
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
@@ -273,6 +276,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         summary["final"] = final
         _curves(run)
         status = "FINISHED"
+    except control.CORE_FAILURES as e:  # a dead learner / reward actor: one line, resumable checkpoint
+        raise SystemExit(run.supervisor.failed(e)) from None
     finally:
         run.tracker.end(status)
         run.shutdown()
