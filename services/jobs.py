@@ -99,7 +99,7 @@ async def _stream(client: Any, job_id: str, out) -> str | None:
 
 def submit(address: str, cfg: Any, config_path: str | None = None, overrides: list[str] | None = None,
            wait: bool = False, *, root: Path | str = ROOT, env: dict[str, str] | None = None,
-           run_id_timeout_s: float = 180.0, out=None) -> int:
+           run_id_timeout_s: float = 180.0, agent_timeout_s: float = 120.0, out=None) -> int:
     """Submit ``cfg`` (already validated and resolved) as a Ray job at ``address`` (the dashboard URL,
     e.g. ``http://head:8265``). Prints ``job_id=...`` and ``mlflow_run_id=...``; returns the exit code."""
     from services.config import to_yaml
@@ -113,11 +113,19 @@ def submit(address: str, cfg: Any, config_path: str | None = None, overrides: li
               + (f" with --set {' '.join(overrides)}" if overrides else "") + "\n")
     cfg_file.write_text(header + to_yaml(cfg))
     try:
-        job_id = client.submit_job(
-            entrypoint=entrypoint(name), runtime_env=runtime_env(name, root, env),
-            submission_id=f"unigrpo-{cfg.run_name}-{uuid.uuid4().hex[:8]}",
-            metadata={"unigrpo_run_name": cfg.run_name, "config": str(config_path or "")},
-        )
+        deadline = time.monotonic() + agent_timeout_s
+        while True:
+            try:
+                job_id = client.submit_job(
+                    entrypoint=entrypoint(name), runtime_env=runtime_env(name, root, env),
+                    submission_id=f"unigrpo-{cfg.run_name}-{uuid.uuid4().hex[:8]}",
+                    metadata={"unigrpo_run_name": cfg.run_name, "config": str(config_path or "")},
+                )
+                break
+            except RuntimeError as e:  # a freshly started head answers before its job agent is up
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2.0)
     finally:
         cfg_file.unlink(missing_ok=True)  # the package is uploaded by now
     print(f"job_id={job_id}", file=out, flush=True)
