@@ -187,7 +187,7 @@ class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     num_workers: PosInt = 2
     prompts_per_step: PosInt = 8
-    group_size: Annotated[int, Field(ge=2)] = 4
+    group_size: Annotated[int, Field(ge=2)] = 8
     max_new_tokens: PosInt = 16
     temperature: PosFloat = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
@@ -281,7 +281,7 @@ Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 class LearnerConfig(_Section):
     num_workers: PosInt = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 2e-4
+    lr: PosFloat = 1e-3
     weight_decay: NonNegFloat = 0.0
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0
@@ -304,7 +304,7 @@ class LearnerConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- algorithm
 class AlgorithmConfig(_Section):
-    steps: PosInt = 120
+    steps: PosInt = 150
     mode: Literal["sync", "async"] = "sync"
     max_staleness: NonNegInt = 1
     adv_scale: Literal["std", "none"] = "std"

@@ -48,7 +48,7 @@ def test_embedded_default_loads_and_matches_schema_defaults() -> None:
     assert cfg.recipe == "clear" and cfg.run_name == "clear-tiny"
     assert cfg.model.lm_path is None  # tiny: built from config, no download
     assert cfg.rollout.engine == "hf" and cfg.rollout.num_gpus_per_worker == 0
-    assert cfg.rollout.group_size == 4 and cfg.rollout.sde.window <= cfg.rollout.sde.steps
+    assert cfg.rollout.group_size == 8 and cfg.rollout.sde.window <= cfg.rollout.sde.steps
     assert [c.name for c in cfg.reward.components] == ["answer", "format"]
     # The embedded YAML spells out the schema's defaults: one source of truth, no drift.
     assert cfg == RunConfig()
@@ -246,7 +246,7 @@ def test_degradation_names_match_the_task_module() -> None:
 # ------------------------------------------------------------------------------------------ helpers
 def test_flatten_is_string_params() -> None:
     flat = flatten(load_config(None, []))
-    assert flat["rollout.group_size"] == "4"
+    assert flat["rollout.group_size"] == "8"
     assert flat["rollout.sde.window"] == "2"
     assert flat["model.lm_path"] == "None"
     assert flat["learner.betas"] == "[0.9, 0.999]"
