@@ -83,9 +83,9 @@ def euler_step(
 @torch.no_grad()
 def sample_ode(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Plain Euler sampling over the whole schedule (no recorded window)."""
-    x = noise
-    for k in range(sigmas.shape[0] - 1):
-        x = euler_step(x, velocity_fn(x, sigmas[k].expand(x.shape[0]).to(x)), sigmas[k], sigmas[k + 1])
+    x, sig = noise, sigmas.tolist()
+    for k in range(sigmas.shape[0] - 1):  # euler_step, fused: x + (sigma_next - sigma) * v
+        x = torch.add(x, velocity_fn(x, sigmas[k].expand(x.shape[0]).to(x)), alpha=sig[k + 1] - sig[k])
     return x
 
 
@@ -127,6 +127,16 @@ def window_starts(batch: int, steps: int, window: int, position: str, start: int
     return torch.randint(0, high, (batch,), generator=generator)
 
 
+def _sde_coefficients(sigma: float, sigma_next: float, noise_level: float) -> tuple[float, float, float]:
+    """``sde_step``'s mean = x * cx + v * cv and its std, for one sigma shared by the batch (Python floats)."""
+    dt = sigma_next - sigma
+    s_prime = sigma_next if sigma == 1 else sigma
+    std_t = noise_level * math.sqrt(sigma / (1 - s_prime))
+    cx = 1 + std_t**2 / (2 * sigma) * dt
+    cv = (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return cx, cv, std_t * math.sqrt(-dt)
+
+
 @torch.no_grad()
 def sample_latents(
     velocity_fn: VelocityFn,
@@ -140,35 +150,48 @@ def sample_latents(
     """Run K = len(sigmas) - 1 steps from ``noise``; steps [start_b, start_b + W) of sample b are SDE
     steps whose (x, x_next, sigma, sigma_next, log_prob) are recorded, the others plain Euler steps.
     Classifier-free guidance lives in ``velocity_fn`` (see :func:`guided`).
+
+    The loop does only what sampling needs (a fused Euler update, and on steps where some sample is in its
+    window the SDE update and a select); the window's tensors are gathered and its log-probs computed once
+    at the end, in one batch, by :func:`sde_step` from the recorded (x, v, x_next): the same function the
+    learner's :func:`window_log_probs` runs.
     """
     b, steps = noise.shape[0], sigmas.shape[0] - 1
+    starts = starts.to(torch.long)
+    if bool(((starts < 0) | (starts + window > steps)).any()):
+        raise ValueError(f"window starts {starts.tolist()} + window {window} outside the {steps} steps")
+    sig = sigmas.tolist()
+    k_of = torch.arange(steps)[:, None]
+    in_window = (k_of >= starts[None]) & (k_of < starts[None] + window)  # (K, B)
+    any_in = in_window.any(1).tolist()
+    shape1 = (b, *([1] * (noise.dim() - 1)))
+    compute = torch.float32 if noise.dtype in (torch.float16, torch.bfloat16) else noise.dtype
     x = noise
-    rec_x = noise.new_zeros((b, window, *noise.shape[1:]))
-    rec_next = torch.zeros_like(rec_x)
-    rec_s = noise.new_zeros((b, window))
-    rec_sn = torch.zeros_like(rec_s)
-    rec_lp = torch.zeros_like(rec_s)
-    rows = torch.arange(b)
+    rec_x, rec_v, rec_next = [], [], []
+    rec_pos = torch.full((steps,), -1, dtype=torch.long)
     for k in range(steps):
-        sigma = sigmas[k].expand(b).to(noise)
-        sigma_next = sigmas[k + 1].expand(b).to(noise)
-        v = velocity_fn(x, sigma)
-        slot = k - starts
-        in_window = (slot >= 0) & (slot < window)
-        if not bool(in_window.any()):
-            x = euler_step(x, v, sigma, sigma_next)
+        v = velocity_fn(x, sigmas[k].expand(b).to(noise))
+        dt = sig[k + 1] - sig[k]
+        if not any_in[k]:
+            x = torch.add(x, v, alpha=dt)  # euler_step
             continue
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x_sde, lp, _, _ = sde_step(x, v, sigma, sigma_next, noise_level, noise=eps)
-        idx, s_idx = rows[in_window], slot[in_window]
-        rec_x[idx, s_idx] = x[in_window]
-        rec_next[idx, s_idx] = x_sde[in_window]
-        rec_s[idx, s_idx] = sigma[in_window]
-        rec_sn[idx, s_idx] = sigma_next[in_window]
-        rec_lp[idx, s_idx] = lp[in_window]
-        mask = in_window.view(-1, *([1] * (x.dim() - 1)))
-        x = torch.where(mask, x_sde, euler_step(x, v, sigma, sigma_next))
-    return SampledLatents(x, rec_x, rec_next, rec_s, rec_sn, rec_lp, starts)
+        cx, cv, std = _sde_coefficients(sig[k], sig[k + 1], noise_level)
+        eps = torch.randn(x.shape, generator=generator, dtype=compute, device=x.device)
+        x_sde = torch.add(torch.add(x.to(compute) * cx, v.to(compute), alpha=cv), eps, alpha=std).to(x.dtype)
+        rec_pos[k] = len(rec_x)
+        rec_x.append(x)
+        rec_v.append(v)
+        rec_next.append(x_sde)
+        x = torch.where(in_window[k].view(shape1).to(x.device), x_sde, torch.add(x, v, alpha=dt))
+    ks = starts[:, None] + torch.arange(window)[None]  # (B, W): the step of each window slot
+    rows = torch.arange(b)[:, None].expand(b, window)
+    pos = rec_pos[ks]
+    gather = lambda xs: torch.stack(xs)[pos.to(noise.device), rows.to(noise.device)]  # noqa: E731
+    lat, vel, nxt = gather(rec_x), gather(rec_v), gather(rec_next)
+    s_w, sn_w = sigmas.to(noise)[ks], sigmas.to(noise)[ks + 1]
+    _, lp, _, _ = sde_step(lat.flatten(0, 1), vel.flatten(0, 1), s_w.flatten(), sn_w.flatten(), noise_level,
+                           prev_sample=nxt.flatten(0, 1))
+    return SampledLatents(x, lat, nxt, s_w, sn_w, lp.view(b, window).to(s_w.dtype), starts)
 
 
 def guided(cond_fn: VelocityFn, uncond_fn: VelocityFn | None, scale: float) -> VelocityFn:

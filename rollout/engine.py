@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from policy.bridge import positions_from_mask
 from policy.prompting import mask_unsampleable
 
 
@@ -60,14 +61,62 @@ def sample_token(logits: torch.Tensor, s: SamplingSettings, generator: torch.Gen
     return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
 
 
+def _dedupe(requests: list[TextRequest]) -> tuple[list[int], torch.Tensor]:
+    """Indices of the distinct requests (same token ids, same slot-latent tensor object: the G copies of a
+    prompt in a group) and, per request, which distinct one it is."""
+    first: dict[tuple, int] = {}
+    uniq: list[int] = []
+    which = []
+    for i, r in enumerate(requests):
+        key = (tuple(r.input_ids), id(r.slot_latents))
+        j = first.get(key)
+        if j is None:
+            j = first[key] = len(uniq)
+            uniq.append(i)
+        which.append(j)
+    return uniq, torch.tensor(which, dtype=torch.long)
+
+
+def _sdpa_mask(attn: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean (B, 1, q, K) mask for the last ``q_len`` of K positions: causal and not padding. A query
+    that may see nothing (a left-padding position) sees itself, so SDPA yields no NaN there; such
+    positions' outputs are never read."""
+    k = attn.shape[1]
+    allowed = attn.bool()[:, None, None, :]
+    if q_len > 1:
+        q = torch.arange(k - q_len, k, device=attn.device)[:, None]
+        kv = torch.arange(k, device=attn.device)[None, :]
+        allowed = (allowed & (kv <= q)) | (kv == q)
+    return allowed
+
+
 class HFTextEngine:
-    """Batched sampling with a KV cache on the policy's own transformers LM (CPU or GPU)."""
+    """Batched sampling with a KV cache on the policy's own transformers LM (CPU or GPU).
+
+    The prompt of a group is prefilled once and its cache shared by the G samples; with SDPA attention
+    the engine builds the (causal + padding) mask itself instead of transformers' per-call mask
+    construction; tokens and log-probs stay in tensors until the end (no per-token Python loop)."""
 
     def __init__(self, policy) -> None:
         self.policy = policy
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.policy.load_trainable(named_tensors)
+
+    def _mask(self, attn: torch.Tensor, q_len: int):
+        cfg = self.policy.lm.config
+        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if getattr(cfg, "_attn_implementation", None) != "sdpa" or types != {"full_attention"}:
+            return attn  # transformers builds it
+        return {"full_attention": _sdpa_mask(attn, q_len)}
+
+    def _step(self, embeds: torch.Tensor, attn: torch.Tensor, cache=None):
+        p = self.policy
+        dev_attn = attn.to(p.device)
+        positions = positions_from_mask(dev_attn)[:, -embeds.shape[1]:]
+        logits, _, cache = p.lm_step(embeds, self._mask(dev_attn, embeds.shape[1]), position_ids=positions,
+                                     past_key_values=cache)
+        return logits[:, -1], cache
 
     @torch.no_grad()
     def generate(
@@ -77,41 +126,48 @@ class HFTextEngine:
             return []
         p = self.policy
         pad = p.token_ids["pad"]
+        uniq, which = _dedupe(requests)
+        u_reqs = [requests[i] for i in uniq]
         b, width = len(requests), max(len(r.input_ids) for r in requests)
-        ids = torch.full((b, width), pad, dtype=torch.long)
-        attn = torch.zeros((b, width), dtype=torch.long)
-        for i, r in enumerate(requests):  # left padding: every row's next token lands in the last column
+        ids = torch.full((len(u_reqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(u_reqs), width), dtype=torch.long)
+        for i, r in enumerate(u_reqs):  # left padding: every row's next token lands in the last column
             ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids)
             attn[i, width - len(r.input_ids):] = 1
-        latents = torch.cat([r.slot_latents for r in requests]).to(p.device)
-        logits, _, cache = p.lm_step(p.embed(ids.to(p.device), latents), attn.to(p.device))
-        last = mask_unsampleable(logits[:, -1], p.token_ids)
-        out = [TextCompletion() for _ in requests]
+        latents = torch.cat([r.slot_latents for r in u_reqs]).to(p.device)
+        last, cache = self._step(p.embed(ids.to(p.device), latents), attn)
+        if len(u_reqs) < b:  # expand the shared prefill to every sample
+            last, attn = last[which.to(last.device)], attn[which]
+            cache.batch_select_indices(which.to(p.device))
+        last = mask_unsampleable(last, p.token_ids)
         budget = torch.tensor([r.max_new_tokens for r in requests])
+        n_max = int(budget.max()) if b else 0
+        tokens = torch.full((b, max(n_max, 1)), pad, dtype=torch.long)
+        logps = torch.zeros((b, max(n_max, 1)))
+        lengths = torch.zeros(b, dtype=torch.long)
+        stopped_at_stop = torch.zeros(b, dtype=torch.bool)
         done = budget <= 0
         stops = torch.tensor(list(s.stop_ids) or [-1])
         embed_tokens = p.lm.get_input_embeddings()
-        for step in range(int(budget.max())):
+        for step in range(n_max):
             token, lp = sample_token(last, s, generator)
             token, lp = token.cpu(), lp.cpu()
-            for i in torch.nonzero(~done).flatten().tolist():
-                out[i].token_ids.append(int(token[i]))
-                out[i].logprobs.append(float(lp[i]))
-            stopped = torch.isin(token, stops) & ~done
-            for i in torch.nonzero(stopped).flatten().tolist():
-                out[i].finish = "stop"
-            newly_done = stopped | (budget <= step + 1)
             alive = ~done
-            done = done | newly_done
+            tokens[:, step] = torch.where(alive, token, tokens[:, step])
+            logps[:, step] = torch.where(alive, lp.float(), logps[:, step])
+            lengths += alive.long()
+            stopped = torch.isin(token, stops) & alive
+            stopped_at_stop |= stopped
+            done = done | stopped | (budget <= step + 1)
             if bool(done.all()):
                 break
             token = torch.where(alive, token, torch.full_like(token, pad))
             attn = torch.cat([attn, alive.long()[:, None]], dim=1)
-            logits, _, cache = p.lm_step(
-                embed_tokens(token[:, None].to(p.device)), attn.to(p.device), past_key_values=cache
-            )
-            last = mask_unsampleable(logits[:, -1], p.token_ids)
-        return out
+            last, cache = self._step(embed_tokens(token[:, None].to(p.device)), attn, cache)
+            last = mask_unsampleable(last, p.token_ids)
+        tok_rows, lp_rows, n_rows = tokens.tolist(), logps.tolist(), lengths.tolist()
+        return [TextCompletion(tok_rows[i][: n_rows[i]], lp_rows[i][: n_rows[i]],
+                               "stop" if bool(stopped_at_stop[i]) else "length") for i in range(b)]
 
 
 def make_engine(name: str, policy, **kwargs) -> TextEngine:

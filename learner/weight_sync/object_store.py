@@ -1,4 +1,10 @@
-"""``object_store`` backend: each bucket's flat buffer is one ``ray.put`` (numpy, zero-copy on read).
+"""``object_store`` backend: each bucket is one ``ray.put`` (numpy, zero-copy on read).
+
+A bucket's object is the list of its tensors' bytes (uint8 numpy views of the tensors themselves): Ray
+writes them straight into the object store (pickle protocol 5, out-of-band buffers), so publishing copies
+the weights once (parameters -> object store) instead of twice (parameters -> flat bucket -> object
+store), and a receiver reads every tensor as a zero-copy view. The bucket layout (``BucketMeta``) is the
+same as the collective backends' (``buckets.bucketize``); a flat uint8 buffer per bucket is accepted too.
 
 Works for any topology and on CPU. The publisher keeps the refs of the last ``keep_last`` versions
 alive and drops older ones; refs inside handles held by workers are kept alive by Ray's reference
@@ -23,7 +29,7 @@ from .base import (
     WeightSyncLost,
     WeightSyncTimeout,
 )
-from .buckets import BucketMeta, bucketize, dtype_from_str, unbucketize
+from .buckets import BucketMeta, TensorMeta, bucketize, dtype_from_str, dtype_to_str, unbucketize
 
 __all__ = ["ObjectStorePublisher", "ObjectStoreReceiver"]
 
@@ -33,9 +39,12 @@ class ObjectStorePublisher(WeightPublisher):
 
     backend = "object_store"
 
-    def __init__(self, bucket_mb: float = 32.0, keep_last: int = 1) -> None:
+    def __init__(self, bucket_mb: float = 32.0, keep_last: int = 1, packed: bool = False) -> None:
+        """``packed``: ship each bucket as one flat buffer (``bucketize``, an extra copy of the weights);
+        the default ships the tensors' own bytes (one copy, into the object store)."""
         if bucket_mb <= 0 or keep_last < 1:
             raise ValueError("bucket_mb must be > 0 and keep_last >= 1")
+        self.packed = packed
         self.bucket_bytes = max(1, int(bucket_mb * 1024 * 1024))
         self.keep_last = keep_last
         self._live: deque[tuple[int, list[ray.ObjectRef]]] = deque()
@@ -44,8 +53,13 @@ class ObjectStorePublisher(WeightPublisher):
     def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightHandle:
         if self.last_version is not None and version <= self.last_version:
             raise ValueError(f"version {version} is not newer than the last published {self.last_version}")
-        buckets = bucketize(named_tensors, self.bucket_bytes, device="cpu")
-        refs = [ray.put(b.buffer.view(torch.uint8).numpy()) for b in buckets]
+        if self.packed:
+            buckets = bucketize(named_tensors, self.bucket_bytes, device="cpu")
+            metas = [b.meta for b in buckets]
+            refs = [ray.put(b.buffer.view(torch.uint8).numpy()) for b in buckets]
+        else:
+            metas, parts = plan_buckets(named_tensors, self.bucket_bytes)
+            refs = [ray.put(p) for p in parts]
         self._live.append((version, refs))
         while len(self._live) > self.keep_last:
             self._live.popleft()
@@ -53,8 +67,8 @@ class ObjectStorePublisher(WeightPublisher):
         return WeightHandle(
             version=version,
             backend=self.backend,
-            buckets=tuple(b.meta for b in buckets),
-            total_bytes=sum(b.nbytes for b in buckets),
+            buckets=tuple(metas),
+            total_bytes=sum(m.nbytes for m in metas),
             refs=tuple(refs),
         )
 
@@ -65,6 +79,44 @@ class ObjectStorePublisher(WeightPublisher):
 
     def close(self) -> None:
         self._live.clear()
+
+
+def _raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 numpy array (a view when it is contiguous on the CPU)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def plan_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+                 ) -> tuple[list[BucketMeta], list[list[np.ndarray]]]:
+    """The buckets ``bucketize`` would make (same grouping, same metadata), each as the list of its
+    tensors' raw bytes instead of one packed buffer: no copy here."""
+    items = [(name, t.detach()) for name, t in named_tensors]
+    seen: set[str] = set()
+    for name, _ in items:
+        if name in seen:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+    plans: list[tuple[torch.dtype, list[tuple[str, torch.Tensor]]]] = []
+    open_plan: dict[torch.dtype, int] = {}
+    open_bytes: dict[torch.dtype, int] = {}
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        idx = open_plan.get(t.dtype)
+        if idx is None or (nbytes > 0 and open_bytes[t.dtype] > 0 and open_bytes[t.dtype] + nbytes > bucket_bytes):
+            plans.append((t.dtype, []))
+            idx = open_plan[t.dtype] = len(plans) - 1
+            open_bytes[t.dtype] = 0
+        plans[idx][1].append((name, t))
+        open_bytes[t.dtype] += nbytes
+    metas, parts = [], []
+    for dtype, members in plans:
+        entries, offset = [], 0
+        for name, t in members:
+            entries.append(TensorMeta(name=name, shape=tuple(t.shape), offset=offset, numel=t.numel()))
+            offset += t.numel()
+        metas.append(BucketMeta(dtype=dtype_to_str(dtype), numel=offset, entries=tuple(entries)))
+        parts.append([_raw_bytes(t) for _, t in members])
+    return metas, parts
 
 
 def _as_tensor(meta: BucketMeta, array: np.ndarray) -> torch.Tensor:
@@ -105,12 +157,26 @@ class ObjectStoreReceiver(WeightReceiver):
                                  f"bucket object lost ({type(e).__name__})") from e
         except ray.exceptions.RayError as e:
             raise WeightSyncError(f"weight sync of version {handle.version} via {self.backend!r} failed: {e}") from e
-        buffers = [_as_tensor(m, a) for m, a in zip(handle.buckets, arrays, strict=True)]
-        if self.device is not None:
-            buffers = [b.to(self.device) for b in buffers]
-        return self._iterate(handle.buckets, buffers)
+        for meta, a in zip(handle.buckets, arrays, strict=True):
+            if isinstance(a, list) and (len(a) != len(meta.entries) or sum(x.nbytes for x in a) != meta.nbytes):
+                raise WeightSyncError(f"bucket object does not match its metadata ({len(meta.entries)} tensors, "
+                                      f"{meta.nbytes} bytes)")
+        buffers = [a if isinstance(a, list) else _as_tensor(m, a) for m, a in zip(handle.buckets, arrays, strict=True)]
+        return self._iterate(handle.buckets, buffers, self.device)
 
     @staticmethod
-    def _iterate(metas: tuple[BucketMeta, ...], buffers: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _iterate(metas: tuple[BucketMeta, ...], buffers: list, device) -> Iterator[tuple[str, torch.Tensor]]:
         for meta, buf in zip(metas, buffers, strict=True):
-            yield from unbucketize((meta, buf))
+            if isinstance(buf, list):  # one zero-copy view per tensor
+                dtype = dtype_from_str(meta.dtype)
+                for e, arr in zip(meta.entries, buf, strict=True):
+                    t = _from_numpy(arr).view(dtype).view(e.shape)
+                    yield e.name, t if device is None else t.to(device)
+            else:
+                yield from unbucketize((meta, buf if device is None else buf.to(device)))
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # zero-copy views of the read-only object store buffer
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(array)

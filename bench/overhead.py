@@ -1,0 +1,121 @@
+"""Orchestration overhead: one ``Run.rl_step`` (Ray: rollout worker, reward actor, DeepSpeed learner,
+object-store weight sync) against the same computation in this process with no Ray.
+
+The in-process side builds the same plain classes the actors wrap (``RolloutWorker``, ``RewardActor``,
+``LearnerWorker`` with its DeepSpeed engine) from the same config and runs: sample prompts -> rollout
+(``RolloutWorker.generate``) -> reward -> ``assemble`` + ``collate`` -> ``LearnerWorker.train_step`` ->
+copy the trainable weights into the rollout policy. One rollout worker on the Ray side and one torch
+thread everywhere (what each actor gets), so both sides do the same work serially; the difference is
+Ray (serialisation, object store, actor calls, scheduling), the driver's bookkeeping and the bucketed sync.
+
+    python -m bench.overhead [--reps 4] [--steps 2]
+Prints (step - compute) / step from the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+
+from bench.common import MEDIUM_LM, PeakMemory, bench_config, machine, median, start_run, stop_run
+
+
+class LocalStep:
+    """The computation of one rl_step, in one process."""
+
+    def __init__(self, cfg) -> None:
+        import torch
+
+        from learner.actor import LearnerWorker
+        from learner.weight_sync.nccl import free_port
+        from policy.build import build_tokenizer
+        from policy.tokenizer import special_token_ids
+        from reward.actor import RewardActor
+        from rollout.worker import RolloutWorker
+        from services.driver import _dataset, rollout_settings
+        from tasks.sampler import PromptSampler
+
+        self.cfg = cfg
+        self.worker = RolloutWorker(0, cfg.model.model_dump(), rollout_settings(cfg), "hf", None,
+                                    cfg.learner.sync.backend, cfg.recipe, 1)
+        L = cfg.learner
+        self.learner = LearnerWorker(0, 1, "127.0.0.1", free_port(), cfg.model.model_dump(), L.model_dump(),
+                                     cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed, 1)
+        self.learner.set_sampling(cfg.rollout.temperature, cfg.rollout.sde.noise_level)
+        self.learner.snapshot_reference()
+        self.reward = RewardActor([c.model_dump() for c in cfg.reward.components])
+        self.sampler = PromptSampler(_dataset(cfg, "train"), cfg.rollout.prompts_per_step, cfg.seed)
+        self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
+        self.version = 0
+        self.step_i = 0
+        torch.set_num_threads(1)
+        self._sync()
+
+    def _sync(self) -> None:
+        self.version += 1
+        state = {k: v.detach() for k, v in self.learner.policy.trainable_state_dict().items()}
+        self.worker.engine.load_weights(state.items())
+        self.worker.policy_version = self.version
+
+    def __call__(self) -> None:
+        from learner.batch import collate
+        from services.driver import assemble
+        from services.evaluate import request_of
+
+        items = self.sampler.next_batch()
+        trajs = self.worker.generate([request_of(i) for i in items], (self.cfg.seed * 100003 + self.step_i) * 1009)
+        totals, comps = self.reward.score_values(trajs)
+        kept, adv, _ = assemble(trajs, totals, comps, self.cfg, self.version)
+        if kept:
+            self.learner.train_step(collate(kept, adv, self.pad_id))
+        self._sync()
+        self.step_i += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per block")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=8)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    print(machine(), flush=True)
+    cfg = bench_config({"rollout.num_workers": 1, "rollout.max_new_tokens": args.max_new_tokens,
+                        "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"}, lm=MEDIUM_LM)
+    with PeakMemory() as mem:
+        run = start_run(cfg)
+        local = LocalStep(cfg)
+        ray_s, local_s, splits = [], [], []
+        try:
+            run.rl_step()
+            local()  # warm-up both
+            for i in range(args.reps):
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    m, _ = run.rl_step()
+                    ray_s.append(time.perf_counter() - t0)
+                    splits.append(m)
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    local()
+                    local_s.append(time.perf_counter() - t0)
+                print(f"  rep {i}: Ray step {median(ray_s):.3f} s, in-process {median(local_s):.3f} s", flush=True)
+        finally:
+            stop_run(run)
+    step, compute = median(ray_s), median(local_s)
+    split = {k: median([m[k] for m in splits]) for k in ("time/rollout_s", "time/reward_s", "time/learn_s",
+                                                          "time/sync_s")}
+    print("Ray step split (medians): " + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in split.items()))
+    print(f"unigrpo step {step:.3f} s, same computation in one process {compute:.3f} s "
+          f"({cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size}, {cfg.rollout.max_new_tokens} "
+          f"new tokens, medium LM)")
+    print(mem.line())
+    print(f"overhead (step - compute) / step: {(step - compute) / step * 100:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""unigrpo vs TRL's GRPOTrainer on the same text-only task; prints samples/s of each and the ratio.
+
+Same: the Qwen2 LM of ``UnifiedPolicy`` built from the config (same seed, same weights) and the project's
+tokenizer; the same text-only prompts (shapes-VQA questions with choices, no image); B prompts x G
+samples per step; the same response length (``max_new_tokens`` = TRL ``max_completion_length``),
+temperature 1, top_p 1; the same reward (answer + 0.1 x format, ``reward.registry``); the same loss
+(token-level mean over the batch with clip 0.2 / 0.28, beta 0: unigrpo ``agg: token-mean`` = TRL
+``loss_type: dapo``; group std-scaled advantages; zero-variance groups kept); the same optimizer (AdamW
+lr 2e-4, betas (0.9, 0.999), weight decay 0, grad-norm clip 1, constant lr); one optimizer step per batch.
+
+unigrpo runs as the real service: ``services.driver.Run.rl_step`` over a local Ray cluster (2 rollout
+workers, 1 reward actor, 1 DeepSpeed learner, object-store weight sync every step). TRL runs in this
+process (``use_cpu``). Steps are timed per step (TRL through a callback); the first step of each
+block is dropped. Blocks are interleaved (unigrpo, TRL, unigrpo, TRL, ...) and medians reported.
+
+    python -m bench.vs_trl [--reps 3] [--steps 3] [--sizes tiny,medium]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+
+from bench.common import MEDIUM_LM, PeakMemory, bench_config, machine, median, start_run, stop_run, text_task
+
+B, G = 8, 4
+
+
+def _unigrpo_block(run, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run.rl_step()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def _trl_trainer(cfg, task_path: str, steps: int, out_dir: str):
+    import datasets
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from policy.model import UnifiedPolicy
+    from policy.tokenizer import special_token_ids
+    from reward.registry import RewardSet
+    from tasks import build_dataset
+    from tasks.items import format_prompt
+
+    policy = UnifiedPolicy.from_config(cfg.model)
+    lm, tok = policy.lm, policy.tokenizer
+    items = list(build_dataset("jsonl", path=task_path))
+    # unigrpo's prompt body is "\n" + text + "\n" (policy.prompting.encode_prompt, no image slot)
+    rows = [{"prompt": "\n" + format_prompt(it) + "\n", "answer": it.answer, "choices": it.choices}
+            for it in items]
+    ds = datasets.Dataset.from_list(rows)
+    reward_set = RewardSet([c.model_dump() for c in cfg.reward.components])
+
+    def reward(prompts, completions, answer, choices, **_):
+        trajs = [{"response_text": c, "meta": {"answer": a, "choices": ch, "answer_type": "choice"}}
+                 for c, a, ch in zip(completions, answer, choices)]
+        return reward_set.combine(trajs)[0]
+
+    r, L, a = cfg.rollout, cfg.learner, cfg.algorithm
+    args = GRPOConfig(
+        output_dir=out_dir, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6,
+        max_steps=steps, per_device_train_batch_size=B * G, gradient_accumulation_steps=1, num_generations=G,
+        max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+        beta=a.beta_text, epsilon=a.clip_low, epsilon_high=a.clip_high, loss_type="dapo",
+        scale_rewards="group", num_iterations=1, mask_truncated_completions=False,
+        learning_rate=L.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=L.weight_decay,
+        adam_beta1=L.betas[0], adam_beta2=L.betas[1], max_grad_norm=L.grad_clip,
+        seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=True,
+    )
+    lm.generation_config.pad_token_id = special_token_ids(tok)["pad"]
+    lm.generation_config.eos_token_id = special_token_ids(tok)["eos"]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=lm, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[timer])
+    return trainer, timer
+
+
+def _trl_block(cfg, task_path: str, steps: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as d:
+        trainer, timer = _trl_trainer(cfg, task_path, steps, d)
+        trainer.train()
+    return timer.times[1:]
+
+
+def compare(size: str, reps: int, steps: int, task_path: str) -> dict:
+    lm = MEDIUM_LM if size == "medium" else None
+    cfg = bench_config({"task.name": "jsonl", "task.path": task_path, "rollout.max_images": 0,
+                        "rollout.prompts_per_step": B, "rollout.group_size": G, "rollout.max_new_tokens": 16,
+                        "algorithm.zero_variance": "zero", "algorithm.agg": "token-mean"}, lm=lm)
+    run = start_run(cfg)
+    ours, theirs = [], []
+    try:
+        _unigrpo_block(run, 2)  # warm-up (first weights load, lazy inits in every actor)
+        for i in range(reps):
+            ours += _unigrpo_block(run, steps)
+            theirs += _trl_block(cfg, task_path, steps)
+            print(f"  [{size}] rep {i}: unigrpo {median(ours):.3f} s/step, TRL {median(theirs):.3f} s/step",
+                  flush=True)
+    finally:
+        stop_run(run)
+    n = B * G
+    res = {"size": size, "unigrpo_s": median(ours), "trl_s": median(theirs),
+           "unigrpo_sps": n / median(ours), "trl_sps": n / median(theirs)}
+    res["ratio"] = res["unigrpo_sps"] / res["trl_sps"]
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="steps per block (the first of each is dropped)")
+    p.add_argument("--sizes", default="tiny,medium")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    print(machine(), flush=True)
+    task_path = text_task()
+    results = []
+    with PeakMemory() as mem:
+        for size in args.sizes.split(","):
+            results.append(compare(size, args.reps, args.steps, task_path))
+    for r in results:
+        print(f"{r['size']:>6}: unigrpo {r['unigrpo_sps']:.1f} samples/s ({r['unigrpo_s']:.2f} s/step), "
+              f"TRL {r['trl_sps']:.1f} samples/s ({r['trl_s']:.2f} s/step), ratio {r['ratio']:.2f}x")
+    print(mem.line())
+    print("ratio unigrpo/TRL samples/s: " + ", ".join(f"{r['size']} {r['ratio']:.2f}x" for r in results))
+
+
+if __name__ == "__main__":
+    main()
