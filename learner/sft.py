@@ -40,22 +40,29 @@ def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tens
 
 @torch.no_grad()
 def sft_batch(policy, examples: list[dict], steps: int = 8, generator: torch.Generator | None = None) -> TrainBatch:
-    """examples: {text, image (H,W,3 uint8), clean_image, answer, generate: bool}."""
+    """examples: {text, image (H,W,3 uint8) or None, clean_image, answer, generate: bool}.
+
+    ``image: None`` gives a text-only prompt (no image slot): with ``generate`` the generator learns to make
+    ``clean_image`` from the text alone (GvU's text -> image warm start)."""
     tok, n = policy.tokenizer, policy.n_image_tokens
-    degraded = policy.encode_image(_pixels([e["image"] for e in examples]))
     clean = policy.encode_image(_pixels([e["clean_image"] for e in examples]))
-    prompts = [encode_prompt(tok, e["text"], n) for e in examples]
+    with_image = [e.get("image") is not None for e in examples]
+    shown = [e["image"] for e, w in zip(examples, with_image) if w]
+    enc = policy.encode_image(_pixels(shown)) if shown else clean[:0]
+    pos = [sum(with_image[:i]) for i in range(len(examples))]
+    inputs = [enc[pos[i] : pos[i] + 1] if w else clean[:0] for i, w in enumerate(with_image)]  # (0 or 1, C,h,w)
+    prompts = [encode_prompt(tok, e["text"], n, with_image=w) for e, w in zip(examples, with_image)]
     gen_rows = [i for i, e in enumerate(examples) if e["generate"]]
     own = {}
     if gen_rows:
         made = own_generations(policy, [prompts[i] + [policy.token_ids["gen"]] for i in gen_rows],
-                               degraded[gen_rows], steps, generator)
+                               torch.cat([inputs[i] for i in gen_rows]), steps, generator)
         own = {i: made[j : j + 1] for j, i in enumerate(gen_rows)}
     trajs = []
     for i, e in enumerate(examples):
         target, mask = encode_target(tok, e["answer"], n, e["generate"])
         ids = torch.tensor(prompts[i] + target, dtype=torch.long)
-        slots, images = degraded[i : i + 1], []
+        slots, images = inputs[i], []
         if e["generate"]:
             slots = torch.cat([slots, own[i]])
             empty = clean.new_zeros((0, *clean.shape[1:]))

@@ -6,6 +6,13 @@
     scored = ray.get(actor.score.remote(trajectories))
 
 Models (CLIP, DINOv2, ...) load once, in the constructor.
+
+Rewards that score with the policy itself (GvU: ``reward/gvu.py``) hold a ``UnifiedPolicy`` in the reward set's
+``resources["policy"]`` (built once by the reward's setup from the spec's ``policy_config`` kwarg). The driver
+keeps it current: after every publish it calls ``update_weights(handle, timeout_s)`` with the SAME
+``WeightHandle`` the rollout workers get; the actor receives the buckets through its own
+``learner.weight_sync`` receiver and loads them with :func:`reward.gvu.gvu_sync`. ``version()`` is the
+policy version the reward scores with (-1 before the first update, or when no reward holds a policy).
 """
 
 from __future__ import annotations
@@ -33,9 +40,53 @@ class RewardActor:
         self.setup_s = time.perf_counter() - t0
         self.score_s = 0.0
         self.n_calls = 0
+        self.policy_version = -1
+        self.sync_s = 0.0
+        self._receivers: dict[str, Any] = {}
 
     def ready(self) -> bool:
         return True
+
+    # ---- the policy some rewards score with (GvU) ----------------------------------------------
+    @property
+    def policy(self) -> Any:
+        """The policy a reward holds (``resources["policy"]``), or None."""
+        return self.rewards.resources.get("policy")
+
+    def needs_policy(self) -> bool:
+        return self.policy is not None
+
+    def update_weights(self, handle: Any, timeout_s: float = 60.0) -> int:
+        """Receive the learner's published weights (the rollout workers' handle) into the reward's policy.
+
+        Returns the version now held; a no-op (returning the handle's version) when no reward holds a policy.
+        Raises ``WeightSyncTimeout`` within ``timeout_s`` when the weights cannot arrive.
+        """
+        from learner.weight_sync import make_receiver
+        from reward.gvu import gvu_sync
+
+        policy = self.policy
+        if policy is None:
+            return int(handle.version)
+        t0 = time.perf_counter()
+        backend = handle.backend
+        if backend not in self._receivers:
+            self._receivers[backend] = make_receiver(backend)
+        n = gvu_sync(policy, self._receivers[backend].receive(handle, timeout_s))
+        for ctx in self.rewards.contexts.values():  # GvUState.version: which version scored a batch
+            if hasattr(ctx.state, "version"):
+                ctx.state.version = int(handle.version)
+        self.policy_version = int(handle.version)
+        self.sync_s = time.perf_counter() - t0
+        self.n_synced_tensors = n
+        return self.policy_version
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def weights_digest(self) -> dict[str, float]:
+        """Per-tensor sums of the reward policy's trainable weights (empty without a policy)."""
+        return self.policy.weights_digest() if self.policy is not None else {}
 
     def score(self, trajectories: list[Trajectory]) -> list[Trajectory]:
         """Score a batch in place and return it (Ray sends the scored copies back)."""
@@ -69,14 +120,40 @@ class RewardActor:
         self.n_calls, self.score_s = 0, 0.0
 
 
+POLICY_REWARDS = ("gvu",)  # rewards that score with the policy itself (they need its current weights)
+
+
+def needs_policy(specs: Sequence[dict | RewardSpec]) -> bool:
+    """Whether any component scores with the policy (and so must follow the learner's weights)."""
+    return any(RewardSpec.from_dict(s).name in POLICY_REWARDS for s in specs)
+
+
+def with_policy_config(specs: Sequence[dict | RewardSpec], policy_cfg: dict | None) -> list[dict]:
+    """Spec dicts where every policy-scoring component without ``policy_path`` / ``policy_config`` gets
+    ``kwargs.policy_config = policy_cfg`` (the run's ``model`` section: the reward builds the same policy)."""
+    out = []
+    for s in specs:
+        s = RewardSpec.from_dict(s)
+        d = {"name": s.name, "weight": s.weight, "kwargs": dict(s.kwargs), "label": s.label}
+        if (policy_cfg is not None and s.name in POLICY_REWARDS and not d["kwargs"].get("policy_path")
+                and d["kwargs"].get("policy_config") is None):
+            d["kwargs"]["policy_config"] = dict(policy_cfg)
+        out.append(d)
+    return out
+
+
 def make_reward_actor(specs: Sequence[dict | RewardSpec], *, num_cpus: float = 1, num_gpus: float = 0,
-                      resources: dict | None = None, name: str | None = None, **options: Any) -> Any:
+                      resources: dict | None = None, name: str | None = None, policy_cfg: dict | None = None,
+                      **options: Any) -> Any:
     """Start a ``RewardActor`` as a Ray actor and return its handle.
 
-    ``resources`` are shared objects handed to reward setups (not Ray resources); extra keyword arguments
-    go to ``.options()`` (``scheduling_strategy``, ``max_restarts``, ``runtime_env``...).
+    ``resources`` are shared objects handed to reward setups (not Ray resources); ``policy_cfg`` (a
+    PolicyConfig dict) is given to the rewards that score with the policy (:func:`with_policy_config`);
+    extra keyword arguments go to ``.options()`` (``scheduling_strategy``, ``max_restarts``, ``runtime_env``...).
     """
     import ray
+
+    specs = with_policy_config(specs, policy_cfg)
 
     opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, **options}
     if name is not None:

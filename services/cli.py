@@ -86,7 +86,8 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
     run_eval = _resolve("services.evaluate", "run_eval")
-    result = run_eval(cfg, checkpoint=args.checkpoint, benchmark=args.benchmark, out_dir=args.out)
+    extra = {"images": args.images} if getattr(args, "images", None) else {}
+    result = run_eval(cfg, checkpoint=args.checkpoint, benchmark=args.benchmark, out_dir=args.out, **extra)
     return result if isinstance(result, int) else EXIT_OK
 
 
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR")
     p.add_argument("--benchmark", choices=["degradation", "reconstruction"], default="degradation")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write results")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="reconstruction: a folder of images (default: the shapes eval split)")
     p.set_defaults(handler=_cmd_eval)
 
     p = sub.add_parser("serve", help="Ray Serve HTTP app for the reward or the trained policy")

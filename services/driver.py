@@ -23,10 +23,9 @@ from rollout.interleaved import RolloutSettings
 from rollout.pool import PoolSpec, RolloutPool
 from services import checkpoint, control
 from services.config import RunConfig
-from services.evaluate import evaluate, request_of
+from services.evaluate import evaluate, requests_for, reward_needs_policy, sft_examples, with_policy_rewards
 from services.tracking import Tracker, image_strip, plot_curves
 from tasks import build_dataset
-from tasks.items import format_prompt
 from tasks.sampler import PromptSampler
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,8 @@ class Run:
             cfg.model.model_dump(), L.model_dump(), cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed,
             cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None)
         self.learner._all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
-        self.reward = control.start_reward(cfg)  # reward.backend: actor | serve
+        self.reward = control.start_reward(with_policy_rewards(cfg))  # reward.backend: actor | serve
+        self.reward_follows_policy = reward_needs_policy(cfg)  # GvU scores with the current weights
         self.pool = worker_pool(cfg, cfg.rollout.num_workers)
         self.supervisor = control.RunSupervisor(self)  # `unigrpo scale`, autoscale, core-actor failures
         self.step = 0
@@ -163,9 +163,7 @@ class Run:
         self.learner._all("set_lr", s.lr)
         bar = tqdm(range(s.steps), desc="stage 1 (SFT)", unit="step", dynamic_ncols=True)
         for i in bar:
-            examples = [{"text": format_prompt(it), "image": it.image, "clean_image": it.meta["clean_image"],
-                         "answer": it.answer, "generate": int(it.meta.get("severity", 0)) > 0}
-                        for it in sampler.next_batch()]
+            examples = sft_examples(self.cfg.recipe, sampler.next_batch())  # per recipe (CLEAR, GvU warm start)
             m = self.learner.sft_step(examples)
             if i % 10 == 0 or i == s.steps - 1:
                 self.tracker.log_metrics(m, i)
@@ -176,14 +174,20 @@ class Run:
     def publish_and_sync(self, bump: bool = True) -> float:
         handle = self.learner.publish(bump)
         self.version = handle.version
-        return self.pool.sync(handle)
+        t0, timeout = time.perf_counter(), self.cfg.learner.sync.timeout_s
+        # a reward that scores with the policy (GvU) gets the SAME handle as the rollout workers, in parallel
+        pending = self.reward.update_weights.remote(handle, timeout) if self.reward_follows_policy else None
+        self.pool.sync(handle)
+        if pending is not None:
+            ray.get(pending, timeout=timeout + 30)
+        return time.perf_counter() - t0
 
     def rl_step(self, prefetched=None) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
         if prefetched is None:
             items = self.sampler.next_batch()
-            trajs = self.pool.generate([request_of(i) for i in items], cfg.seed * 100003 + self.step)
+            trajs = self.pool.generate(requests_for(cfg.recipe, items), cfg.seed * 100003 + self.step)
         else:
             items, trajs = prefetched
         t1 = time.perf_counter()
@@ -194,7 +198,7 @@ class Run:
         if cfg.algorithm.mode == "async" and self.step + 1 < cfg.algorithm.steps:
             nxt_items = self.sampler.next_batch()
             ex = cf.ThreadPoolExecutor(1)
-            nxt = (nxt_items, ex.submit(self.pool.generate, [request_of(i) for i in nxt_items],
+            nxt = (nxt_items, ex.submit(self.pool.generate, requests_for(cfg.recipe, nxt_items),
                                         cfg.seed * 100003 + self.step + 1))
         if kept:
             m.update(self.learner.train_step(collate(kept, adv, self.pad_id)))
@@ -258,7 +262,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             run.learner._all("snapshot_reference")
         run.publish_and_sync(bump=not resume)
         if not resume:
-            stage1 = evaluate(run.pool, cfg)
+            stage1 = evaluate(run.pool, cfg, reward=run.reward)
             run.tracker.log_metrics(stage1, 0)
             summary["stage1"] = stage1
         bar = tqdm(range(run.step, cfg.algorithm.steps), desc="stage 2 (GRPO)", unit="step", dynamic_ncols=True)
@@ -271,7 +275,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", step_s=f"{m['time/step_s']:.1f}")
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
                 run.save()
-        final = evaluate(run.pool, cfg)
+        final = evaluate(run.pool, cfg, reward=run.reward)
         run.tracker.log_metrics(final, run.step)
         summary["final"] = final
         _curves(run)

@@ -97,7 +97,7 @@ def test_recipe_specific_rewards() -> None:
     uae = load_config(ROOT / "configs" / "uae_tiny.yaml", [])
     gvu = load_config(ROOT / "configs" / "gvu_tiny.yaml", [])
     assert [c.name for c in uae.reward.components] == ["clip_similarity"]
-    assert not uae.learner.train_generator
+    assert uae.learner.train_generator and uae.algorithm.lambda_img > 0  # tiny default: joint (LM only: --set)
     assert [c.name for c in gvu.reward.components] == ["gvu"]
 
 
