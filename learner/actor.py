@@ -8,7 +8,6 @@ optimizer step per mini-batch over both modalities. Rank 0 publishes weights and
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 from pathlib import Path
@@ -86,10 +85,13 @@ class LearnerWorker:
         self.settings.temperature, self.settings.noise_level = temperature, noise_level
 
     def snapshot_reference(self) -> None:
-        """Freeze a copy of the current policy as the KL reference (only when a KL term is on)."""
+        """Freeze a plain (not DeepSpeed-managed) copy of the current policy as the KL reference, only
+        when a KL term is on. Built from the config, then loaded with the (gathered) current weights."""
         if self.settings.beta_text or self.settings.beta_img:
+            reference = UnifiedPolicy.from_config(self.policy.cfg)
             with self._gathered():
-                self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+                reference.load_trainable({k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()})
+            self.reference = reference.eval().requires_grad_(False)
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -103,11 +105,12 @@ class LearnerWorker:
             yield
 
     # ---- training --------------------------------------------------------------------------
-    def _step(self, loss: torch.Tensor) -> float:
+    def _step(self, loss: torch.Tensor) -> dict[str, float]:
+        """Backward and one optimizer step; the gradient norm when DeepSpeed reports one."""
         self.engine.backward(loss)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return {} if norm is None else {"grad_norm": float(norm)}
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """GRPO + Flow-GRPO on this rank's shard: recompute old log-probs, then a step per mini-batch."""
@@ -127,7 +130,7 @@ class LearnerWorker:
             mb_ref = None if ref is None else _select_outputs(ref, batch, idx)
             out = policy_outputs(self.policy, mb, s.temperature, s.noise_level)
             loss, m = grpo_loss(out, mb_old, mb, s, mb_ref)
-            m["grad_norm"] = self._step(loss)
+            m.update(self._step(loss))
             rows.append(m)
         metrics.update(average_metrics(rows))
         self.steps_done += 1
@@ -140,7 +143,7 @@ class LearnerWorker:
         batch = sft_batch(self.policy, examples, self.sft_cfg.get("sde_steps", 8), self.sft_generator)
         loss, m = sft_loss(self.policy, batch, self.sft_cfg["text_weight"], self.sft_cfg["flow_weight"],
                            self.sft_generator)
-        m["sft/grad_norm"] = self._step(loss)
+        m.update({f"sft/{k}": v for k, v in self._step(loss).items()})
         return m
 
     def set_lr(self, lr: float) -> None:
