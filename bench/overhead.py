@@ -8,7 +8,7 @@ copy the trainable weights into the rollout policy. One rollout worker on the Ra
 thread everywhere (what each actor gets), so both sides do the same work serially; the difference is
 Ray (serialisation, object store, actor calls, scheduling), the driver's bookkeeping and the bucketed sync.
 
-    python -m bench.overhead [--reps 4] [--steps 2]
+    python -m bench.overhead [--reps 3] [--steps 2]
 Prints (step - compute) / step from the medians.
 """
 
@@ -62,7 +62,7 @@ class LocalStep:
     def __call__(self) -> None:
         from learner.batch import collate
         from services.driver import assemble
-        from services.evaluate import request_of
+        from services.recipe_io import request_of
 
         items = self.sampler.next_batch()
         trajs = self.worker.generate([request_of(i) for i in items], (self.cfg.seed * 100003 + self.step_i) * 1009)
@@ -76,7 +76,7 @@ class LocalStep:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per block")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=8)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.overhead import LocalStep
     from learner.batch import collate
     from services.driver import assemble
-    from services.evaluate import request_of
+    from services.recipe_io import request_of
 
     changes = {"rollout.num_workers": 1, "rollout.max_new_tokens": args.tokens,
                "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"}

@@ -23,7 +23,8 @@ from rollout.interleaved import RolloutSettings
 from rollout.pool import PoolSpec, RolloutPool
 from services import checkpoint, control
 from services.config import RunConfig
-from services.evaluate import evaluate, requests_for, reward_needs_policy, sft_examples, with_policy_rewards
+from services.evaluate import evaluate
+from services.recipe_io import requests_for, reward_needs_policy, sft_examples, with_policy_rewards
 from services.tracking import Tracker, image_strip, plot_curves
 from tasks import build_dataset
 from tasks.sampler import PromptSampler

@@ -14,7 +14,8 @@ from PIL import Image
 
 from services import driver
 from services.config import load_config
-from services.evaluate import describe_shapes, requests_for, run_eval
+from services.evaluate import run_eval
+from services.recipe_io import describe_shapes, requests_for
 from tasks import build_dataset
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from services import checkpoint
 from services.config import load_config
 from services.driver import Run, train
-from services.evaluate import request_of
+from services.recipe_io import request_of
 
 pytestmark = pytest.mark.slow
 
