@@ -93,7 +93,7 @@ class _Section(BaseModel):
 class TaskConfig(_Section):
     name: Literal["shapes_vqa", "jsonl", "tsv"] = "shapes_vqa"
     path: str | None = None
-    train_size: PosInt = 2000
+    train_size: PosInt = 20000
     eval_size: PosInt = 200
     image_size: PosInt = 32
     degradations: list[Degradation] = Field(default_factory=lambda: ["blur", "noise", "jpeg", "lowlight"])
@@ -281,7 +281,7 @@ Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 class LearnerConfig(_Section):
     num_workers: PosInt = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 1e-3
+    lr: PosFloat = 5e-4
     weight_decay: NonNegFloat = 0.0
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0
@@ -327,6 +327,7 @@ class SFTConfig(_Section):
     lr: PosFloat = 2e-3
     flow_weight: NonNegFloat = 1.0
     text_weight: NonNegFloat = 1.0
+    generate_prob: Prob = 0.5  # CLEAR: share of degraded images whose target is generate-then-answer
 
 
 # ------------------------------------------------------------------------------- tracking / ckpt / ray

@@ -164,7 +164,7 @@ class Run:
         self.learner._all("set_lr", s.lr)
         bar = tqdm(range(s.steps), desc="stage 1 (SFT)", unit="step", dynamic_ncols=True)
         for i in bar:
-            examples = sft_examples(self.cfg.recipe, sampler.next_batch())  # per recipe (CLEAR, GvU warm start)
+            examples = sft_examples(self.cfg.recipe, sampler.next_batch(), generate_prob=s.generate_prob)  # per recipe (CLEAR, GvU warm start)
             m = self.learner.sft_step(examples)
             if i % 10 == 0 or i == s.steps - 1:
                 self.tracker.log_metrics(m, i)

@@ -9,6 +9,8 @@ need the policy (GvU) get the run's model section via ``with_policy_rewards``.
 
 from __future__ import annotations
 
+import zlib
+
 from services.config import RunConfig
 from tasks.items import PromptItem, format_prompt
 
@@ -84,7 +86,8 @@ def requests_for(recipe: str, items: list[PromptItem], image_size: int = 32) -> 
     raise ValueError(f"unknown recipe {recipe!r}; known: clear, uae, gvu")
 
 
-def sft_examples(recipe: str, items: list[PromptItem], instruction: str = "Describe the image") -> list[dict]:
+def sft_examples(recipe: str, items: list[PromptItem], instruction: str = "Describe the image",
+                 generate_prob: float = 1.0) -> list[dict]:
     """Stage-1 examples for ``learner.sft.sft_batch``.
 
     CLEAR: generate-then-answer on degraded images (the answer letter; <gen> + the clean latent when degraded).
@@ -105,7 +108,16 @@ def sft_examples(recipe: str, items: list[PromptItem], instruction: str = "Descr
                 out.append({"text": desc, "image": None, "clean_image": clean, "answer": desc, "generate": True})
         return out
     return [{"text": format_prompt(it), "image": it.image, "clean_image": it.meta["clean_image"],
-             "answer": it.answer, "generate": int(it.meta.get("severity", 0)) > 0} for it in items]
+             "answer": it.answer, "generate": _generates(it, generate_prob)} for it in items]
+
+
+def _generates(item: PromptItem, generate_prob: float) -> bool:
+    """CLEAR stage 1: a degraded image's target is generate-then-answer for a fixed ``generate_prob`` share
+    of items (by a hash of the prompt id, so it is the same every epoch and run); the rest answer directly,
+    so both paths are trained and stage 2 learns when generating pays."""
+    if int(item.meta.get("severity", 0)) <= 0:
+        return False
+    return zlib.crc32(str(item.prompt_id).encode()) % 10_000 < generate_prob * 10_000
 
 
 # ------------------------------------------------------------------------------ rewards that hold a policy
