@@ -6,7 +6,7 @@ tokens; 1 rollout worker on 1 core, 1 learner on the other; the sync split is pr
 pay off where cores are idle: on a shared 2-core box under load it cannot. Blocks alternate on one ``Run`` (sync, async, sync, async, ...);
 an async block starts with one priming step and ends with one draining step, neither timed.
 
-    python -m bench.async_vs_sync [--reps 3] [--steps 4]
+    python -m bench.async_vs_sync [--reps 2] [--steps 4]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def async_block(run, n: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=56)
     p.add_argument("--prompts", type=int, default=8)

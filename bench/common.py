@@ -94,15 +94,15 @@ def text_task(n: int = 256, seed: int = 0) -> str:
 
 
 def bench_config(changes: dict[str, Any] | None = None, lm: dict | None = None):
-    """The embedded default with no SFT, no checkpoints, no sample images, MLflow in a temporary SQLite
-    file, plus ``changes`` ({"rollout.max_new_tokens": 32, ...}) and ``lm`` (model.lm_tiny)."""
+    """The embedded default with no SFT, no checkpoints, no sample images, group size 4, MLflow in a
+    temporary SQLite file, plus ``changes`` ({"rollout.max_new_tokens": 32, ...}) and ``lm`` (model.lm_tiny)."""
     from services.config import load_config, validate_config
 
     data = load_config().model_dump()
     tmp = tempfile.mkdtemp(prefix="unigrpo-bench-")
     base = {"sft.enabled": False, "checkpoint.every": 0, "tracking.log_images_every": 0,
             "tracking.uri": f"sqlite:///{tmp}/mlflow.db", "checkpoint.dir": f"{tmp}/ckpt",
-            "algorithm.steps": 10**6, "run_name": "bench"}
+            "algorithm.steps": 10**6, "run_name": "bench", "rollout.group_size": 4}
     for key, value in {**base, **(changes or {})}.items():
         node = data
         *path, last = key.split(".")

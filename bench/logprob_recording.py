@@ -4,9 +4,10 @@ of the same generator, the same conditioning, the same noise and the same number
 
 The generator is the policy's DiT built from the config: ``tiny`` is the embedded default's (2 layers,
 width 32), ``medium`` 4 layers of width 64 (``SIZES``); 8x8x4 latents (32x32 images), 32 conditioning
-tokens, one torch thread (a rollout worker's). Repetitions interleave (SDE, ODE, SDE, ODE, ...); medians.
+tokens, one torch thread (a rollout worker's). Repetitions alternate their order (SDE ODE, ODE SDE, ...);
+medians.
 
-    python -m bench.logprob_recording [--reps 15] [--batch 32] [--steps 8] [--window 2]
+    python -m bench.logprob_recording [--reps 30] [--batch 32] [--steps 8] [--window 2]
 Prints the extra time of recording in percent.
 """
 
@@ -29,7 +30,7 @@ SIZES = {
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=30)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--window", type=int, default=2)
@@ -60,15 +61,20 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 for rep in range(args.reps + 1):
                     gen = torch.Generator().manual_seed(rep)
-                    t0 = time.perf_counter()
-                    starts = window_starts(args.batch, args.steps, args.window, "random", 0, gen)
-                    sample_latents(velocity, noise, sigmas, args.window, 0.7, starts, gen)
-                    t1 = time.perf_counter()
-                    sample_ode(velocity, noise, sigmas)
-                    t2 = time.perf_counter()
-                    if rep:
-                        sde_s.append(t1 - t0)
-                        ode_s.append(t2 - t1)
+
+                    def sde(gen=gen, noise=noise, sigmas=sigmas, velocity=velocity):
+                        starts = window_starts(args.batch, args.steps, args.window, "random", 0, gen)
+                        sample_latents(velocity, noise, sigmas, args.window, 0.7, starts, gen)
+
+                    def ode(noise=noise, sigmas=sigmas, velocity=velocity):
+                        sample_ode(velocity, noise, sigmas)
+
+                    order = [(sde, sde_s), (ode, ode_s)]
+                    for fn, out in order if rep % 2 else order[::-1]:  # A B, B A, ...: no order bias
+                        t0 = time.perf_counter()
+                        fn()
+                        if rep:
+                            out.append(time.perf_counter() - t0)
             n_gen = sum(p.numel() for p in policy.generator.parameters())
             results[size] = (median(sde_s), median(ode_s), n_gen, tuple(policy.latent_shape))
     for size, (sde, ode, n_gen, shape) in results.items():

@@ -9,11 +9,12 @@ temperature 1, top_p 1; the same reward (answer + 0.1 x format, ``reward.registr
 lr 2e-4, betas (0.9, 0.999), weight decay 0, grad-norm clip 1, constant lr); one optimizer step per batch.
 
 unigrpo runs as the real service: ``services.driver.Run.rl_step`` over a local Ray cluster (2 rollout
-workers, 1 reward actor, 1 DeepSpeed learner, object-store weight sync every step). TRL runs in this
-process (``use_cpu``). Steps are timed per step (TRL through a callback); the first step of each
+workers of 1 thread each, 1 reward actor, 1 DeepSpeed learner with 2 threads: ``learner.num_cpus_per_worker:
+2``, since in sync mode the rollout workers are idle while it learns; object-store weight sync every
+step). TRL runs in this process (``use_cpu``, 2 torch threads: the whole box). Steps are timed per step (TRL through a callback); the first step of each
 block is dropped. Blocks are interleaved (unigrpo, TRL, unigrpo, TRL, ...) and medians reported.
 
-    python -m bench.vs_trl [--reps 3] [--steps 3] [--sizes tiny,medium]
+    python -m bench.vs_trl [--reps 3] [--steps 3] [--sizes tiny,medium] [--learner-cpus 2]
 """
 
 from __future__ import annotations
@@ -100,11 +101,12 @@ def _trl_block(cfg, task_path: str, steps: int) -> list[float]:
     return timer.times[1:]
 
 
-def compare(size: str, reps: int, steps: int, task_path: str) -> dict:
+def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: float = 2.0) -> dict:
     lm = MEDIUM_LM if size == "medium" else None
     cfg = bench_config({"task.name": "jsonl", "task.path": task_path, "rollout.max_images": 0,
                         "rollout.prompts_per_step": B, "rollout.group_size": G, "rollout.max_new_tokens": 16,
-                        "algorithm.zero_variance": "zero", "algorithm.agg": "token-mean"}, lm=lm)
+                        "algorithm.zero_variance": "zero", "algorithm.agg": "token-mean",
+                        "learner.num_cpus_per_worker": learner_cpus}, lm=lm)
     run = start_run(cfg)
     ours, theirs = [], []
     try:
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="steps per block (the first of each is dropped)")
     p.add_argument("--sizes", default="tiny,medium")
+    p.add_argument("--learner-cpus", type=float, default=2.0, help="learner.num_cpus_per_worker (= its threads)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with PeakMemory() as mem:
         for size in args.sizes.split(","):
-            results.append(compare(size, args.reps, args.steps, task_path))
+            results.append(compare(size, args.reps, args.steps, task_path, args.learner_cpus))
     for r in results:
         print(f"{r['size']:>6}: unigrpo {r['unigrpo_sps']:.1f} samples/s ({r['unigrpo_s']:.2f} s/step), "
               f"TRL {r['trl_sps']:.1f} samples/s ({r['trl_s']:.2f} s/step), ratio {r['ratio']:.2f}x")
