@@ -1,6 +1,6 @@
 """Rollout scaling: 1 vs 2 rollout workers on the rollout alone (``RolloutPool.generate`` of one step's
-prompts: 16 prompts x 4, 64 new tokens, the CLEAR recipe with images, the medium LM by default), the same ``Run`` scaled between
-blocks (``RolloutPool.scale``); rollout samples/s ratio.
+prompts: 16 prompts x 4, 64 new tokens, the CLEAR recipe with images, the medium LM by default), the
+same ``Run`` scaled between blocks (``RolloutPool.scale``); rollout samples/s ratio.
 
 On a 2-core box the ceiling is 2x for the rollout and less for the step: the two workers share the two
 cores with the learner, the reward actor, the driver and Ray's own processes (and with whatever else
