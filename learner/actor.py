@@ -113,25 +113,34 @@ class LearnerWorker:
         return {} if norm is None else {"grad_norm": float(norm)}
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """GRPO + Flow-GRPO on this rank's shard: recompute old log-probs, then a step per mini-batch."""
+        """GRPO + Flow-GRPO on this rank's shard: recompute old log-probs, then a step per mini-batch.
+        With one mini-batch the old log-probs are the training forward's own values, detached (the
+        ratio is 1 at the only update), which saves a full forward pass."""
         t0 = time.perf_counter()
         self.engine.train()
         s = self.settings
-        with torch.no_grad():
-            old = policy_outputs(self.policy, batch, s.temperature, s.noise_level)
-            ref = None if self.reference is None else policy_outputs(self.reference, batch, s.temperature,
-                                                                     s.noise_level)
-        metrics = _behaviour_gap(batch, old)
         n = batch.input_ids.shape[0]
         chunks = torch.arange(n).chunk(max(1, min(self.cfg["mini_batches"], n)))
-        rows = []
+        old = None
+        if len(chunks) > 1:
+            with torch.no_grad():
+                old = policy_outputs(self.policy, batch, s.temperature, s.noise_level)
+        with torch.no_grad():
+            ref = None if self.reference is None else policy_outputs(self.reference, batch, s.temperature,
+                                                                     s.noise_level)
+        rows, metrics = [], {}
         for idx in chunks:
-            mb, mb_old = batch.select(idx), _select_outputs(old, batch, idx)
-            mb_ref = None if ref is None else _select_outputs(ref, batch, idx)
+            mb = batch if len(chunks) == 1 else batch.select(idx)
             out = policy_outputs(self.policy, mb, s.temperature, s.noise_level)
+            mb_old = _detached(out) if old is None else _select_outputs(old, batch, idx)
+            if len(chunks) == 1:
+                metrics = _behaviour_gap(batch, mb_old)
+            mb_ref = None if ref is None else _select_outputs(ref, batch, idx)
             loss, m = grpo_loss(out, mb_old, mb, s, mb_ref)
             m.update(self._step(loss))
             rows.append(m)
+        if old is not None:
+            metrics = _behaviour_gap(batch, old)
         metrics.update(average_metrics(rows))
         self.steps_done += 1
         metrics["learn/time_s"] = time.perf_counter() - t0
@@ -202,6 +211,11 @@ def _behaviour_gap(batch: TrainBatch, old: PolicyOutputs) -> dict[str, float]:
     if old.img_logp is not None:
         out["learn/logp_gap_image"] = float((old.img_logp - batch.seg_log_probs).abs().max())
     return out
+
+
+def _detached(o: PolicyOutputs) -> PolicyOutputs:
+    d = lambda t: None if t is None else t.detach()  # noqa: E731
+    return PolicyOutputs(d(o.logp), d(o.entropy), d(o.img_logp), d(o.img_mean), d(o.img_std))
 
 
 def _select_outputs(o: PolicyOutputs, batch: TrainBatch, rows: torch.Tensor) -> PolicyOutputs:

@@ -71,7 +71,8 @@ def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: f
 def grpo_loss(
     out: PolicyOutputs, old: PolicyOutputs, batch: TrainBatch, s: GRPOSettings, ref: PolicyOutputs | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = L_text(tokens, A) + lambda_img * L_img(denoising steps, A[row of the image]): one advantage."""
+    """L = L_text(tokens, A) + lambda_img * (S/B) * L_img(denoising steps, A[row of the image]): one
+    advantage; the image term is averaged per trajectory (S images in a batch of B trajectories)."""
     text, tm = text_policy_loss(
         out.logp, old.logp, batch.advantages, batch.loss_mask,
         ref_logp=None if ref is None else ref.logp, clip_low=s.clip_low, clip_high=s.clip_high,
@@ -89,6 +90,9 @@ def grpo_loss(
         )
         metrics.update({f"image/{k}": v for k, v in im.items()})
         metrics["image/loss"] = image.item()
+        # per trajectory, not per image: a batch where few samples generated gives those few images the
+        # weight of their share of the batch, not the weight of the whole text loss
+        image = image * (batch.num_segments / batch.input_ids.shape[0])
     loss = total_loss(text, image, s.lambda_img)
     metrics["loss"] = loss.item()
     return loss, metrics

@@ -186,7 +186,7 @@ class AutoscaleConfig(_Section):
 class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     num_workers: PosInt = 2
-    prompts_per_step: PosInt = 8
+    prompts_per_step: PosInt = 16
     group_size: Annotated[int, Field(ge=2)] = 8
     max_new_tokens: PosInt = 16
     temperature: PosFloat = 1.0
@@ -281,7 +281,7 @@ Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 class LearnerConfig(_Section):
     num_workers: PosInt = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 5e-4
+    lr: PosFloat = 1e-3
     weight_decay: NonNegFloat = 0.0
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0
@@ -304,7 +304,7 @@ class LearnerConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- algorithm
 class AlgorithmConfig(_Section):
-    steps: PosInt = 150
+    steps: PosInt = 100
     mode: Literal["sync", "async"] = "sync"
     max_staleness: NonNegInt = 1
     adv_scale: Literal["std", "none"] = "std"
