@@ -12,12 +12,12 @@ import time
 import mlflow
 import pytest
 import ray
+from service_helpers import ray_down, run_config  # noqa: F401
 
 from services import checkpoint, control
-from services.config import load_config
 from services.driver import Run, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_down")]
 
 TINY = [
     "sft.steps=2", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
@@ -26,15 +26,7 @@ TINY = [
 
 
 def _cfg(tmp_path, name: str, *extra: str):
-    return load_config(None, [*TINY, f"run_name={name}", f"checkpoint.dir={tmp_path}/ckpt",
-                              f"tracking.uri=sqlite:///{tmp_path}/{name}.db", *extra])
-
-
-@pytest.fixture(autouse=True)
-def _ray_down():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+    return run_config(tmp_path, name, TINY, *extra)
 
 
 def _pid(run: Run, wid: int) -> int:

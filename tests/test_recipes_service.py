@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 from PIL import Image
+from service_helpers import metric
 
 from services import driver
 from services.config import load_config
@@ -39,9 +40,6 @@ def _one_ray():
         ray.shutdown()
 
 
-def _metric(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    c = mlflow.tracking.MlflowClient(uri)
-    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
 
 
 def test_requests_per_recipe():
@@ -71,11 +69,11 @@ def test_uae_lm_only_trains_on_the_service(uae_run):
     assert cfg.model.freeze_generator and not cfg.learner.train_generator and cfg.algorithm.lambda_img == 0
     uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
     assert summary["steps"] == 2
-    rewards = _metric(uri, rid, "reward/clip_similarity/mean")
+    rewards = metric(uri, rid, "reward/clip_similarity/mean")
     assert [s for s, _ in rewards] == [1, 2] and all(-1 <= v <= 1 for _, v in rewards)
-    assert _metric(uri, rid, "reward/total/mean") and _metric(uri, rid, "text/loss")
-    assert not _metric(uri, rid, "eval/clean/accuracy")  # no CLEAR accuracy eval for UAE
-    assert _metric(uri, rid, "eval/heldout/reward/clip_similarity")
+    assert metric(uri, rid, "reward/total/mean") and metric(uri, rid, "text/loss")
+    assert not metric(uri, rid, "eval/clean/accuracy")  # no CLEAR accuracy eval for UAE
+    assert metric(uri, rid, "eval/heldout/reward/clip_similarity")
 
 
 def test_reconstruction_benchmark_writes_json_png_and_mlflow(uae_run, tmp_path):
@@ -133,7 +131,7 @@ def test_gvu_trains_and_reward_actor_follows_the_learner(tmp_path, monkeypatch):
     # the initial publish (v1) and one per step; the reward's policy holds the learner's weights each time
     assert [(v, r) for v, r, _ in seen] == [(1, 1), (2, 2), (3, 3)] and all(s for *_, s in seen)
     uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
-    gvu = _metric(uri, rid, "reward/gvu/mean")
+    gvu = metric(uri, rid, "reward/gvu/mean")
     assert [s for s, _ in gvu] == [1, 2] and all(0 < v <= 1 for _, v in gvu)
-    assert _metric(uri, rid, "sft/text_ce") and _metric(uri, rid, "image/loss")
-    assert _metric(uri, rid, "eval/heldout/reward/gvu") and not _metric(uri, rid, "eval/clean/accuracy")
+    assert metric(uri, rid, "sft/text_ce") and metric(uri, rid, "image/loss")
+    assert metric(uri, rid, "eval/heldout/reward/gvu") and not metric(uri, rid, "eval/clean/accuracy")

@@ -10,13 +10,11 @@ import mlflow
 import pytest
 import ray
 from safetensors.torch import load_file
+from service_helpers import metric, ray_down, run_config  # noqa: F401
 
 from services import checkpoint
-from services.config import load_config
 from services.driver import Run, train
 from services.recipe_io import request_of
-
-pytestmark = pytest.mark.slow
 
 TINY = [
     "sft.steps=4", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
@@ -24,21 +22,11 @@ TINY = [
 ]
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_down")]
+
+
 def _cfg(tmp_path, name: str, *extra: str):
-    return load_config(None, [*TINY, f"run_name={name}", f"checkpoint.dir={tmp_path}/ckpt",
-                              f"tracking.uri=sqlite:///{tmp_path}/{name}.db", *extra])
-
-
-@pytest.fixture(autouse=True)
-def _ray_down():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def _metric(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    c = mlflow.tracking.MlflowClient(uri)
-    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+    return run_config(tmp_path, name, TINY, *extra)
 
 
 def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
@@ -51,9 +39,9 @@ def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
     for key in ("reward/total/mean", "reward/answer/mean", "reward/format/mean", "accuracy", "rollout/trigger_rate",
                 "time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s", "samples_per_s",
                 "rollout/version_lag", "pool/size", "sft/text_ce"):
-        assert _metric(uri, rid, key), key
-    assert [s for s, _ in _metric(uri, rid, "reward/total/mean")] == [1, 2]
-    assert _metric(uri, rid, "eval/severity3/accuracy")
+        assert metric(uri, rid, key), key
+    assert [s for s, _ in metric(uri, rid, "reward/total/mean")] == [1, 2]
+    assert metric(uri, rid, "eval/severity3/accuracy")
     client = mlflow.tracking.MlflowClient(uri)
     arts = {a.path for a in client.list_artifacts(rid)} | {a.path for d in ("samples", "plots", "config")
                                                            for a in client.list_artifacts(rid, d)}
@@ -111,8 +99,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         for k in wa:
             assert (wa[k] - wb[k]).abs().max() <= 1e-6, k
     ua, ub = _cfg(tmp_path / "a", "full").tracking.resolved_uri(), resumed_cfg.tracking.resolved_uri()
-    ma = dict(_metric(ua, full["run_id"], "reward/total/mean"))
-    mb = dict(_metric(ub, resumed["run_id"], "reward/total/mean"))
+    ma = dict(metric(ua, full["run_id"], "reward/total/mean"))
+    mb = dict(metric(ub, resumed["run_id"], "reward/total/mean"))
     assert resumed["run_id"] == checkpoint.load_state(b)["mlflow_run_id"]
     assert sorted(mb) == [1, 2, 3, 4]  # the resumed run continued the same MLflow run
     assert ma[4] == pytest.approx(mb[4], abs=1e-6)
@@ -155,8 +143,8 @@ def test_async_mode_bounds_staleness(tmp_path, monkeypatch, staleness):
                f"algorithm.max_staleness={staleness}", "checkpoint.every=0", "tracking.log_images_every=0")
     summary = train(cfg)
     uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
-    lag = dict(_metric(uri, rid, "rollout/version_lag"))
-    stale = dict(_metric(uri, rid, "rollout/stale_dropped"))
+    lag = dict(metric(uri, rid, "rollout/version_lag"))
+    stale = dict(metric(uri, rid, "rollout/stale_dropped"))
     assert lag[1] == 0 and lag[2] == 1 and lag[3] == 1  # steps 2.. were sampled while the learner worked
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if staleness == 1:

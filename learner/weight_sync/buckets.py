@@ -67,6 +67,34 @@ class Bucket:
         return self.meta.nbytes
 
 
+def group_for_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> list[tuple[torch.dtype, list[tuple[str, torch.Tensor]]]]:
+    """The bucket plan, without copying: (dtype, members) per bucket, in the order buckets open; a
+    tensor larger than ``bucket_bytes`` gets a bucket of its own. Names must be unique."""
+    items = [(name, t.detach()) for name, t in named_tensors]
+    seen: set[str] = set()
+    for name, _ in items:
+        if name in seen:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+
+    plans: list[tuple[torch.dtype, list[tuple[str, torch.Tensor]]]] = []
+    open_plan: dict[torch.dtype, int] = {}  # dtype -> index into plans
+    open_bytes: dict[torch.dtype, int] = {}
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        idx = open_plan.get(t.dtype)
+        if idx is None or (nbytes > 0 and open_bytes[t.dtype] > 0 and open_bytes[t.dtype] + nbytes > bucket_bytes):
+            plans.append((t.dtype, []))
+            idx = open_plan[t.dtype] = len(plans) - 1
+            open_bytes[t.dtype] = 0
+        plans[idx][1].append((name, t))
+        open_bytes[t.dtype] += nbytes
+
+    return plans
+
+
 def bucketize(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     bucket_bytes: int,
@@ -80,26 +108,7 @@ def bucketize(
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    items = [(name, t.detach()) for name, t in named_tensors]
-    seen: set[str] = set()
-    for name, _ in items:
-        if name in seen:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        seen.add(name)
-
-    # plan: group into lists per bucket without copying
-    plans: list[tuple[torch.dtype, list[tuple[str, torch.Tensor]]]] = []
-    open_plan: dict[torch.dtype, int] = {}  # dtype -> index into plans
-    open_bytes: dict[torch.dtype, int] = {}
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        idx = open_plan.get(t.dtype)
-        if idx is None or (nbytes > 0 and open_bytes[t.dtype] > 0 and open_bytes[t.dtype] + nbytes > bucket_bytes):
-            plans.append((t.dtype, []))
-            idx = open_plan[t.dtype] = len(plans) - 1
-            open_bytes[t.dtype] = 0
-        plans[idx][1].append((name, t))
-        open_bytes[t.dtype] += nbytes
+    plans = group_for_buckets(named_tensors, bucket_bytes)
 
     buckets: list[Bucket] = []
     for dtype, members in plans:

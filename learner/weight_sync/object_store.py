@@ -29,7 +29,15 @@ from .base import (
     WeightSyncLost,
     WeightSyncTimeout,
 )
-from .buckets import BucketMeta, TensorMeta, bucketize, dtype_from_str, dtype_to_str, unbucketize
+from .buckets import (
+    BucketMeta,
+    TensorMeta,
+    bucketize,
+    dtype_from_str,
+    dtype_to_str,
+    group_for_buckets,
+    unbucketize,
+)
 
 __all__ = ["ObjectStorePublisher", "ObjectStoreReceiver"]
 
@@ -90,24 +98,7 @@ def plan_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
                  ) -> tuple[list[BucketMeta], list[list[np.ndarray]]]:
     """The buckets ``bucketize`` would make (same grouping, same metadata), each as the list of its
     tensors' raw bytes instead of one packed buffer: no copy here."""
-    items = [(name, t.detach()) for name, t in named_tensors]
-    seen: set[str] = set()
-    for name, _ in items:
-        if name in seen:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        seen.add(name)
-    plans: list[tuple[torch.dtype, list[tuple[str, torch.Tensor]]]] = []
-    open_plan: dict[torch.dtype, int] = {}
-    open_bytes: dict[torch.dtype, int] = {}
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        idx = open_plan.get(t.dtype)
-        if idx is None or (nbytes > 0 and open_bytes[t.dtype] > 0 and open_bytes[t.dtype] + nbytes > bucket_bytes):
-            plans.append((t.dtype, []))
-            idx = open_plan[t.dtype] = len(plans) - 1
-            open_bytes[t.dtype] = 0
-        plans[idx][1].append((name, t))
-        open_bytes[t.dtype] += nbytes
+    plans = group_for_buckets(named_tensors, bucket_bytes)
     metas, parts = [], []
     for dtype, members in plans:
         entries, offset = [], 0

@@ -1,0 +1,30 @@
+"""What the service tests share: tiny run configs on temporary files, MLflow metric histories, and a
+Ray cluster that is shut down after each test."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import ray
+
+from services.config import RunConfig, load_config
+
+
+def run_config(tmp_path, name: str, tiny: list[str], *extra: str, config: str | None = None) -> RunConfig:
+    """A run named ``name`` whose checkpoints and MLflow SQLite file live under ``tmp_path``."""
+    return load_config(config, [*tiny, f"run_name={name}", f"checkpoint.dir={tmp_path}/ckpt",
+                                f"tracking.uri=sqlite:///{tmp_path}/{name}.db", *extra])
+
+
+def metric(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric of one run, by step."""
+    c = mlflow.tracking.MlflowClient(uri)
+    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+
+
+@pytest.fixture
+def ray_down():
+    """Shut the local Ray cluster a test started down after it."""
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
