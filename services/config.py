@@ -281,7 +281,7 @@ Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 class LearnerConfig(_Section):
     num_workers: PosInt = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 1e-3
+    lr: PosFloat = 3e-4
     weight_decay: NonNegFloat = 0.0
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0
