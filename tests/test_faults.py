@@ -130,3 +130,24 @@ def test_dead_reward_actor_stops_run_then_resume_finishes(tmp_path, monkeypatch)
     steps = sorted(m.step for m in client.get_metric_history(resumed["run_id"], "reward/total/mean"))
     assert steps == [1, 2, 3, 4, 5]  # every step once, in the same MLflow run
     assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
+
+
+def test_dead_learner_stops_run_with_a_resumable_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, "lfail", "algorithm.steps=4", "rollout.num_workers=1")
+    orig = control.RunSupervisor.before_step
+
+    def before_step(self):
+        orig(self)
+        if self.run.step == 3:  # after the step-2 checkpoint
+            for worker in self.run.learner.workers:
+                ray.kill(worker, no_restart=True)
+
+    monkeypatch.setattr(control.RunSupervisor, "before_step", before_step)
+    with pytest.raises(SystemExit) as e:
+        train(cfg)
+    msg = str(e.value.code)
+    assert "\n" not in msg and "learner failed" in msg and "--resume" in msg, msg
+    latest = checkpoint.latest(tmp_path / "ckpt" / "lfail")
+    assert latest.name == "step-000002"  # the learner is gone: the last periodic checkpoint
+    assert checkpoint.load_state(latest)["step"] == 2
