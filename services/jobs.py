@@ -99,7 +99,7 @@ async def _stream(client: Any, job_id: str, out) -> str | None:
 
 def submit(address: str, cfg: Any, config_path: str | None = None, overrides: list[str] | None = None,
            wait: bool = False, *, root: Path | str = ROOT, env: dict[str, str] | None = None,
-           run_id_timeout_s: float = 180.0, agent_timeout_s: float = 120.0, out=None) -> int:
+           run_id_timeout_s: float = 180.0, agent_timeout_s: float = 300.0, out=None) -> int:
     """Submit ``cfg`` (already validated and resolved) as a Ray job at ``address`` (the dashboard URL,
     e.g. ``http://head:8265``). Prints ``job_id=...`` and ``mlflow_run_id=...``; returns the exit code."""
     from services.config import to_yaml
