@@ -276,10 +276,13 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", step_s=f"{m['time/step_s']:.1f}")
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
                 run.save()
+            if cfg.algorithm.eval_every and run.step % cfg.algorithm.eval_every == 0 and run.step < cfg.algorithm.steps:
+                run.tracker.log_metrics(evaluate(run.pool, cfg, reward=run.reward), run.step)
         final = evaluate(run.pool, cfg, reward=run.reward)
         run.tracker.log_metrics(final, run.step)
         summary["final"] = final
         _curves(run)
+        _print_eval(summary)
         status = "FINISHED"
     except control.CORE_FAILURES as e:  # a dead learner / reward actor: one line, resumable checkpoint
         raise SystemExit(run.supervisor.failed(e)) from None
@@ -293,6 +296,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 def _curves(run: Run) -> None:
     out = Path("runs") / run.cfg.run_name
     out.mkdir(parents=True, exist_ok=True)
-    series = {k: run.tracker.history(k) for k in ("reward/total/mean", "accuracy")}
+    keys = ("reward/total/mean", "accuracy", "eval/severity3/accuracy", "eval/heldout/reward/total")
+    series = {k: run.tracker.history(k) for k in keys}
     fig = plot_curves(series, f"{run.cfg.run_name}: reward during GRPO", out / "reward_curve.png")
     run.tracker.log_figure(fig, "plots/reward_curve.png")
+
+
+def _print_eval(summary: dict) -> None:
+    """One line per held-out metric: stage 1 -> final (what a person checks after `unigrpo train`)."""
+    before, after = summary.get("stage1", {}), summary.get("final", {})
+    for k in sorted(after):
+        if k.endswith(("accuracy", "trigger_rate")) or "/reward/" in k:
+            start = f"{before[k]:.3f} -> " if k in before else ""
+            print(f"{k}: {start}{after[k]:.3f}")

@@ -31,7 +31,7 @@ def _cfg(tmp_path, name: str, *extra: str):
 
 def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = _cfg(tmp_path, "e2e", "algorithm.steps=2")
+    cfg = _cfg(tmp_path, "e2e", "algorithm.steps=2", "algorithm.eval_every=1")
     summary = train(cfg)
     uri = cfg.tracking.resolved_uri()
     rid = summary["run_id"]
@@ -41,7 +41,7 @@ def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
                 "rollout/version_lag", "pool/size", "sft/text_ce"):
         assert metric(uri, rid, key), key
     assert [s for s, _ in metric(uri, rid, "reward/total/mean")] == [1, 2]
-    assert metric(uri, rid, "eval/severity3/accuracy")
+    assert [s for s, _ in metric(uri, rid, "eval/severity3/accuracy")] == [0, 1, 2]  # stage 1, every step, final
     client = mlflow.tracking.MlflowClient(uri)
     arts = {a.path for a in client.list_artifacts(rid)} | {a.path for d in ("samples", "plots", "config")
                                                            for a in client.list_artifacts(rid, d)}
