@@ -12,11 +12,9 @@ an async block starts with one priming step and ends with one draining step, nei
 from __future__ import annotations
 
 import argparse
-import logging
 import time
-import warnings
 
-from bench.common import PeakMemory, bench_config, machine, median, start_run, stop_run
+from bench.common import PeakMemory, bench_config, median, quiet, start_run, stop_run
 
 
 def sync_block(run, n: int) -> tuple[list[float], list[dict]]:
@@ -50,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=56)
     p.add_argument("--prompts", type=int, default=8)
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    print(machine(), flush=True)
+    quiet()
     cfg = bench_config({"rollout.num_workers": 1, "rollout.max_new_tokens": args.max_new_tokens,
                         "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero",
                         "algorithm.max_staleness": 1})

@@ -148,3 +148,13 @@ def machine() -> str:
     return (f"{platform.node()}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
             f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, load avg "
             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def quiet() -> None:
+    """Silence library warnings and transformers' logging, then print the machine line."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    print(machine(), flush=True)

@@ -15,11 +15,9 @@ Prints (step - compute) / step from the medians.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
-import warnings
 
-from bench.common import MEDIUM_LM, PeakMemory, bench_config, machine, median, start_run, stop_run
+from bench.common import MEDIUM_LM, PeakMemory, bench_config, median, quiet, start_run, stop_run
 
 
 class LocalStep:
@@ -81,9 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=8)
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    print(machine(), flush=True)
+    quiet()
     cfg = bench_config({"rollout.num_workers": 1, "rollout.max_new_tokens": args.max_new_tokens,
                         "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"}, lm=MEDIUM_LM)
     with PeakMemory() as mem:

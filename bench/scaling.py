@@ -12,11 +12,9 @@ runs on the box), and one rollout call is split into 2 chunks, so the slower chu
 from __future__ import annotations
 
 import argparse
-import logging
 import time
-import warnings
 
-from bench.common import MEDIUM_LM, PeakMemory, bench_config, machine, median, start_run, stop_run
+from bench.common import MEDIUM_LM, PeakMemory, bench_config, median, quiet, start_run, stop_run
 
 
 def block(run, n: int) -> list[float]:
@@ -41,9 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lm", choices=["tiny", "medium"], default="medium",
                    help="medium: compute-bound decoding; tiny: per-token call latency dominates")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    print(machine(), flush=True)
+    quiet()
     cfg = bench_config({"rollout.num_workers": 1, "rollout.max_new_tokens": args.max_new_tokens,
                         "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"},
                        lm=MEDIUM_LM if args.lm == "medium" else None)

@@ -20,12 +20,19 @@ block is dropped. Blocks are interleaved (unigrpo, TRL, unigrpo, TRL, ...) and m
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
-import warnings
 
-from bench.common import MEDIUM_LM, PeakMemory, bench_config, machine, median, start_run, stop_run, text_task
+from bench.common import (
+    MEDIUM_LM,
+    PeakMemory,
+    bench_config,
+    median,
+    quiet,
+    start_run,
+    stop_run,
+    text_task,
+)
 
 B, G = 8, 4
 
@@ -132,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="tiny,medium")
     p.add_argument("--learner-cpus", type=float, default=2.0, help="learner.num_cpus_per_worker (= its threads)")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    print(machine(), flush=True)
+    quiet()
     task_path = text_task()
     results = []
     with PeakMemory() as mem:
