@@ -113,7 +113,7 @@ def test_submit_job_scale_and_mlflow(ray_head, tmp_path):
     sub = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     run_id = None
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # an upper bound: a loaded box can take minutes to start the job
     try:
         for line in sub.stdout:  # until the driver has announced its MLflow run
             lines.append(line)
