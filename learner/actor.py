@@ -159,10 +159,6 @@ class LearnerWorker:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.policy.encode_image(pixels)
-
     # ---- weights out -----------------------------------------------------------------------
     def publish(self, bump: bool = True):
         """Bucket the trainable weights into the sync backend; returns the WeightHandle (rank 0)."""

@@ -3,7 +3,6 @@ config as params, per-step metrics, images and plots as artifacts."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
@@ -39,9 +38,6 @@ class Tracker:
 
     def log_figure(self, fig, path: str) -> None:
         mlflow.log_figure(fig, path)
-
-    def log_dict(self, d: dict, path: str) -> None:
-        mlflow.log_dict(d, path)
 
     def log_file(self, local: str | Path, artifact_dir: str | None = None) -> None:
         mlflow.log_artifact(str(local), artifact_dir)
@@ -101,12 +97,3 @@ def plot_bars(values: dict[str, float], title: str, out_png: str | Path):
     fig.tight_layout()
     fig.savefig(out_png)
     return fig
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
