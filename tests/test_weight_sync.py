@@ -234,8 +234,11 @@ def test_owner_died_raises_lost(actors) -> None:
     ray.get(doomed.make.remote("os", "object_store", bucket_mb=1))
     handle = ray.get(doomed.publish_big.remote("os", 1, 1 << 20))  # 4 MiB: lives in plasma, not inlined
     ray.kill(doomed)
-    with pytest.raises(ray.exceptions.RayActorError):  # wait until it is really gone
-        ray.get(doomed.live_versions.remote("os"), timeout=30)
+    gone_by = time.monotonic() + 30  # ray.kill is asynchronous: a call may still be served just after it
+    with pytest.raises(ray.exceptions.RayActorError):
+        while time.monotonic() < gone_by:
+            ray.get(doomed.live_versions.remote("os"), timeout=30)
+            time.sleep(0.2)
     deadline = time.monotonic() + 20  # Ray learns of the owner's death asynchronously
     while time.monotonic() < deadline:
         try:
