@@ -155,9 +155,14 @@ class LearnerWorker:
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})
         return m
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float, reset_state: bool = False) -> None:
+        """New learning rate; ``reset_state`` also drops the optimizer's moments (a fresh AdamW for the
+        next stage: SFT's second moments would otherwise shrink the first RL updates for hundreds of steps)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if reset_state:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
+            inner.state.clear()
 
     # ---- weights out -----------------------------------------------------------------------
     def publish(self, bump: bool = True):

@@ -131,7 +131,7 @@ def test_set_overrides_parse_types() -> None:
 
 def test_apply_overrides_does_not_mutate_input_and_creates_sections() -> None:
     data = {"rollout": {"group_size": 4}}
-    out = apply_overrides(data, ["rollout.sde.steps=12", "cluster.num_cpus=4"])
+    out = apply_overrides(data, ["rollout.sde.steps=12", "cluster.num_cpus=4"], RunConfig)
     assert data == {"rollout": {"group_size": 4}}
     assert out["rollout"] == {"group_size": 4, "sde": {"steps": 12}}
     assert RunConfig.model_validate(out).rollout.sde.steps == 12
@@ -148,7 +148,7 @@ def test_apply_overrides_does_not_mutate_input_and_creates_sections() -> None:
 )
 def test_unknown_override_path_names_it(override: str, path: str) -> None:
     with pytest.raises(ConfigError) as info:
-        apply_overrides({}, [override])
+        apply_overrides({}, [override], RunConfig)
     assert info.value.field_path == path
 
 
