@@ -115,7 +115,7 @@ class HFTextEngine:
         dev_attn = attn.to(p.device)
         positions = positions_from_mask(dev_attn)[:, -embeds.shape[1]:]
         logits, _, cache = p.lm_step(embeds, self._mask(dev_attn, embeds.shape[1]), position_ids=positions,
-                                     past_key_values=cache)
+                                     past_key_values=cache, last_only=True)
         return logits[:, -1], cache
 
     @torch.no_grad()
