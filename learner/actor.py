@@ -50,8 +50,12 @@ class LearnerWorker:
         self.policy = UnifiedPolicy.from_config(PolicyConfig.model_validate(policy_cfg))
         self._freeze(learner_cfg)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=learner_cfg["lr"], betas=tuple(learner_cfg["betas"]),
-                                      weight_decay=learner_cfg["weight_decay"])
+        understanding = {id(p) for m in (self.policy.lm, self.policy.bridge) for p in m.parameters()}
+        groups = [{"params": [p for p in params if id(p) in understanding], "understanding": True,
+                   "lr": learner_cfg["lr"] * learner_cfg.get("lm_lr_scale", 1.0)},
+                  {"params": [p for p in params if id(p) not in understanding], "understanding": False}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learner_cfg["lr"],
+                                      betas=tuple(learner_cfg["betas"]), weight_decay=learner_cfg["weight_decay"])
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -155,11 +159,12 @@ class LearnerWorker:
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})
         return m
 
-    def set_lr(self, lr: float, reset_state: bool = False) -> None:
-        """New learning rate; ``reset_state`` also drops the optimizer's moments (a fresh AdamW for the
-        next stage: SFT's second moments would otherwise shrink the first RL updates for hundreds of steps)."""
+    def set_lr(self, lr: float, reset_state: bool = False, lm_scale: float = 1.0) -> None:
+        """New learning rate (the LM and bridge at ``lr * lm_scale``); ``reset_state`` also drops the
+        optimizer's moments (a fresh AdamW for the next stage: SFT's second moments would otherwise shrink
+        the first RL updates for hundreds of steps)."""
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * lm_scale if g.get("understanding") else lr
         if reset_state:
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
             inner.state.clear()

@@ -278,6 +278,7 @@ class LearnerConfig(_Section):
     mini_batches: PosInt = 1
     train_lm: bool = True
     train_generator: bool = True
+    lm_lr_scale: NonNegFloat = 1.0  # stage 2: the LM and bridge learn at lr x this (0: GvU's scorer held)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     num_cpus_per_worker: NonNegFloat = 1.0
@@ -285,6 +286,8 @@ class LearnerConfig(_Section):
 
     @model_validator(mode="after")
     def _something_trains(self) -> LearnerConfig:
+        if self.lora.enabled:
+            raise ConfigError("learner.lora.enabled", "LoRA is not available in this build (full fine-tuning only)")
         if not (self.train_lm or self.train_generator):
             raise ConfigError(
                 "learner.train_lm", "train_lm and train_generator are both false: nothing to train"

@@ -169,7 +169,7 @@ class Run:
             if i % 10 == 0 or i == s.steps - 1:
                 self.tracker.log_metrics(m, i)
                 bar.set_postfix(ce=f"{m['sft/text_ce']:.3f}", fm=f"{m.get('sft/flow_mse', 0):.3f}")
-        self.learner._all("set_lr", self.cfg.learner.lr, self.cfg.sft.reset_optimizer)
+        self.learner._all("set_lr", self.cfg.learner.lr, self.cfg.sft.reset_optimizer, self.cfg.learner.lm_lr_scale)
 
     # ---- stage 2 ----------------------------------------------------------------------------
     def publish_and_sync(self, bump: bool = True) -> float:

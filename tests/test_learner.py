@@ -52,3 +52,25 @@ def test_one_step_trains_lm_and_generator_with_reference_kl(local_ray, zero_stag
         assert handle.version == 1 and handle.total_bytes > 0
     finally:
         group.shutdown()
+
+
+def test_stage_switch_fresh_optimizer_and_held_lm(local_ray):
+    """``set_lr(lr, reset_state, lm_scale)`` at the SFT -> GRPO switch: the optimizer's moments are dropped,
+    and with ``lm_scale`` 0 (``learner.lm_lr_scale``) a GRPO step moves the generator side only."""
+    cfg = load_config(None)
+    group = LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
+                         cfg.sft.model_dump(), cfg.seed)
+    n_state = lambda: ray.get(group.workers[0].__ray_call__.remote(lambda self: len(getattr(self.optimizer, "optimizer", self.optimizer).state)))  # noqa: E731
+    try:
+        batch = _trajectories(cfg)
+        group.train_step(batch)
+        assert n_state() > 0
+        group._all("set_lr", 1e-3, True, 0.0)
+        assert n_state() == 0
+        before = group.call("weights_digest")
+        group.train_step(batch)
+        after = group.call("weights_digest")
+        changed = {k.split(".")[0] for k in before if abs(before[k] - after[k]) > 0}
+        assert changed == {"generator", "connector"}, changed
+    finally:
+        group.shutdown()
