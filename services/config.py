@@ -84,7 +84,7 @@ class TaskConfig(_Section):
     name: Literal["shapes_vqa", "jsonl", "tsv"] = "shapes_vqa"
     path: str | None = None
     train_size: PosInt = 20000
-    eval_size: PosInt = 200
+    eval_size: PosInt = 400
     image_size: PosInt = 32
     degradations: list[Degradation] = Field(default_factory=lambda: ["blur", "noise", "jpeg", "lowlight"])
     severities: list[Annotated[int, Field(ge=1, le=3)]] = Field(default_factory=lambda: [1, 2, 3])
@@ -271,7 +271,7 @@ Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 class LearnerConfig(_Section):
     num_workers: PosInt = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 3e-4
+    lr: PosFloat = 3e-5
     weight_decay: NonNegFloat = 0.0
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0
@@ -297,7 +297,7 @@ class LearnerConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- algorithm
 class AlgorithmConfig(_Section):
-    steps: PosInt = 100
+    steps: PosInt = 200
     mode: Literal["sync", "async"] = "sync"
     max_staleness: NonNegInt = 1
     adv_scale: Literal["std", "none"] = "std"
@@ -315,7 +315,7 @@ class AlgorithmConfig(_Section):
 
 class SFTConfig(_Section):
     enabled: bool = True
-    steps: NonNegInt = 400
+    steps: NonNegInt = 200
     batch_size: PosInt = 32
     lr: PosFloat = 2e-3
     flow_weight: NonNegFloat = 1.0

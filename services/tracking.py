@@ -60,8 +60,9 @@ def image_strip(images: list[np.ndarray], scale: int = 4) -> np.ndarray:
     return np.concatenate(parts[:-1], axis=1)
 
 
-def plot_curves(series: dict[str, list[tuple[int, float]]], title: str, out_png: str | Path):
-    """A PNG line plot of metric histories; returns the figure."""
+def plot_curves(series: dict[str, list[tuple[int, float]]], title: str, out_png: str | Path, smooth: int = 20):
+    """A PNG line plot of metric histories; a series of >= 2 x ``smooth`` points is drawn faint with its
+    trailing ``smooth``-step mean on top (per-step rewards swing with each batch's prompts). Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +72,12 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], title: str, out_png:
     for name, points in series.items():
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name, marker="o" if len(points) < 30 else None, markersize=3)
+            if smooth > 1 and len(ys) >= 2 * smooth:
+                (raw,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
+                mean = [sum(ys[max(0, i - smooth + 1): i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(ys))]
+                ax.plot(xs, mean, color=raw.get_color(), label=f"{name} ({smooth}-step mean)")
+            else:
+                ax.plot(xs, ys, label=name, marker="o" if len(points) < 30 else None, markersize=3)
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
