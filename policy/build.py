@@ -53,8 +53,8 @@ def _init_params(cls: type) -> set[str]:
 
 
 def build_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
-    """``tokenizer_path``, else the LM directory, else the tiny in-code BPE."""
-    path = cfg.tokenizer_path or cfg.lm_path
+    """``tokenizer_path``, else the LM (or Janus) directory, else the tiny in-code BPE."""
+    path = cfg.tokenizer_path or (cfg.janus_path if cfg.arch == "janus" else cfg.lm_path)
     return load_tokenizer(path) if path else build_tiny_tokenizer()
 
 

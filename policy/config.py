@@ -1,4 +1,9 @@
-"""PolicyConfig: what the unified model is built from (tiny from configs, or local checkpoints).
+"""PolicyConfig: what the policy is built from (tiny from configs, or local checkpoints).
+
+``arch`` picks the architecture (``policy.factory.build_policy`` is the one place that reads it):
+``unified`` = LM + flow generator + VAE + bridge (``policy.model.UnifiedPolicy``, the ``lm_*`` /
+``generator_*`` / ``vae_*`` fields); ``janus`` = one autoregressive model that generates images as VQ
+codes (``policy.janus.JanusPolicy``: ``janus_path`` or, when null, a tiny one from ``janus_tiny``).
 
 No torch / transformers import here: ``services/config.py`` embeds this as the ``model`` section and
 validates YAML without loading weights. Paths are only checked by :meth:`PolicyConfig.check_paths`
@@ -50,11 +55,20 @@ TINY_GENERATOR: dict[str, Any] = {
 }
 
 
+# The fields only one architecture reads (``PolicyConfig.unused_fields`` names those set for the other).
+UNIFIED_FIELDS = ("lm_path", "lm_tiny", "generator_path", "generator_tiny", "vae_path", "vae_tiny")
+JANUS_FIELDS = ("janus_path", "janus_tiny")
+JANUS_TINY_KEYS = ("text", "vision", "vq")  # overrides of policy.janus.TINY_TEXT / TINY_VISION / TINY_VQ
+
+
 class PolicyConfig(BaseModel):
-    """The ``model`` section: LM + generator + VAE + bridge. Unknown keys are errors."""
+    """The ``model`` section. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
 
+    arch: Literal["unified", "janus"] = "unified"
+    janus_path: str | None = None  # a local JanusForConditionalGeneration directory (with its tokenizer)
+    janus_tiny: dict[str, dict[str, Any]] = Field(default_factory=dict)  # {text|vision|vq: overrides}
     lm_path: str | None = None
     lm_tiny: dict[str, Any] = Field(default_factory=dict)
     tokenizer_path: str | None = None
@@ -77,6 +91,19 @@ class PolicyConfig(BaseModel):
             raise ValueError(f"image_size must be a multiple of 8, got {v}")
         return v
 
+    @field_validator("janus_tiny")
+    @classmethod
+    def _janus_tiny_keys(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(v) - set(JANUS_TINY_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; known: {list(JANUS_TINY_KEYS)}")
+        return v
+
+    def unused_fields(self) -> list[str]:
+        """Fields set to a non-default value that ``arch`` does not read (a config mistake)."""
+        other = JANUS_FIELDS if self.arch == "unified" else UNIFIED_FIELDS
+        return [f for f in other if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)]
+
     # ---- merged sub-configs -------------------------------------------------------------------
     def lm_tiny_config(self) -> dict[str, Any]:
         """Qwen2Config kwargs of the tiny LM (defaults + ``lm_tiny`` overrides)."""
@@ -94,7 +121,7 @@ class PolicyConfig(BaseModel):
     # ---- paths ---------------------------------------------------------------------------------
     def check_paths(self, prefix: str = "model") -> None:
         """Raise FileNotFoundError naming the field for every set path that does not exist."""
-        for name in ("lm_path", "tokenizer_path", "generator_path", "vae_path"):
+        for name in ("lm_path", "tokenizer_path", "generator_path", "vae_path", "janus_path"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"{prefix}.{name}: {path} does not exist")

@@ -28,6 +28,8 @@ FORMAT = "unigrpo-policy/1"
 class UnifiedPolicy(nn.Module):
     """LM + generator + VAE + bridge + connector. Built in eval mode; call ``.train()`` to train."""
 
+    arch = "unified"  # PolicyConfig.arch (policy.factory.build_policy builds this class for it)
+
     def __init__(self, cfg: PolicyConfig, tokenizer, lm: nn.Module, generator: nn.Module, vae: nn.Module):
         super().__init__()
         self.cfg = cfg
@@ -267,6 +269,10 @@ class UnifiedPolicy(nn.Module):
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ---- weights ------------------------------------------------------------------------------
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        """The trainable sub-modules by side (``learner.train_lm`` / ``train_generator``, ``lm_lr_scale``)."""
+        return {"understanding": [self.lm, self.bridge], "generation": [self.generator, self.connector]}
+
     def _frozen_prefixes(self) -> tuple[str, ...]:
         return ("vae.", "generator.") if self.cfg.freeze_generator else ("vae.",)
 
@@ -276,16 +282,21 @@ class UnifiedPolicy(nn.Module):
         skip = self._frozen_prefixes()
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
-    @torch.no_grad()
     def weights_digest(self) -> dict[str, float]:
         """Per-tensor float64 sums of the trainable weights: a cheap check that two replicas agree."""
-        return {k: float(v.double().sum()) for k, v in self.trainable_state_dict().items()}
+        return tensor_sums(self.trainable_state_dict())
 
     def load_trainable(
         self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
     ) -> int:
         """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count."""
         return copy_named_tensors(self.trainable_state_dict(), named_tensors)
+
+
+@torch.no_grad()
+def tensor_sums(named: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Name -> float64 sum of the tensor (a replica's weights digest)."""
+    return {k: float(v.double().sum()) for k, v in named.items()}
 
 
 @torch.no_grad()
