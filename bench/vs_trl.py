@@ -108,8 +108,9 @@ def _trl_block(cfg, task_path: str, steps: int) -> list[float]:
     return timer.times[1:]
 
 
-def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: float = 2.0) -> dict:
-    lm = MEDIUM_LM if size == "medium" else None
+def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: float = 2.0, medium_layers: int = 8
+            ) -> dict:
+    lm = {**MEDIUM_LM, "num_hidden_layers": medium_layers} if size == "medium" else None
     cfg = bench_config({"task.name": "jsonl", "task.path": task_path, "rollout.max_images": 0,
                         "rollout.prompts_per_step": B, "rollout.group_size": G, "rollout.max_new_tokens": 16,
                         "algorithm.zero_variance": "zero", "algorithm.agg": "token-mean",
@@ -138,16 +139,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per block (the first of each is dropped)")
     p.add_argument("--sizes", default="tiny,medium")
     p.add_argument("--learner-cpus", type=float, default=2.0, help="learner.num_cpus_per_worker (= its threads)")
+    p.add_argument("--medium-layers", type=int, default=8,
+                   help="layers of the medium LM (bench.common.MEDIUM_LM otherwise): TRL's step must take >= 1 s")
     args = p.parse_args(argv)
     quiet()
     task_path = text_task()
     results = []
     with PeakMemory() as mem:
         for size in args.sizes.split(","):
-            results.append(compare(size, args.reps, args.steps, task_path, args.learner_cpus))
+            results.append(compare(size, args.reps, args.steps, task_path, args.learner_cpus, args.medium_layers))
     for r in results:
         print(f"{r['size']:>6}: unigrpo {r['unigrpo_sps']:.1f} samples/s ({r['unigrpo_s']:.2f} s/step), "
-              f"TRL {r['trl_sps']:.1f} samples/s ({r['trl_s']:.2f} s/step), ratio {r['ratio']:.2f}x")
+              f"TRL {r['trl_sps']:.1f} samples/s ({r['trl_s']:.2f} s/step), ratio {r['ratio']:.2f}x"
+              + ("" if r["size"] != "medium" or r["trl_s"] >= 1.0 else "  (TRL step < 1 s: raise --medium-layers)"))
     print(mem.line())
     print("ratio unigrpo/TRL samples/s: " + ", ".join(f"{r['size']} {r['ratio']:.2f}x" for r in results))
 
