@@ -1,8 +1,10 @@
 """The DeepSpeed learner: one Ray actor per rank, all in one placement group.
 
-Each rank builds the policy, wraps its trainable part in a DeepSpeed engine (ZeRO stage from the config;
-torch's AdamW; gloo on CPU, NCCL on GPU), recomputes old log-probs on its own model, and takes one
-optimizer step per mini-batch over both modalities. Rank 0 publishes weights and writes checkpoints.
+Each rank builds the policy of the config's ``model.arch`` (``policy.factory.build_policy``), wraps its
+trainable part in a DeepSpeed engine (ZeRO stage from the config; torch's AdamW; gloo on CPU, NCCL on GPU),
+recomputes old log-probs on its own model, and takes one optimizer step per mini-batch over both modalities
+(a Janus policy: its image codes are tokens, so the text loss alone). Rank 0 publishes weights and writes
+checkpoints.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from learner.batch import TrainBatch, average_metrics
 from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
 from learner.sft import sft_batch
 from learner.weight_sync import make_publisher
-from policy.config import PolicyConfig
-from policy.model import UnifiedPolicy
+from policy.factory import Policy, build_policy
 
 
 def _cpu_deepspeed_without_jit() -> None:
@@ -47,10 +48,10 @@ class LearnerWorker:
             _cpu_deepspeed_without_jit()
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
         self.cfg, self.algo, self.sft_cfg = learner_cfg, algo_cfg, sft_cfg
-        self.policy = UnifiedPolicy.from_config(PolicyConfig.model_validate(policy_cfg))
+        self.policy = build_policy(policy_cfg)
         self._freeze(learner_cfg)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        understanding = {id(p) for m in (self.policy.lm, self.policy.bridge) for p in m.parameters()}
+        understanding = {id(p) for m in self.policy.module_groups()["understanding"] for p in m.parameters()}
         groups = [{"params": [p for p in params if id(p) in understanding], "understanding": True,
                    "lr": learner_cfg["lr"] * learner_cfg.get("lm_lr_scale", 1.0)},
                   {"params": [p for p in params if id(p) not in understanding], "understanding": False}]
@@ -69,19 +70,19 @@ class LearnerWorker:
             model=self.policy, optimizer=optimizer, model_parameters=params, config=ds_config)
         self.settings = GRPOSettings.from_dict({**algo_cfg, "temperature": algo_cfg.get("temperature", 1.0)})
         self.publisher = make_publisher(learner_cfg["sync"]["backend"], bucket_mb=learner_cfg["sync"]["bucket_mb"])
-        self.reference: UnifiedPolicy | None = None
+        self.reference: Policy | None = None
         self.version = 0
         self.steps_done = 0
         self.sft_generator = torch.Generator().manual_seed(seed + 17)
 
     # ---- set-up ----------------------------------------------------------------------------
     def _freeze(self, cfg: dict) -> None:
-        p = self.policy
+        p, groups = self.policy, self.policy.module_groups()
         if not cfg.get("train_lm", True):
-            for m in (p.lm, p.bridge):
+            for m in groups["understanding"]:
                 m.requires_grad_(False)
         if not cfg.get("train_generator", True) or p.cfg.freeze_generator:
-            for m in (p.generator, p.connector):
+            for m in groups["generation"]:
                 m.requires_grad_(False)
 
     def set_sampling(self, temperature: float, noise_level: float) -> None:
@@ -92,7 +93,7 @@ class LearnerWorker:
         """Freeze a plain (not DeepSpeed-managed) copy of the current policy as the KL reference, only
         when a KL term is on. Built from the config, then loaded with the (gathered) current weights."""
         if self.settings.beta_text or self.settings.beta_img:
-            reference = UnifiedPolicy.from_config(self.policy.cfg)
+            reference = build_policy(self.policy.cfg)
             with self._gathered():
                 reference.load_trainable({k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()})
             self.reference = reference.eval().requires_grad_(False)

@@ -48,7 +48,14 @@ def _conditioning(policy, hidden: torch.Tensor, batch: TrainBatch, repeat: int):
 
 def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: float) -> PolicyOutputs:
     """One LM forward gives the token log-probs and, causally, the generator's conditioning; the image
-    windows' log-probs are recomputed from the stored latents in one generator batch."""
+    windows' log-probs are recomputed from the stored latents in one generator batch.
+
+    Janus (``policy.arch == "janus"``): image codes are tokens of the sequence, so the one forward gives
+    log p of text AND code tokens (each from its own head); there are no windows (``img_*`` None) and
+    ``grpo_loss`` is the text policy loss alone, one advantage per trajectory."""
+    if policy.arch == "janus":
+        logp, entropy, _ = policy.token_stats(batch.input_ids, batch.attention_mask, temperature=temperature)
+        return PolicyOutputs(logp, entropy, None, None, None)
     logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents)
     logits = mask_unsampleable(logits[:, :-1].float(), policy.token_ids) / temperature
     logp_all = torch.log_softmax(logits, dim=-1)

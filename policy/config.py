@@ -58,7 +58,7 @@ TINY_GENERATOR: dict[str, Any] = {
 # The fields only one architecture reads (``PolicyConfig.unused_fields`` names those set for the other).
 UNIFIED_FIELDS = ("lm_path", "lm_tiny", "generator_path", "generator_tiny", "vae_path", "vae_tiny")
 JANUS_FIELDS = ("janus_path", "janus_tiny")
-JANUS_TINY_KEYS = ("text", "vision", "vq")  # overrides of policy.janus.TINY_TEXT / TINY_VISION / TINY_VQ
+JANUS_TINY_KEYS = ("text", "vision", "vq")  # overrides of policy.janus_tiny.TINY_TEXT / TINY_VISION / TINY_VQ
 
 
 class PolicyConfig(BaseModel):
@@ -101,8 +101,9 @@ class PolicyConfig(BaseModel):
 
     def unused_fields(self) -> list[str]:
         """Fields set to a non-default value that ``arch`` does not read (a config mistake)."""
+        fields = type(self).model_fields
         other = JANUS_FIELDS if self.arch == "unified" else UNIFIED_FIELDS
-        return [f for f in other if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)]
+        return [f for f in other if getattr(self, f) != fields[f].get_default(call_default_factory=True)]
 
     # ---- merged sub-configs -------------------------------------------------------------------
     def lm_tiny_config(self) -> dict[str, Any]:

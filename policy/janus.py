@@ -19,86 +19,84 @@ and the next-token distribution comes from the head of the NEXT token's kind:
 so ``token_logprobs`` gives one (B, T) log-prob tensor over text AND image tokens, and the text GRPO loss
 (``learner.losses.text_policy_loss`` with ``loss_mask`` True on the sampled codes) trains image generation.
 Understanding inputs (pixels through the SigLIP encoder + aligner at ``image_token_id`` placeholders) are
-supported by ``pixel_values``. Sampling draws from the unguided distribution (no classifier-free guidance),
-so behaviour and recomputed log-probs describe the same policy.
+supported by ``pixel_values`` (``understanding_pixels`` makes them from [0,1] pixels). Sampling draws from
+the unguided distribution (no classifier-free guidance), so behaviour and recomputed log-probs describe the
+same policy.
 
-The VQ model is frozen (Janus keeps it in eval); everything else is trainable.
+Special tokens: ``token_ids["img"]`` is the model's ``image_token_id`` (understanding placeholder); with a
+real Janus tokenizer ``img_start`` / ``img_end`` are its ``boi_token`` / ``eoi_token`` (``<begin_of_image>``,
+``<end_of_image>``), so prompts follow Janus's own image layout.
+
+The VQ model is frozen (Janus keeps it in eval); everything else is trainable. ``from_config`` builds one
+from the run's ``model`` section (``arch: janus``; see ``policy.factory.build_policy``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from policy.bridge import positions_from_mask
-from policy.model import copy_named_tensors
-from policy.tokenizer import build_tiny_tokenizer, special_token_ids
+from policy.build import build_tokenizer, torch_dtype
+from policy.config import PolicyConfig
+from policy.janus_tiny import TINY_TEXT, TINY_VISION, TINY_VQ, tiny_janus_config
+from policy.model import copy_named_tensors, tensor_sums
+from policy.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
 
-TINY_TEXT: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "max_position_embeddings": 256,
-}
-TINY_VISION: dict[str, Any] = {  # SigLIP-style understanding encoder: 16x16 pixels, 4x4 patches
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "image_size": 16,
-    "patch_size": 4,
-    "mlp_ratio": 2.0,
-    "depth": 2,
-    "num_image_tokens": 16,
-}
-TINY_VQ: dict[str, Any] = {  # 4x4 codes -> 8x8 pixels (one upsample); GroupNorm(32) needs channels % 32 == 0
-    "embed_dim": 8,
-    "num_embeddings": 64,
-    "latent_channels": 32,
-    "base_channels": 32,
-    "channel_multiplier": [1, 1],
-    "num_res_blocks": 1,
-    "num_hidden_layers": 2,
-}
-
-
-def tiny_janus_config(text_vocab: int, image_token_id: int, text: dict | None = None, vision: dict | None = None,
-                      vq: dict | None = None):
-    """A small ``JanusConfig``: dims that must agree are derived (LM hidden = aligner / head widths)."""
-    from transformers import JanusConfig
-
-    t = {**TINY_TEXT, **(text or {}), "vocab_size": int(text_vocab)}
-    h = int(t["hidden_size"])
-    v = {**TINY_VISION, "projection_dim": h, **(vision or {})}
-    q = {**TINY_VQ, "projection_dim": h, "image_token_embed_dim": h, **(vq or {})}
-    return JanusConfig(text_config=t, vision_config=v, vq_config=q, image_token_id=int(image_token_id))
+PREPROCESSOR_FILE = "preprocessor_config.json"  # image_mean / image_std of the understanding encoder
 
 
 class JanusPolicy(nn.Module):
     """Janus with a joint text + image-code token space (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+    arch = "janus"  # PolicyConfig.arch
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_mean: Iterable[float] = (0.5, 0.5, 0.5),
+                 image_std: Iterable[float] = (0.5, 0.5, 0.5), cfg: PolicyConfig | None = None) -> None:
         super().__init__()
         self.model = model  # JanusForConditionalGeneration
         self.tokenizer = tokenizer
+        self.cfg = cfg
         self.token_ids: dict[str, int] = special_token_ids(tokenizer)
+        self.token_ids["img"] = int(model.config.image_token_id)
+        for key, attr in (("img_start", "boi_token"), ("img_end", "eoi_token")):
+            text = getattr(tokenizer, attr, None)
+            if text:
+                self.token_ids[key] = int(tokenizer.convert_tokens_to_ids(text))
         self.image_offset = int(model.config.text_config.vocab_size)
+        self.image_mean, self.image_std = [float(x) for x in image_mean], [float(x) for x in image_std]
         self.model.model.vqmodel.requires_grad_(False)
         self.eval()
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
+    def from_config(cls, cfg: PolicyConfig) -> JanusPolicy:
+        """``janus_path`` (a local checkpoint), else a tiny random-init Janus (``janus_tiny`` overrides,
+        seeded by ``cfg.seed``: every replica built from the same config is identical)."""
+        cfg.check_paths()
+        dtype = torch_dtype(cfg)
+        if cfg.janus_path:
+            policy = cls.from_pretrained(cfg.janus_path, cfg.tokenizer_path, dtype)
+        else:
+            t = cfg.janus_tiny
+            policy = cls.from_tiny(cfg.seed, t.get("text"), t.get("vision"), t.get("vq"), build_tokenizer(cfg))
+            policy.model.to(dtype)
+        policy.cfg = cfg
+        return policy
+
+    @classmethod
     def from_tiny(cls, seed: int = 0, text: dict | None = None, vision: dict | None = None,
-                  vq: dict | None = None) -> JanusPolicy:
+                  vq: dict | None = None, tokenizer: Any = None) -> JanusPolicy:
         """Random-init tiny Janus with the project's tiny BPE tokenizer (no download)."""
         from transformers import JanusForConditionalGeneration
 
-        tok = build_tiny_tokenizer()
+        tok = tokenizer if tokenizer is not None else build_tiny_tokenizer()
         ids = special_token_ids(tok)
         cfg = tiny_janus_config(len(tok), ids["img"], text, vision, vq)
         with torch.random.fork_rng(devices=[]):
@@ -109,17 +107,29 @@ class JanusPolicy(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, tokenizer_path: str | None = None, dtype: torch.dtype = torch.float32
                         ) -> JanusPolicy:
-        """A local Janus checkpoint (``local_files_only``); text vocab = the checkpoint's text vocab."""
-        from transformers import AutoTokenizer, JanusForConditionalGeneration
+        """A local Janus checkpoint (``local_files_only``, safetensors only); text vocab = the checkpoint's
+        text vocab (grown when the project's special tokens are added). ``image_mean`` / ``image_std`` come
+        from its ``preprocessor_config.json`` when there is one (default 0.5 / 0.5: pixels to [-1, 1])."""
+        from transformers import JanusForConditionalGeneration
 
-        from policy.tokenizer import add_missing_special_tokens
-
-        model = JanusForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
-        if add_missing_special_tokens(tok):
+        model = JanusForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                              use_safetensors=True)
+        tok = load_tokenizer(tokenizer_path or path)
+        if len(tok) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tok))
             model.config.text_config.vocab_size = len(tok)
-        return cls(model, tok)
+        pre = Path(path) / PREPROCESSOR_FILE
+        norm = json.loads(pre.read_text()) if pre.is_file() else {}
+        return cls(model, tok, norm.get("image_mean") or (0.5,) * 3, norm.get("image_std") or (0.5,) * 3)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """A plain Hugging Face Janus directory (safetensors + tokenizer + image mean / std) that
+        :meth:`from_pretrained` (and ``model.janus_path``) loads back."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(d)
+        self.tokenizer.save_pretrained(d)
+        (d / PREPROCESSOR_FILE).write_text(json.dumps({"image_mean": self.image_mean, "image_std": self.image_std}))
 
     def train(self, mode: bool = True) -> JanusPolicy:
         super().train(mode)
@@ -151,6 +161,22 @@ class JanusPolicy(nn.Module):
 
     def is_image(self, ids: torch.Tensor) -> torch.Tensor:
         return ids >= self.image_offset
+
+    @property
+    def n_understanding_tokens(self) -> int:
+        """Features of one understood image (placeholders per image): (image_size / patch_size)^2."""
+        v = self.model.config.vision_config
+        return int(v.image_size // v.patch_size) ** 2
+
+    def understanding_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) in [0,1] -> ``pixel_values`` of the understanding encoder: resized (bilinear) to
+        its ``image_size``, then ``x' = (x - mean) / std`` per channel (the image processor's numbers)."""
+        size = int(self.model.config.vision_config.image_size)
+        x = pixels.float().to(self.device)
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        mean, std = (x.new_tensor(v).view(1, -1, 1, 1) for v in (self.image_mean, self.image_std))
+        return (x - mean) / std
 
     def generation_prompt(self, text: str) -> list[int]:
         """Prompt ids of text -> image: "\\n" text "\\n" <img_start> (Janus's begin-of-image)."""
@@ -190,20 +216,35 @@ class JanusPolicy(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``logp[:, t] = log p(x_t | x_<t)`` (float32) from the head of x_t's kind; 0 at t = 0, on padding
         and on a row's first real token. Returns (logp (B,T), hidden (B,T,H))."""
+        logp, _, hidden = self._token_stats(input_ids, attention_mask, pixel_values, temperature, False)
+        return logp, hidden
+
+    def token_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pixel_values: torch.Tensor | None = None, temperature: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logp, entropy, hidden): ``logp`` as :meth:`token_logprobs`; ``entropy[:, t]`` (detached) is
+        H = -sum_k p_k log p_k of the temperature-scaled distribution x_t was drawn from (text vocabulary or
+        codebook), 0 where ``logp`` is 0. What the learner trains on (``learner.objective.policy_outputs``)."""
+        return self._token_stats(input_ids, attention_mask, pixel_values, temperature, True)
+
+    def _token_stats(self, input_ids, attention_mask, pixel_values, temperature: float, entropy: bool):
         hidden, _ = self._lm(self.embed(input_ids, pixel_values), attention_mask)
         h, target = hidden[:, :-1], input_ids[:, 1:]
         img = self.is_image(target)
         lp = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
-        txt = ~img
-        if bool(txt.any()):  # log_softmax(lm_head(h_{t-1}) / T)[x_t]
-            lg = self.model.lm_head(h[txt]).float() / temperature
-            lp = lp.masked_scatter(txt, lg.gather(-1, target[txt, None]).squeeze(-1) - lg.logsumexp(-1))
-        if bool(img.any()):  # log_softmax(generation_head(h_{t-1}) / T)[x_t - V_text]
-            lg = self.model.model.generation_head(h[img]).float() / temperature
-            lp = lp.masked_scatter(img, lg.gather(-1, self.codes(target[img])[:, None]).squeeze(-1) - lg.logsumexp(-1))
+        ent = torch.zeros_like(lp)
+        # text: log_softmax(lm_head(h_{t-1}) / T)[x_t]; image: log_softmax(generation_head(h_{t-1}) / T)[x_t - V_text]
+        for rows, head, tgt in ((~img, self.model.lm_head, target),
+                                (img, self.model.model.generation_head, self.codes(target))):
+            if bool(rows.any()):
+                logp_all = torch.log_softmax(head(h[rows]).float() / temperature, dim=-1)
+                lp = lp.masked_scatter(rows, logp_all.gather(-1, tgt[rows, None]).squeeze(-1))
+                if entropy:
+                    ent = ent.masked_scatter(rows, -(logp_all.exp() * logp_all.clamp(min=-1e4)).sum(-1).detach())
         m = attention_mask.bool()
-        lp = torch.where(m[:, 1:] & m[:, :-1], lp, torch.zeros_like(lp))
-        return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1), hidden
+        real = m[:, 1:] & m[:, :-1]
+        lp, ent = torch.where(real, lp, torch.zeros_like(lp)), torch.where(real, ent, torch.zeros_like(ent))
+        return F.pad(lp, (1, 0)), F.pad(ent, (1, 0)), hidden
 
     # ---- image generation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -216,6 +257,7 @@ class JanusPolicy(nn.Module):
 
         ``prompt_ids``: (B,P) (padding given by ``attention_mask``) or a list of rows (left-padded here).
         Returns (codes (B,n) long, behaviour log-probs (B,n) float32 under the temperature-scaled policy).
+        ``temperature <= 0`` is greedy (evaluation): argmax, log-probs under the untempered distribution.
         """
         n = self.n_image_tokens if n_tokens is None else int(n_tokens)
         ids, attn = self._left_padded(prompt_ids, attention_mask)
@@ -229,8 +271,13 @@ class JanusPolicy(nn.Module):
         logps = torch.zeros((b, n), dtype=torch.float32)
         head = self.model.model.generation_head
         for k in range(n):
-            logp_all = torch.log_softmax(head(hidden[:, -1]).float() / temperature, dim=-1)
-            c = torch.multinomial(logp_all.exp().cpu(), 1, generator=generator).squeeze(-1)
+            logits = head(hidden[:, -1]).float()
+            if temperature <= 0:
+                logp_all = torch.log_softmax(logits, dim=-1)
+                c = logp_all.argmax(-1).cpu()
+            else:
+                logp_all = torch.log_softmax(logits / temperature, dim=-1)
+                c = torch.multinomial(logp_all.exp().cpu(), 1, generator=generator).squeeze(-1)
             codes[:, k] = c
             logps[:, k] = logp_all.cpu().gather(-1, c[:, None]).squeeze(-1)
             if k == n - 1:
@@ -260,6 +307,17 @@ class JanusPolicy(nn.Module):
         return ((px.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ---- weights ----------------------------------------------------------------------------------
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        """The trainable sub-modules by side. The LM is shared by both paths; it counts as understanding
+        (``learner.train_lm`` / ``lm_lr_scale``), generation is the code embedding, its aligner and head."""
+        m = self.model.model
+        return {"understanding": [m.language_model, self.model.lm_head, m.vision_model, m.aligner],
+                "generation": [m.generation_embeddings, m.generation_aligner, m.generation_head]}
+
+    def weights_digest(self) -> dict[str, float]:
+        """Per-tensor float64 sums of the trainable weights: a cheap check that two replicas agree."""
+        return tensor_sums(self.trainable_state_dict())
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen VQ model (what weight sync ships); tied weights appear once."""
         skip = "model.model.vqmodel."
@@ -278,4 +336,4 @@ def text_image_sequence(policy: JanusPolicy, prompt: list[int], codes: torch.Ten
     return ids, mask
 
 
-__all__ = ["JanusPolicy", "text_image_sequence", "tiny_janus_config"]
+__all__ = ["TINY_TEXT", "TINY_VISION", "TINY_VQ", "JanusPolicy", "text_image_sequence", "tiny_janus_config"]

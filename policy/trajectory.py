@@ -6,6 +6,10 @@ Image slots in the sequence are runs of ``n_image_tokens`` placeholder ids (``<i
 is listed in ``slot_latents`` in order of appearance and enters the LM through the Latent
 Representation Bridge. A generated image also keeps the stochastic window of its SDE sampler, which is
 what Flow-GRPO trains.
+
+A Janus policy (``model.arch: janus``) generates an image as VQ-code tokens IN the sequence instead: they
+are sampled tokens (``loss_mask`` True, behaviour log-probs kept), ``images`` stays empty and
+``meta["generated_codes"]`` (n,) holds the codes (:meth:`Trajectory.generated` gives either kind).
 """
 
 from __future__ import annotations
@@ -60,7 +64,14 @@ class Trajectory:
 
     @property
     def generated_image(self) -> bool:
-        return len(self.images) > 0
+        return len(self.images) > 0 or "generated_codes" in self.meta
+
+    def generated(self) -> torch.Tensor | None:
+        """What made the (first) generated image: its final latent (C,h,w), or Janus VQ codes (n,); None
+        when nothing was generated. ``RolloutWorker.decode`` turns a batch of either into pixels."""
+        if self.images:
+            return self.images[0].final_latent
+        return self.meta.get("generated_codes")
 
     def validate(self) -> None:
         t = self.input_ids.shape[0]

@@ -7,8 +7,9 @@
 
 Models (CLIP, DINOv2, ...) load once, in the constructor.
 
-Rewards that score with the policy itself (GvU: ``reward/gvu.py``) hold a ``UnifiedPolicy`` in the reward set's
-``resources["policy"]`` (built once by the reward's setup from the spec's ``policy_config`` kwarg). The driver
+Rewards that score with the policy itself (GvU: ``reward/gvu.py``) hold a policy of the run's ``model.arch``
+(``UnifiedPolicy`` or ``JanusPolicy``) in the reward set's ``resources["policy"]`` (built once by the
+reward's setup from the spec's ``policy_config`` kwarg). The driver
 keeps it current: after every publish it calls ``update_weights(handle, timeout_s)`` with the SAME
 ``WeightHandle`` the rollout workers get; the actor receives the buckets through its own
 ``learner.weight_sync`` receiver and loads them with :func:`reward.gvu.gvu_sync`. ``version()`` is the

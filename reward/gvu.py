@@ -5,11 +5,21 @@ For a generated latent z and the prompt's description d = (d_1..d_m):
     sequence = <img_start> bridge(z)*n <img_end> "\\n" instruction "\\n" d_1 .. d_m
     r(z, d)  = exp( (1/m) sum_j log p_theta(d_j | image, instruction, d_<j) )      (geometric mean, in (0, 1])
 
-one teacher-forced forward (``UnifiedPolicy.token_logprobs``) per batch; the latent enters the LM through
+one teacher-forced forward (``policy.token_logprobs``) per batch; the latent enters the LM through
 the bridge, as everywhere else (no decode / re-encode).
 
-Weights: the reward must use the CURRENT policy, so the reward actor holds its own ``UnifiedPolicy`` and
-follows the learner exactly as a rollout worker does:
+Janus (``model.arch: janus``): the image is the trajectory's VQ codes c (``meta["generated_codes"]``). They
+are decoded by the frozen VQ decoder, x = D(c) in [0,1], and read by Janus's understanding path:
+
+    pixel_values = (resize(x, SigLIP size) - mean) / std
+    sequence     = <begin_of_image> <image_placeholder>*n_features <end_of_image> "\\n" instruction "\\n" d
+    r(c, d)      = exp( (1/m) sum_j log p_theta(d_j | SigLIP(pixel_values), instruction, d_<j) )
+
+(``JanusPolicy.understanding_pixels`` / ``token_logprobs(ids, mask, pixel_values)``), so the reward scores
+the pixels the sample images show, not the codes' embeddings.
+
+Weights: the reward must use the CURRENT policy, so the reward actor holds its own policy of the run's
+``model.arch`` (``policy.factory.build_policy``) and follows the learner exactly as a rollout worker does:
 
 1. The driver (``services.driver.Run``) injects ``policy_config`` (= the run's ``model`` section) into the
    ``gvu`` spec's kwargs; :func:`gvu_setup` builds the policy once in the reward actor and keeps it in the
@@ -27,17 +37,19 @@ Frozen parts (the VAE; the generator when ``model.freeze_generator``) are never 
 them from the same config and seed.
 
 Registered as ``"gvu"``; trajectories need ``meta["generated_latent"]`` (C,h,w) (or a generated image
-segment) and ``meta["prompt_text"]`` (both written by ``rollout.recipes.gvu_rollout``). kwargs:
+segment; Janus: ``meta["generated_codes"]`` (n,)) and ``meta["prompt_text"]`` (both written by
+``rollout.recipes.gvu_rollout`` / ``janus_gvu_rollout``). kwargs:
 ``instruction`` (default "Describe the image"), ``max_batch`` (default 32), ``answer_tags`` (default false:
 score the description right after the instruction; true: after an ``<answer>`` token, the response format
 the tiny policy is warm-started with), and, without a policy in
-``resources``, ``policy_path`` (a ``save_pretrained`` directory) or ``policy_config`` (a PolicyConfig dict).
+``resources``, ``policy_path`` (a ``save_pretrained`` directory of either architecture) or ``policy_config``
+(a PolicyConfig dict).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +74,10 @@ class GvUState:
 
 def _sequences(policy, descriptions: Sequence[str], instruction: str, answer_tags: bool = False
                ) -> tuple[list[list[int]], list[int]]:
-    """Token rows [image slot, instruction, (<answer>), description] and where each description starts."""
-    prefix = encode_prompt(policy.tokenizer, instruction, policy.n_image_tokens, with_image=True)
+    """Token rows [image slot, instruction, (<answer>), description] and where each description starts.
+    The slot holds the bridge's tokens (unified) or Janus's understanding-feature placeholders."""
+    n_slot = policy.n_understanding_tokens if policy.arch == "janus" else policy.n_image_tokens
+    prefix = encode_prompt(policy.tokenizer, instruction, n_slot, with_image=True)
     if answer_tags:  # the policy's own response format: the description is scored after <answer>
         prefix = prefix + [policy.token_ids["answer_start"]]
     rows, starts = [], []
@@ -76,14 +90,16 @@ def _sequences(policy, descriptions: Sequence[str], instruction: str, answer_tag
 
 @torch.no_grad()
 def gvu_scores(policy, latents: torch.Tensor, descriptions: Sequence[str], *, instruction: str = INSTRUCTION,
-               max_batch: int = 32, answer_tags: bool = False) -> torch.Tensor:
+               max_batch: int = 32, answer_tags: bool = False,
+               to_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(B,) float32 rewards exp(mean_j log p(d_j | image, instruction, d_<j)); NaN for an empty description.
 
-    ``latents`` (B, C, h, w) go through the bridge at the image slot; rows are right-padded and scored
+    ``latents`` (B, C, h, w) go through the bridge at the image slot (Janus: ``pixel_values`` (B,3,H,W), or
+    codes (B,n) with ``to_input`` mapping a chunk of them to pixel_values); rows are right-padded and scored
     ``max_batch`` at a time (right padding leaves the real positions' values unchanged).
     """
-    if latents.dim() != 4 or latents.shape[0] != len(descriptions):
-        raise ValueError(f"gvu_scores: latents {tuple(latents.shape)} vs {len(descriptions)} descriptions")
+    if (to_input is None and latents.dim() != 4) or latents.shape[0] != len(descriptions):
+        raise ValueError(f"gvu_scores: images {tuple(latents.shape)} vs {len(descriptions)} descriptions")
     rows, starts = _sequences(policy, descriptions, instruction, answer_tags)
     pad = policy.token_ids["pad"]
     out = torch.full((len(rows),), math.nan, dtype=torch.float32)
@@ -98,7 +114,9 @@ def gvu_scores(policy, latents: torch.Tensor, descriptions: Sequence[str], *, in
             attn[j, : len(rows[i])] = 1
             scored[j, starts[i] : len(rows[i])] = True
         dev = policy.device
-        logp, _ = policy.token_logprobs(ids.to(dev), attn.to(dev), latents[lo : lo + len(chunk)].to(dev))
+        images = latents[lo : lo + len(chunk)].to(dev)
+        images = images if to_input is None else to_input(images)
+        logp, _ = policy.token_logprobs(ids.to(dev), attn.to(dev), images)
         m = scored.to(dev).float()
         n = m.sum(-1)
         mean_logp = (logp.float() * m).sum(-1) / n.clamp(min=1)  # (1/m) sum_j log p(d_j | ...)
@@ -124,22 +142,27 @@ def gvu_setup(kwargs: dict, resources: dict) -> GvUState:
     """The scoring policy: ``resources["policy"]`` (the reward actor's), else one loaded / built from kwargs."""
     policy = resources.get("policy")
     if policy is None:
-        from policy.config import PolicyConfig
-        from policy.model import UnifiedPolicy
+        from policy.factory import build_policy, load_policy_dir
 
         if kwargs.get("policy_path"):
-            policy = UnifiedPolicy.from_pretrained(kwargs["policy_path"])
+            policy = load_policy_dir(kwargs["policy_path"])
         elif kwargs.get("policy_config") is not None:
-            policy = UnifiedPolicy.from_config(PolicyConfig(**kwargs["policy_config"]))
+            policy = build_policy(kwargs["policy_config"])
         else:
             raise ValueError("gvu reward needs resources['policy'] or kwargs 'policy_path' / 'policy_config'")
+        if torch.cuda.is_available():  # a reward actor given a GPU (reward.num_gpus) scores on it
+            policy.to("cuda")
         resources["policy"] = policy
     policy.eval()
     return GvUState(policy=policy, instruction=str(kwargs.get("instruction", INSTRUCTION)),
                     max_batch=int(kwargs.get("max_batch", 32)), answer_tags=bool(kwargs.get("answer_tags", False)))
 
 
-def _latent_of(t: Any) -> torch.Tensor | None:
+def _image_of(t: Any, janus: bool) -> torch.Tensor | None:
+    """The generated image of a trajectory (or meta dict): Janus VQ codes (n,) long, else a latent (C,h,w)."""
+    if janus:
+        codes = traj_meta(t).get("generated_codes")
+        return None if codes is None else torch.as_tensor(codes).long()
     lat = traj_meta(t).get("generated_latent")
     if lat is None and not isinstance(t, dict) and getattr(t, "images", None):
         lat = t.images[-1].final_latent
@@ -150,18 +173,21 @@ def _latent_of(t: Any) -> torch.Tensor | None:
 def gvu_reward(trajectories: Sequence[Any], ctx: RewardContext) -> list[float]:
     """GvU reward per trajectory; NaN where the latent or the description is missing."""
     st: GvUState = ctx.state if ctx.state is not None else gvu_setup(ctx.kwargs, ctx.resources)
+    janus = st.policy.arch == "janus"
     out = [math.nan] * len(trajectories)
     idx, lats, descs = [], [], []
     for i, t in enumerate(trajectories):
-        lat, desc = _latent_of(t), traj_meta(t).get("prompt_text")
+        lat, desc = _image_of(t, janus), traj_meta(t).get("prompt_text")
         if lat is None or not desc:
             continue
         idx.append(i)
         lats.append(lat)
         descs.append(str(desc))
     if idx:
+        # Janus: codes -> pixels D(c) -> the understanding encoder's input, one chunk at a time
+        to_input = (lambda c: st.policy.understanding_pixels(st.policy.decode_image_tokens(c))) if janus else None
         scores = gvu_scores(st.policy, torch.stack(lats), descs, instruction=st.instruction, max_batch=st.max_batch,
-                            answer_tags=st.answer_tags)
+                            answer_tags=st.answer_tags, to_input=to_input)
         for j, i in enumerate(idx):
             out[i] = float(scores[j])
     return out

@@ -23,6 +23,14 @@ GvU (prompt -> image)
     z_0      ~ SDE sampler conditioned on hidden(prompt)                    (window recorded)
     No text is sampled (loss_mask all False). meta["generated_latent"] = z_0 (C,h,w),
     meta["prompt_text"] = the description; the "gvu" reward (reward/gvu.py) scores it.
+
+GvU on Janus (``model.arch: janus``; policy/janus.py, one joint token space, codes at V_text + c)
+    prompt   = "\n" description "\n" <begin_of_image>                      (loss_mask False)
+    c_1..c_n ~ prod_k softmax(generation_head(h_k) / T)                     (autoregressive VQ codes, KV cache)
+    input_ids = prompt + (V_text + c_k);  loss_mask True and behaviour_logp = log pi(c_k | c_<k, prompt) on
+    the n code tokens, so GRPO trains them through the text policy loss with the trajectory's one advantage.
+    No latents and no SDE window (``images`` empty). meta["generated_codes"] = c (n,) long, decoded by the
+    frozen VQ decoder where pixels are needed (the gvu reward, MLflow samples).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from policy.janus import text_image_sequence
 from policy.prompting import decode_response, encode_prompt
 from policy.trajectory import Trajectory
 from rollout import interleaved
@@ -130,12 +139,40 @@ def gvu_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSett
     return out
 
 
+NO_SLOTS = torch.zeros((0, 1, 1, 1))  # Janus: no latent image slots in the sequence
+
+
+@torch.no_grad()
+def janus_gvu_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings, version: int,
+                      generator: torch.Generator | None = None) -> list[Trajectory]:
+    """GvU on a ``JanusPolicy``: G images per request's ``text``, sampled as VQ-code tokens (see the module
+    docstring). ``engine`` is unused (kept for the common signature); ``s.temperature`` 0 is greedy."""
+    del engine
+    rows = [(r, g, policy.generation_prompt(r["text"])) for r in requests for g in range(s.group_size)]
+    if not rows:
+        return []
+    codes, logps = policy.sample_image_tokens([p for *_, p in rows], generator=generator, temperature=s.temperature)
+    out = []
+    for i, (r, g, prompt) in enumerate(rows):
+        ids, mask = text_image_sequence(policy, prompt, codes[i])
+        behaviour = torch.zeros(ids.shape[0])
+        behaviour[mask] = logps[i]
+        meta = {**(r.get("meta") or {}), "generated_codes": codes[i], "prompt_text": r["text"]}
+        out.append(Trajectory(
+            prompt_id=str(r["prompt_id"]), group_index=g, input_ids=ids, prompt_len=len(prompt), loss_mask=mask,
+            behaviour_logp=behaviour, slot_latents=NO_SLOTS, images=[], policy_version=version, meta=meta,
+        ))
+    return out
+
+
 ROLLOUTS: dict[str, RolloutFn] = {"clear": interleaved.rollout, "uae": uae_rollout, "gvu": gvu_rollout}
+JANUS_ROLLOUTS: dict[str, RolloutFn] = {"gvu": janus_gvu_rollout}  # what model.arch 'janus' runs
 
 
-def get_rollout(recipe: str) -> RolloutFn:
-    """The rollout function of a recipe (``clear`` | ``uae`` | ``gvu``)."""
+def get_rollout(recipe: str, arch: str = "unified") -> RolloutFn:
+    """The rollout function of a recipe (``clear`` | ``uae`` | ``gvu``) for a model architecture."""
+    table = JANUS_ROLLOUTS if arch == "janus" else ROLLOUTS
     try:
-        return ROLLOUTS[recipe]
+        return table[recipe]
     except KeyError:
-        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(ROLLOUTS)}") from None
+        raise ValueError(f"unknown recipe {recipe!r} for model.arch {arch!r}; known: {', '.join(table)}") from None

@@ -1,5 +1,7 @@
 """The rollout worker: one Ray actor (own placement group), a policy replica, a text engine, and the
-weight-receive path. It holds a policy version; the driver never gives it prompts while it is stale."""
+weight-receive path. It holds a policy version; the driver never gives it prompts while it is stale.
+The policy and the rollout follow the config's ``model.arch`` (``policy.factory.build_policy``,
+``rollout.recipes.get_rollout``)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import torch
 
 from learner.weight_sync import WeightHandle, make_receiver
 from policy.config import PolicyConfig
-from policy.model import UnifiedPolicy
+from policy.factory import build_policy
 from policy.trajectory import Trajectory
 from rollout.engine import make_engine
 from rollout.interleaved import RolloutSettings
-from rollout.recipes import ROLLOUTS
+from rollout.recipes import get_rollout
 
 
 class RolloutWorker:
@@ -27,11 +29,14 @@ class RolloutWorker:
         torch.set_num_threads(max(1, num_threads))
         self.worker_id = worker_id
         cfg = PolicyConfig.model_validate(policy_cfg)
-        self.policy = UnifiedPolicy.from_config(cfg).eval()
+        self.policy = build_policy(cfg)
+        if self.policy.arch == "janus" and torch.cuda.is_available():  # its sampler and decoder are device-aware
+            self.policy.to("cuda")
         self.engine = make_engine(engine, self.policy, **(engine_kwargs or {}))
         self.settings = RolloutSettings(**settings)
         self.receiver = make_receiver(sync_backend)
         self.recipe = recipe
+        self.rollout = get_rollout(recipe, cfg.arch)
         self.policy_version = -1
 
     def update_weights(self, handle: WeightHandle, timeout_s: float = 60.0) -> int:
@@ -54,15 +59,18 @@ class RolloutWorker:
                                f"driver expected {expected_version}")
         settings = replace(self.settings, **(overrides or {}))
         generator = torch.Generator().manual_seed(seed)
-        trajs = ROLLOUTS[self.recipe](self.policy, self.engine, requests, settings, self.policy_version, generator)
+        trajs = self.rollout(self.policy, self.engine, requests, settings, self.policy_version, generator)
         for t in trajs:
             t.meta["worker_id"] = self.worker_id
         return trajs
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [0, 1] (for sample images and reconstruction rewards)."""
+    def decode(self, generated: torch.Tensor) -> torch.Tensor:
+        """What generated an image -> pixels (B,3,H,W) in [0, 1] (sample images, reconstruction rewards):
+        final latents (B,C,h,w) of a unified policy, VQ codes (B,n) of a Janus one."""
         with torch.no_grad():
-            return self.policy.decode_latent(latents)
+            if self.policy.arch == "janus":
+                return self.policy.decode_image_tokens(generated).cpu()
+            return self.policy.decode_latent(generated)
 
     def weights_digest(self) -> dict[str, float]:
         return self.policy.weights_digest()

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from policy.config import PolicyConfig
+from services.arch import check_architecture
 from services.overrides import ConfigError, apply_overrides, first_error, format_validation_error
 
 __all__ = [
@@ -237,6 +238,7 @@ class RewardConfig(_Section):
     backend: Literal["actor", "serve"] = "actor"
     components: list[RewardComponent] = Field(default_factory=_default_components)
     num_cpus: NonNegFloat = 0.5
+    num_gpus: NonNegFloat = 0.0  # the reward actor's; a policy-scoring reward (gvu) then runs on the GPU
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("components")
@@ -360,7 +362,7 @@ class ClusterConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------- run
-_MODEL_PATH_FIELDS = ("lm_path", "tokenizer_path", "generator_path", "vae_path")
+_MODEL_PATH_FIELDS = ("lm_path", "tokenizer_path", "generator_path", "vae_path", "janus_path")
 
 
 class RunConfig(_Section):
@@ -406,6 +408,7 @@ class RunConfig(_Section):
                 f"{self.rollout.num_workers} is outside autoscale bounds "
                 f"[{self.rollout.autoscale.min_workers}, {self.rollout.autoscale.max_workers}]",
             )
+        check_architecture(self)  # model.arch: what each architecture can run (services/arch.py)
         return self
 
     def check_paths(self) -> RunConfig:

@@ -355,7 +355,8 @@ def start_reward(cfg: Any) -> Any:
         return ServeReward(cfg)
     from reward.actor import make_reward_actor
 
-    return make_reward_actor([c.model_dump() for c in cfg.reward.components], num_cpus=cfg.reward.num_cpus)
+    return make_reward_actor([c.model_dump() for c in cfg.reward.components], num_cpus=cfg.reward.num_cpus,
+                             num_gpus=cfg.reward.num_gpus)
 
 
 def score_values(reward: Any, trajectories: list) -> tuple[list[float], dict[str, list[float]]]:

@@ -219,14 +219,18 @@ class Run:
         return m, nxt
 
     def log_samples(self, items, trajs) -> None:
-        """Degraded input | generated restoration | clean source, for a trajectory that generated."""
+        """Input image | generated image | clean source (those that exist), for trajectories that generated."""
         by_id = {i.prompt_id: i for i in items}
         shown = [t for t in trajs if t.generated_image][:4]
         for k, t in enumerate(shown):
             item = by_id[t.prompt_id]
-            pix = self.pool.call("decode", t.images[0].final_latent[None])[0]
-            gen = (pix.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-            self.tracker.log_image(image_strip([item.image, gen, item.meta["clean_image"]]),
+            pix = self.pool.call("decode", t.generated()[None])  # latent or Janus VQ codes -> (1,3,H,W)
+            tiles = [item.image, None, item.meta.get("clean_image")]  # prompt-only rows (TSV) have no image
+            side = next((tuple(x.shape[:2]) for x in tiles if x is not None), tuple(pix.shape[-2:]))
+            if tuple(pix.shape[-2:]) != side:  # e.g. a tiny Janus decodes 8x8 images: match the strip
+                pix = torch.nn.functional.interpolate(pix, size=side, mode="nearest")
+            tiles[1] = (pix[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            self.tracker.log_image(image_strip([x for x in tiles if x is not None]),
                                    f"samples/step_{self.step:05d}_{k}.png")
 
     # ---- checkpoints ------------------------------------------------------------------------

@@ -9,6 +9,11 @@ import ray
 
 from services.config import RunConfig, load_config
 
+# Tiny sizes for a recipe config's 2-step service run (GvU / UAE / Janus GvU tests).
+RECIPE_TINY = ["task.train_size=32", "task.eval_size=4", "rollout.prompts_per_step=2", "rollout.group_size=2",
+               "rollout.max_new_tokens=6", "rollout.num_workers=1", "tracking.log_images_every=1",
+               "algorithm.steps=2", "checkpoint.every=2", "sft.steps=2", "sft.batch_size=4", "reward.num_cpus=0.5"]
+
 
 def run_config(tmp_path, name: str, tiny: list[str], *extra: str, config: str | None = None) -> RunConfig:
     """A run named ``name`` whose checkpoints and MLflow SQLite file live under ``tmp_path``."""

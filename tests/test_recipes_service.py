@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 from PIL import Image
+from service_helpers import RECIPE_TINY as TINY
 from service_helpers import metric
 
 from services import driver
@@ -22,9 +23,6 @@ from tasks import build_dataset
 pytestmark = pytest.mark.slow
 
 LM_ONLY = ["model.freeze_generator=true", "learner.train_generator=false", "algorithm.lambda_img=0"]
-TINY = ["task.train_size=32", "task.eval_size=4", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "rollout.max_new_tokens=6", "rollout.num_workers=1", "tracking.log_images_every=1", "algorithm.steps=2",
-        "checkpoint.every=2", "sft.steps=2", "sft.batch_size=4", "reward.num_cpus=0.5"]
 
 
 def _cfg(tmp_path, recipe: str, *extra: str):
