@@ -88,7 +88,7 @@ def test_real_scale_configs_validate_without_weights_but_fail_path_check() -> No
         path = getattr(cfg.model, field)
         assert path and path.startswith("/models/")
         if cfg.model.arch == "unified":
-            assert cfg.rollout.engine == "vllm" and cfg.learner.sync.backend == "nccl"
+            assert cfg.rollout.engine == "vllm" and cfg.learner.sync.backend == "object_store"
         if Path(path).exists():
             continue
         with pytest.raises(ConfigError) as info:
