@@ -33,3 +33,26 @@ def ray_down():
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+def record_syncs(monkeypatch, holders) -> list[tuple[int, list[int], bool, dict[str, float]]]:
+    """Wrap ``Run.publish_and_sync``: after every sync, append (learner version, each holder's version,
+    whether every holder's weights digest equals the learner's, the learner's digest). ``holders(run)``
+    lists the actors that must follow the learner (the reward actor, rollout workers)."""
+    from services import driver
+
+    seen: list = []
+    publish_and_sync = driver.Run.publish_and_sync
+
+    def spy(self, bump: bool = True):
+        dt = publish_and_sync(self, bump)
+        learner = self.learner.call("weights_digest")
+        actors = holders(self)
+        digests = ray.get([a.weights_digest.remote() for a in actors])
+        same = all(d.keys() == learner.keys() and all(abs(d[k] - learner[k]) <= 1e-6 * (1 + abs(learner[k]))
+                                                      for k in learner) for d in digests)
+        seen.append((self.version, ray.get([a.version.remote() for a in actors]), same, learner))
+        return dt
+
+    monkeypatch.setattr(driver.Run, "publish_and_sync", spy)
+    return seen

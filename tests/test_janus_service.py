@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-import ray
 import torch
 import yaml
-from service_helpers import RECIPE_TINY, metric, ray_down, run_config  # noqa: F401 (ray_down: a fixture)
+from service_helpers import RECIPE_TINY, metric, ray_down, record_syncs, run_config  # noqa: F401 (ray_down: a fixture)
 
 from learner.batch import collate
 from learner.objective import policy_outputs
@@ -67,21 +66,8 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_down")
 def test_janus_gvu_trains_on_the_service(tmp_path, monkeypatch):
-    seen = []
-    publish_and_sync = driver.Run.publish_and_sync
-
-    def spy(self, bump: bool = True):
-        dt = publish_and_sync(self, bump)
-        learner = self.learner.call("weights_digest")
-        actors = [self.reward] + [m.actor for m in self.pool.members.values()]  # reward actor, rollout workers
-        holders = ray.get([a.weights_digest.remote() for a in actors])
-        same = all(d.keys() == learner.keys() and all(abs(d[k] - learner[k]) <= 1e-6 * (1 + abs(learner[k]))
-                                                      for k in learner) for d in holders)
-        versions = ray.get([a.version.remote() for a in actors])
-        seen.append((self.version, versions, same, learner))
-        return dt
-
-    monkeypatch.setattr(driver.Run, "publish_and_sync", spy)
+    # the reward actor and every rollout worker
+    seen = record_syncs(monkeypatch, lambda run: [run.reward] + [m.actor for m in run.pool.members.values()])
     cfg = run_config(tmp_path, "gvu-janus-tiny", RECIPE_TINY, config=CONFIG)
     assert cfg.model.arch == "janus" and not cfg.sft.enabled
     summary = driver.train(cfg)

@@ -12,7 +12,7 @@ import pytest
 import ray
 from PIL import Image
 from service_helpers import RECIPE_TINY as TINY
-from service_helpers import metric
+from service_helpers import metric, record_syncs
 
 from services import driver
 from services.config import load_config
@@ -110,24 +110,12 @@ def _last_run(client):
 
 
 def test_gvu_trains_and_reward_actor_follows_the_learner(tmp_path, monkeypatch):
-    seen = []
-    publish_and_sync = driver.Run.publish_and_sync
-
-    def spy(self, bump: bool = True):
-        dt = publish_and_sync(self, bump)
-        learner = self.learner.call("weights_digest")
-        reward = ray.get(self.reward.weights_digest.remote())
-        same = reward.keys() == learner.keys() and all(
-            abs(reward[k] - learner[k]) <= 1e-6 * (1 + abs(learner[k])) for k in learner)
-        seen.append((self.version, ray.get(self.reward.version.remote()), same))
-        return dt
-
-    monkeypatch.setattr(driver.Run, "publish_and_sync", spy)
+    seen = record_syncs(monkeypatch, lambda run: [run.reward])
     cfg = _cfg(tmp_path, "gvu", "checkpoint.every=0")
     summary = driver.train(cfg)
     assert summary["steps"] == 2
     # the initial publish (v1) and one per step; the reward's policy holds the learner's weights each time
-    assert [(v, r) for v, r, _ in seen] == [(1, 1), (2, 2), (3, 3)] and all(s for *_, s in seen)
+    assert [(v, vs) for v, vs, *_ in seen] == [(1, [1]), (2, [2]), (3, [3])] and all(s for _, _, s, _ in seen)
     uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
     gvu = metric(uri, rid, "reward/gvu/mean")
     assert [s for s, _ in gvu] == [1, 2] and all(0 < v <= 1 for _, v in gvu)
