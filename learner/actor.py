@@ -96,7 +96,7 @@ class LearnerWorker:
             reference = build_policy(self.policy.cfg)
             with self._gathered():
                 reference.load_trainable({k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()})
-            self.reference = reference.eval().requires_grad_(False)
+            self.reference = reference.to(self.policy.device).eval().requires_grad_(False)
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -124,8 +124,9 @@ class LearnerWorker:
         t0 = time.perf_counter()
         self.engine.train()
         s = self.settings
+        batch = batch.to(self.policy.device)  # trajectories arrive on the CPU
         n = batch.input_ids.shape[0]
-        chunks = torch.arange(n).chunk(max(1, min(self.cfg["mini_batches"], n)))
+        chunks = torch.arange(n, device=batch.input_ids.device).chunk(max(1, min(self.cfg["mini_batches"], n)))
         old = None
         if len(chunks) > 1:
             with torch.no_grad():
@@ -154,7 +155,7 @@ class LearnerWorker:
     def sft_step(self, examples: list[dict]) -> dict[str, float]:
         """Stage 1 on raw examples (see ``learner.sft``): text cross-entropy + flow matching + bridge."""
         self.engine.train()
-        batch = sft_batch(self.policy, examples, self.sft_cfg.get("sde_steps", 8), self.sft_generator)
+        batch = sft_batch(self.policy, examples, self.sft_cfg.get("sde_steps", 8), self.sft_generator).to(self.policy.device)
         loss, m = sft_loss(self.policy, batch, self.sft_cfg["text_weight"], self.sft_cfg["flow_weight"],
                            self.sft_generator)
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})

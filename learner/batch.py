@@ -33,15 +33,19 @@ class TrainBatch:
     def num_segments(self) -> int:
         return int(self.seg_rows.shape[0])
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on ``device`` (the learner's model device)."""
+        return TrainBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
     def select(self, rows: torch.Tensor) -> TrainBatch:
         """The mini-batch of the given rows (their slots and segments follow them)."""
-        rows = rows.sort().values
-        keep_row = torch.zeros(self.input_ids.shape[0], dtype=torch.bool)
+        rows = rows.sort().values.to(self.input_ids.device)
+        keep_row = torch.zeros(self.input_ids.shape[0], dtype=torch.bool, device=self.input_ids.device)
         keep_row[rows] = True
         slot_keep = torch.repeat_interleave(keep_row, self.slot_counts)
         seg_keep = keep_row[self.seg_rows]
         new_index = torch.full_like(keep_row, -1, dtype=torch.long)
-        new_index[rows] = torch.arange(rows.numel())
+        new_index[rows] = torch.arange(rows.numel(), device=rows.device)
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts"):
             kw[name] = kw[name][rows]

@@ -121,8 +121,8 @@ def sft_loss(
     metrics = {"sft/text_ce": ce.item()}
     if batch.num_segments:
         x0 = batch.seg_final
-        eps = torch.randn(x0.shape, generator=generator)
-        s = torch.rand(x0.shape[0], generator=generator)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU generator, then moved
+        s = torch.rand(x0.shape[0], generator=generator).to(x0.device)
         xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
         enc, pooled = _conditioning(policy, hidden, batch, 1)
         fm = F.mse_loss(policy.velocity(xs, s, enc, pooled), eps - x0)

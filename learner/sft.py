@@ -32,10 +32,11 @@ def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tens
     attn = torch.zeros_like(ids)
     for i, c in enumerate(contexts):
         ids[i, : len(c)], attn[i, : len(c)] = torch.tensor(c), 1
-    _, hidden = policy.lm_forward(ids, attn, input_latents)
+    dev = policy.device  # noise is drawn on the CPU (the generator's device), then moved
+    _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), input_latents.to(dev))
     enc, pooled = policy.condition(hidden, torch.tensor([len(c) for c in contexts]))
-    noise = torch.randn((len(contexts), *policy.latent_shape), generator=generator)
-    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise, flow_sigmas(steps))
+    noise = torch.randn((len(contexts), *policy.latent_shape), generator=generator).to(dev)
+    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise, flow_sigmas(steps)).cpu()
 
 
 @torch.no_grad()
@@ -45,10 +46,10 @@ def sft_batch(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
     ``image: None`` gives a text-only prompt (no image slot): with ``generate`` the generator learns to make
     ``clean_image`` from the text alone (GvU's text -> image warm start)."""
     tok, n = policy.tokenizer, policy.n_image_tokens
-    clean = policy.encode_image(_pixels([e["clean_image"] for e in examples]))
+    clean = policy.encode_image(_pixels([e["clean_image"] for e in examples])).cpu()  # the batch is built on the CPU
     with_image = [e.get("image") is not None for e in examples]
     shown = [e["image"] for e, w in zip(examples, with_image) if w]
-    enc = policy.encode_image(_pixels(shown)) if shown else clean[:0]
+    enc = policy.encode_image(_pixels(shown)).cpu() if shown else clean[:0]
     pos = [sum(with_image[:i]) for i in range(len(examples))]
     inputs = [enc[pos[i] : pos[i] + 1] if w else clean[:0] for i, w in enumerate(with_image)]  # (0 or 1, C,h,w)
     prompts = [encode_prompt(tok, e["text"], n, with_image=w) for e, w in zip(examples, with_image)]

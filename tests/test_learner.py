@@ -74,3 +74,17 @@ def test_stage_switch_fresh_optimizer_and_held_lm(local_ray):
         assert changed == {"generator", "connector"}, changed
     finally:
         group.shutdown()
+
+
+def test_train_batch_select_and_to():
+    """A mini-batch keeps its rows' slots and image segments (re-indexed); ``to`` moves every field."""
+    from dataclasses import fields
+
+    batch = _trajectories(load_config(None))
+    rows = torch.tensor([3, 0])
+    sub = batch.select(rows)
+    assert torch.equal(sub.input_ids, batch.input_ids[[0, 3]]) and torch.equal(sub.advantages, batch.advantages[[0, 3]])
+    assert sub.num_segments == int(torch.isin(batch.seg_rows, rows).sum())
+    assert set(sub.seg_rows.tolist()) <= {0, 1} and sub.slot_latents.shape[0] == int(sub.slot_counts.sum())
+    moved = batch.to("meta")
+    assert all(getattr(moved, f.name).device.type == "meta" for f in fields(moved))
