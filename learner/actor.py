@@ -134,19 +134,16 @@ class LearnerWorker:
         with torch.no_grad():
             ref = None if self.reference is None else policy_outputs(self.reference, batch, s.temperature,
                                                                      s.noise_level)
-        rows, metrics = [], {}
+        rows = []
         for idx in chunks:
             mb = batch if len(chunks) == 1 else batch.select(idx)
             out = policy_outputs(self.policy, mb, s.temperature, s.noise_level)
             mb_old = _detached(out) if old is None else _select_outputs(old, batch, idx)
-            if len(chunks) == 1:
-                metrics = _behaviour_gap(batch, mb_old)
             mb_ref = None if ref is None else _select_outputs(ref, batch, idx)
             loss, m = grpo_loss(out, mb_old, mb, s, mb_ref)
             m.update(self._step(loss))
             rows.append(m)
-        if old is not None:
-            metrics = _behaviour_gap(batch, old)
+        metrics = _behaviour_gap(batch, mb_old if old is None else old)  # one chunk: its outputs are the old ones
         metrics.update(average_metrics(rows))
         self.steps_done += 1
         metrics["learn/time_s"] = time.perf_counter() - t0

@@ -33,6 +33,19 @@ def _pid(run: Run, wid: int) -> int:
     return ray.get(run.pool.actor(wid).pid.remote())
 
 
+def _kill_before_step(monkeypatch, step: int, actors_of) -> None:
+    """Kill ``actors_of(run)`` (no restart) just before step ``step`` runs (after its predecessor's checkpoint)."""
+    orig = control.RunSupervisor.before_step
+
+    def before_step(self):
+        orig(self)
+        if self.run.step == step:
+            for actor in actors_of(self.run):
+                ray.kill(actor, no_restart=True)
+
+    monkeypatch.setattr(control.RunSupervisor, "before_step", before_step)
+
+
 def test_killed_rollout_workers_lose_no_group(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, "faults", "algorithm.steps=4", "rollout.num_workers=2")
@@ -107,13 +120,7 @@ def test_dead_reward_actor_stops_run_then_resume_finishes(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, "rfail", "algorithm.steps=5", "rollout.num_workers=1")
     orig = control.RunSupervisor.before_step
-
-    def before_step(self):
-        orig(self)
-        if self.run.step == 3:  # after the step-2 checkpoint, before step 4 scores anything
-            ray.kill(self.run.reward, no_restart=True)
-
-    monkeypatch.setattr(control.RunSupervisor, "before_step", before_step)
+    _kill_before_step(monkeypatch, 3, lambda run: [run.reward])  # after the step-2 checkpoint, before step 4 scores
     with pytest.raises(SystemExit) as e:
         train(cfg)
     msg = str(e.value.code)
@@ -135,15 +142,7 @@ def test_dead_reward_actor_stops_run_then_resume_finishes(tmp_path, monkeypatch)
 def test_dead_learner_stops_run_with_a_resumable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, "lfail", "algorithm.steps=4", "rollout.num_workers=1")
-    orig = control.RunSupervisor.before_step
-
-    def before_step(self):
-        orig(self)
-        if self.run.step == 3:  # after the step-2 checkpoint
-            for worker in self.run.learner.workers:
-                ray.kill(worker, no_restart=True)
-
-    monkeypatch.setattr(control.RunSupervisor, "before_step", before_step)
+    _kill_before_step(monkeypatch, 3, lambda run: run.learner.workers)  # after the step-2 checkpoint
     with pytest.raises(SystemExit) as e:
         train(cfg)
     msg = str(e.value.code)
