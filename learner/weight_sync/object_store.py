@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import ray
 import torch
 
 from .base import (
@@ -55,12 +54,14 @@ class ObjectStorePublisher(WeightPublisher):
         self.packed = packed
         self.bucket_bytes = max(1, int(bucket_mb * 1024 * 1024))
         self.keep_last = keep_last
-        self._live: deque[tuple[int, list[ray.ObjectRef]]] = deque()
+        self._live: deque[tuple[int, list]] = deque()  # (version, its ObjectRefs)
         self.last_version: int | None = None
 
     def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightHandle:
         if self.last_version is not None and version <= self.last_version:
             raise ValueError(f"version {version} is not newer than the last published {self.last_version}")
+        import ray  # imported on use: the plain worker classes import this module where Ray is absent
+
         if self.packed:
             buckets = bucketize(named_tensors, self.bucket_bytes, device="cpu")
             metas = [b.meta for b in buckets]
@@ -138,6 +139,8 @@ class ObjectStoreReceiver(WeightReceiver):
         if len(handle.refs) != len(handle.buckets):
             raise WeightSyncError(f"handle of version {handle.version} has {len(handle.refs)} refs for "
                                   f"{len(handle.buckets)} buckets")
+        import ray
+
         try:
             arrays = ray.get(list(handle.refs), timeout=timeout_s) if handle.refs else []
         except ray.exceptions.GetTimeoutError as e:
