@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -97,6 +97,15 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
+def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (the rollout's CPU generator), then moved to
+    ``device``: a seed gives the same noise whether the policy runs on the CPU or a GPU. Without a generator
+    it is drawn on ``device`` from the global RNG."""
+    where = device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=where).to(device)
+
+
 @dataclass
 class SampledLatents:
     """The sampler's record. Window tensors are (B, W, ...) / (B, W); ``final`` is (B, C, h, w)."""
@@ -108,6 +117,10 @@ class SampledLatents:
     sigma_nexts: torch.Tensor
     log_probs: torch.Tensor
     window_start: torch.Tensor  # (B,) long
+
+    def to(self, device: torch.device | str) -> SampledLatents:
+        """The same record with every tensor on ``device`` (the rollout returns CPU tensors)."""
+        return SampledLatents(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def window_starts(batch: int, steps: int, window: int, position: str, start: int, generator=None) -> torch.Tensor:
@@ -176,19 +189,19 @@ def sample_latents(
             x = torch.add(x, v, alpha=dt)  # euler_step
             continue
         cx, cv, std = _sde_coefficients(sig[k], sig[k + 1], noise_level)
-        eps = torch.randn(x.shape, generator=generator, dtype=compute, device=x.device)
+        eps = draw_normal(x.shape, generator, x.device, compute)  # on the generator's device, then moved
         x_sde = torch.add(torch.add(x.to(compute) * cx, v.to(compute), alpha=cv), eps, alpha=std).to(x.dtype)
         rec_pos[k] = len(rec_x)
         rec_x.append(x)
         rec_v.append(v)
         rec_next.append(x_sde)
         x = torch.where(in_window[k].view(shape1).to(x.device), x_sde, torch.add(x, v, alpha=dt))
-    ks = starts[:, None] + torch.arange(window)[None]  # (B, W): the step of each window slot
+    ks = starts[:, None] + torch.arange(window)[None]  # (B, W): the step of each window slot (CPU)
     rows = torch.arange(b)[:, None].expand(b, window)
     pos = rec_pos[ks]
     gather = lambda xs: torch.stack(xs)[pos.to(noise.device), rows.to(noise.device)]  # noqa: E731
     lat, vel, nxt = gather(rec_x), gather(rec_v), gather(rec_next)
-    s_w, sn_w = sigmas.to(noise)[ks], sigmas.to(noise)[ks + 1]
+    s_w, sn_w = sigmas[ks].to(noise), sigmas[ks + 1].to(noise)
     _, lp, _, _ = sde_step(lat.flatten(0, 1), vel.flatten(0, 1), s_w.flatten(), sn_w.flatten(), noise_level,
                            prev_sample=nxt.flatten(0, 1))
     return SampledLatents(x, lat, nxt, s_w, sn_w, lp.view(b, window).to(s_w.dtype), starts)

@@ -57,8 +57,29 @@ def sample_token(logits: torch.Tensor, s: SamplingSettings, generator: torch.Gen
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > s.top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    token = draw_index(probs, generator)
     return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
+
+
+def draw_index(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V) (non-negative, unnormalised), on ``probs``' device.
+
+    Where the generator lives with the probabilities (the CPU), ``torch.multinomial``. A GPU policy keeps
+    the rollout's CPU generator (a seed gives the same draws on any device): one uniform per row is drawn
+    on it and moved, and the index is read off the CDF on the GPU (B numbers cross the bus, not B x V)."""
+    if generator is None or probs.device == generator.device:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    u = torch.rand((probs.shape[0],), generator=generator, dtype=torch.float64, device=generator.device)
+    return inverse_cdf(probs, u.to(probs.device))
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs`` (B, V), the first index whose CDF exceeds ``u * total`` (``u`` (B,) in [0, 1)),
+    computed in float64; never an index without mass."""
+    cdf = probs.double().cumsum(-1)
+    index = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # the last index with mass
+    return torch.minimum(index, last)
 
 
 def _dedupe(requests: list[TextRequest]) -> tuple[list[int], torch.Tensor]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from policy.prompting import decode_response, encode_prompt
-from policy.sde import flow_sigmas, sample_latents, window_starts
+from policy.sde import draw_normal, flow_sigmas, sample_latents, window_starts
 from policy.trajectory import ImageSegment, Trajectory
 from rollout.engine import SamplingSettings, TextEngine, TextRequest
 
@@ -47,16 +47,20 @@ def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.
 @torch.no_grad()
 def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tensor], s: RolloutSettings,
                     generator: torch.Generator | None) -> tuple[list[ImageSegment], torch.Tensor]:
-    """Latents conditioned on each context's hidden states; returns their segments and final latents."""
+    """Latents conditioned on each context's hidden states; returns their segments and final latents, on
+    the CPU. The LM and the sampler run on the policy's device; the noise is drawn on ``generator``'s (the
+    CPU) and moved, so a seed gives the same noise on any device."""
+    dev = policy.device
     ids, attn = _right_padded(contexts, policy.token_ids["pad"])
-    _, hidden = policy.lm_forward(ids, attn, torch.cat(latents))
+    _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), torch.cat(latents).to(dev))
     cond_end = torch.tensor([len(c) for c in contexts])
     enc, pooled = policy.condition(hidden, cond_end)
     b = len(contexts)
-    noise = torch.randn((b, *policy.latent_shape), generator=generator)
+    noise = draw_normal((b, *policy.latent_shape), generator, dev)
     starts = window_starts(b, s.sde_steps, s.sde_window, s.sde_window_position, s.sde_window_start, generator)
     rec = sample_latents(lambda x, sig: policy.velocity(x, sig, enc, pooled), noise,
-                         flow_sigmas(s.sde_steps, s.sde_shift), s.sde_window, s.sde_noise_level, starts, generator)
+                         flow_sigmas(s.sde_steps, s.sde_shift), s.sde_window, s.sde_noise_level, starts,
+                         generator).to("cpu")
     segs = [
         ImageSegment(cond_end=int(cond_end[i]), latents=rec.latents[i], next_latents=rec.next_latents[i],
                      sigmas=rec.sigmas[i], sigma_nexts=rec.sigma_nexts[i], log_probs=rec.log_probs[i],
@@ -77,7 +81,7 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
         image = r.get("image")
         if image is not None:
             pixels = torch.as_tensor(image).permute(2, 0, 1)[None].float() / 255.0
-            lat = policy.encode_image(pixels)
+            lat = policy.encode_image(pixels).cpu()  # trajectories hold CPU tensors; the engine moves them
         else:
             lat = torch.zeros((0, *policy.latent_shape))
         prompt = encode_prompt(tok, r["text"], policy.n_image_tokens, with_image=image is not None)

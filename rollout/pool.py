@@ -63,7 +63,7 @@ class RolloutPool:
             num_cpus=s.num_cpus, num_gpus=s.num_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0),
         ).remote(worker_id, s.policy_cfg, s.settings, s.engine, s.engine_kwargs, s.sync_backend, s.recipe,
-                 max(1, int(s.num_cpus)))
+                 max(1, int(s.num_cpus)), s.num_gpus)
 
     def _add(self) -> int:
         """A new worker in its own placement group; STALE until it holds the current weights."""

@@ -21,17 +21,21 @@ from rollout.recipes import get_rollout
 
 
 class RolloutWorker:
-    """Plain class; the pool wraps it with ``ray.remote``. ``version`` is -1 until weights arrive."""
+    """Plain class; the pool wraps it with ``ray.remote``. ``version`` is -1 until weights arrive.
+
+    With ``num_gpus`` > 0 (``rollout.num_gpus_per_worker``) and CUDA present, the policy lives on the GPU
+    and sampling runs there; the noise still comes from the CPU generator of ``generate``'s seed, and the
+    trajectories it returns hold CPU tensors. A Janus policy goes to the GPU whenever there is one."""
 
     def __init__(self, worker_id: int, policy_cfg: dict, settings: dict, engine: str = "hf",
                  engine_kwargs: dict | None = None, sync_backend: str = "object_store", recipe: str = "clear",
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, num_gpus: float = 0.0) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.worker_id = worker_id
         cfg = PolicyConfig.model_validate(policy_cfg)
         self.policy = build_policy(cfg)
-        if self.policy.arch == "janus" and torch.cuda.is_available():  # its sampler and decoder are device-aware
-            self.policy.to("cuda")
+        if torch.cuda.is_available() and (num_gpus > 0 or self.policy.arch == "janus"):
+            self.policy.to("cuda")  # rollout.num_gpus_per_worker > 0: Ray gave this actor its GPU
         self.engine = make_engine(engine, self.policy, **(engine_kwargs or {}))
         self.settings = RolloutSettings(**settings)
         self.receiver = make_receiver(sync_backend)
@@ -70,7 +74,7 @@ class RolloutWorker:
         with torch.no_grad():
             if self.policy.arch == "janus":
                 return self.policy.decode_image_tokens(generated).cpu()
-            return self.policy.decode_latent(generated)
+            return self.policy.decode_latent(generated.to(self.policy.device)).cpu()
 
     def weights_digest(self) -> dict[str, float]:
         return self.policy.weights_digest()

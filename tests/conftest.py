@@ -20,9 +20,8 @@ _exit_status: list[int] = []
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     _exit_status.append(int(exitstatus))
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # only a session that used Ray (it is absent on the GPU box)
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 

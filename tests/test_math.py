@@ -160,3 +160,17 @@ def test_image_loss_ratio_one_kl_and_total():
         image_policy_loss(lp[0], lp[0], adv)
     t = total_loss(torch.tensor(1.0), torch.tensor(2.0), 0.5)
     assert t.item() == 2.0
+
+
+def test_inverse_cdf_draws_follow_probs_and_skip_empty_tokens():
+    """The GPU sampling path (``rollout.engine.inverse_cdf``: CPU uniforms, CDF on the policy's device):
+    never a zero-probability token, and draws follow the (unnormalised, nucleus-truncated) probabilities."""
+    from rollout.engine import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.6, 0.2, 0.0]])
+    edges = torch.tensor([0.0, 0.2 - 1e-6, 0.2 + 1e-6, 1 - 1e-12, math.nextafter(1.0, 0.0)], dtype=torch.float64)
+    got = inverse_cdf(probs.expand(5, -1) * 4.0, edges)  # any total mass
+    assert got.tolist() == [1, 1, 3, 4, 4]
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    freq = torch.bincount(inverse_cdf(probs.expand(20000, -1), u), minlength=6).double() / 20000
+    assert torch.allclose(freq, probs[0].double(), atol=0.015)
