@@ -14,7 +14,7 @@ workers of 1 thread each, 1 reward actor, 1 DeepSpeed learner with 2 threads: ``
 step). TRL runs in this process (``use_cpu``, 2 torch threads: the whole box). Steps are timed per step (TRL through a callback); the first step of each
 block is dropped. Blocks are interleaved (unigrpo, TRL, unigrpo, TRL, ...) and medians reported.
 
-    python -m bench.vs_trl [--reps 3] [--steps 3] [--sizes tiny,medium] [--learner-cpus 2]
+    python -m bench.vs_trl [--reps 3] [--steps 3] [--sizes tiny,medium] [--learner-cpus 2] [--set K=V ...]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+
+import yaml
 
 from bench.common import (
     MEDIUM_LM,
@@ -108,13 +110,13 @@ def _trl_block(cfg, task_path: str, steps: int) -> list[float]:
     return timer.times[1:]
 
 
-def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: float = 2.0, medium_layers: int = 8
-            ) -> dict:
+def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: float = 2.0, medium_layers: int = 8,
+            changes: dict | None = None) -> dict:
     lm = {**MEDIUM_LM, "num_hidden_layers": medium_layers} if size == "medium" else None
     cfg = bench_config({"task.name": "jsonl", "task.path": task_path, "rollout.max_images": 0,
                         "rollout.prompts_per_step": B, "rollout.group_size": G, "rollout.max_new_tokens": 16,
                         "algorithm.zero_variance": "zero", "algorithm.agg": "token-mean",
-                        "learner.num_cpus_per_worker": learner_cpus}, lm=lm)
+                        "learner.num_cpus_per_worker": learner_cpus, **(changes or {})}, lm=lm)
     run = start_run(cfg)
     ours, theirs = [], []
     try:
@@ -141,13 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--learner-cpus", type=float, default=2.0, help="learner.num_cpus_per_worker (= its threads)")
     p.add_argument("--medium-layers", type=int, default=8,
                    help="layers of the medium LM (bench.common.MEDIUM_LM otherwise): TRL's step must take >= 1 s")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="unigrpo config change, e.g. --set learner.shared_prefix=false (the padded learner)")
     args = p.parse_args(argv)
+    changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     quiet()
     task_path = text_task()
     results = []
     with PeakMemory() as mem:
         for size in args.sizes.split(","):
-            results.append(compare(size, args.reps, args.steps, task_path, args.learner_cpus, args.medium_layers))
+            results.append(compare(size, args.reps, args.steps, task_path, args.learner_cpus, args.medium_layers,
+                                   changes))
     for r in results:
         print(f"{r['size']:>6}: unigrpo {r['unigrpo_sps']:.1f} samples/s ({r['unigrpo_s']:.2f} s/step), "
               f"TRL {r['trl_sps']:.1f} samples/s ({r['trl_s']:.2f} s/step), ratio {r['ratio']:.2f}x"

@@ -68,6 +68,7 @@ class LearnerWorker:
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.policy, optimizer=optimizer, model_parameters=params, config=ds_config)
+        self.shared_prefix = learner_cfg.get("shared_prefix", True)
         self.settings = GRPOSettings.from_dict({**algo_cfg, "temperature": algo_cfg.get("temperature", 1.0)})
         self.publisher = make_publisher(learner_cfg["sync"]["backend"], bucket_mb=learner_cfg["sync"]["bucket_mb"])
         self.reference: Policy | None = None
@@ -130,14 +131,14 @@ class LearnerWorker:
         old = None
         if len(chunks) > 1:
             with torch.no_grad():
-                old = policy_outputs(self.policy, batch, s.temperature, s.noise_level)
+                old = policy_outputs(self.policy, batch, s.temperature, s.noise_level, self.shared_prefix)
         with torch.no_grad():
             ref = None if self.reference is None else policy_outputs(self.reference, batch, s.temperature,
-                                                                     s.noise_level)
+                                                                     s.noise_level, self.shared_prefix)
         rows = []
         for idx in chunks:
             mb = batch if len(chunks) == 1 else batch.select(idx)
-            out = policy_outputs(self.policy, mb, s.temperature, s.noise_level)
+            out = policy_outputs(self.policy, mb, s.temperature, s.noise_level, self.shared_prefix)
             mb_old = _detached(out) if old is None else _select_outputs(old, batch, idx)
             mb_ref = None if ref is None else _select_outputs(ref, batch, idx)
             loss, m = grpo_loss(out, mb_old, mb, s, mb_ref)

@@ -12,6 +12,7 @@ from learner.batch import TrainBatch
 from learner.losses import image_policy_loss, text_policy_loss, total_loss
 from policy.prompting import mask_unsampleable
 from policy.sde import window_log_probs
+from policy.shared_prefix import lm_hidden_shared_prefix, plan_shared_prefix
 
 
 @dataclass
@@ -34,8 +35,8 @@ class GRPOSettings:
 
 @dataclass
 class PolicyOutputs:
-    logp: torch.Tensor  # (B, T): logp[:, t] = log p(x_t | x_<t); 0 at t = 0
-    entropy: torch.Tensor  # (B, T)
+    logp: torch.Tensor  # (B, T): logp[:, t] = log p(x_t | x_<t) where x_t was sampled (loss_mask), else 0
+    entropy: torch.Tensor  # (B, T): of the distribution x_t was drawn from, where sampled, else 0
     img_logp: torch.Tensor | None  # (S, W)
     img_mean: torch.Tensor | None  # (S, W, C, h, w)
     img_std: torch.Tensor | None  # (S, W)
@@ -46,7 +47,22 @@ def _conditioning(policy, hidden: torch.Tensor, batch: TrainBatch, repeat: int):
     return enc.repeat_interleave(repeat, 0), pooled.repeat_interleave(repeat, 0)
 
 
-def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: float) -> PolicyOutputs:
+def lm_hidden(policy, batch: TrainBatch, shared_prefix: bool = True) -> torch.Tensor:
+    """The LM's last hidden states (B,T,H) of the batch, no LM head; ``shared_prefix``: each distinct
+    prompt once, its cache shared by the rows that continue it (``policy.shared_prefix``: same values,
+    fewer tokens through the LM)."""
+    plan = None
+    if shared_prefix:
+        plan = plan_shared_prefix(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.slot_counts,
+                                  batch.slot_latents, policy.token_ids["img"], policy.n_image_tokens)
+    if plan is None:
+        embeds = policy.embed(batch.input_ids, batch.slot_latents)
+        return policy.lm_step(embeds, batch.attention_mask, use_cache=False, head=False)[1]
+    return lm_hidden_shared_prefix(policy, batch.input_ids, batch.attention_mask, batch.slot_latents, plan)
+
+
+def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: float,
+                   shared_prefix: bool = True) -> PolicyOutputs:
     """One LM forward gives the token log-probs and, causally, the generator's conditioning; the image
     windows' log-probs are recomputed from the stored latents in one generator batch.
 
@@ -56,14 +72,19 @@ def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: f
     if policy.arch == "janus":
         logp, entropy, _ = policy.token_stats(batch.input_ids, batch.attention_mask, temperature=temperature)
         return PolicyOutputs(logp, entropy, None, None, None)
-    logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents)
-    logits = mask_unsampleable(logits[:, :-1].float(), policy.token_ids) / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))  # slot tokens: never sampled
-    entropy = -(logp_all.exp() * logp_all.clamp(min=-1e4)).sum(-1).detach()
-    logp = F.pad(logp, (1, 0))
-    entropy = F.pad(entropy, (1, 0))
+    hidden = lm_hidden(policy, batch, shared_prefix)
+    # the LM head only where a token was sampled: logits at t predict token t + 1
+    sampled = batch.loss_mask[:, 1:]
+    logits = policy.lm.get_output_embeddings()(hidden[:, :-1][sampled])  # (N, V), N sampled tokens
+    logits = mask_unsampleable(logits.float(), policy.token_ids)
+    logp_all = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    lp = logp_all.gather(-1, batch.input_ids[:, 1:][sampled][:, None]).squeeze(-1)
+    lp = torch.where(torch.isfinite(lp), lp, torch.zeros_like(lp))
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all.clamp(min=-1e4)).sum(-1)
+    zeros = hidden.new_zeros(sampled.shape, dtype=lp.dtype)
+    logp = F.pad(zeros.masked_scatter(sampled, lp), (1, 0))  # (B, T): 0 where nothing was sampled
+    entropy = F.pad(zeros.detach().masked_scatter(sampled, ent), (1, 0))
     if batch.num_segments == 0 or batch.seg_latents.shape[1] == 0:
         return PolicyOutputs(logp, entropy, None, None, None)
     w = batch.seg_latents.shape[1]

@@ -158,10 +158,12 @@ class UnifiedPolicy(nn.Module):
         past_key_values=None,
         use_cache: bool = True,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, object]:
+        head: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, object]:
         """One LM call on embeddings. ``attention_mask`` covers past + new tokens (B, P+T); positions
         default to ``cumsum(mask) - 1`` of the new tokens. Returns (logits (B,T,V), hidden (B,T,H), cache);
-        ``last_only``: logits of the last position only (B,1,V), the LM head skips the rest (sampling)."""
+        ``last_only``: logits of the last position only (B,1,V), the LM head skips the rest (sampling);
+        ``head=False``: no logits (None): the caller applies the head where it needs it (the learner)."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
         out = self.lm.base_model(
@@ -172,6 +174,8 @@ class UnifiedPolicy(nn.Module):
             use_cache=use_cache or past_key_values is not None,
         )
         hidden = out.last_hidden_state
+        if not head:
+            return None, hidden, out.past_key_values
         return self.lm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden, out.past_key_values
 
     def lm_forward(

@@ -286,6 +286,7 @@ class LearnerConfig(_Section):
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0
     mini_batches: PosInt = 1
+    shared_prefix: bool = True  # each group's prompt goes through the LM once (policy/shared_prefix.py)
     train_lm: bool = True
     train_generator: bool = True
     lm_lr_scale: NonNegFloat = 1.0  # stage 2: the LM and bridge learn at lr x this (0: GvU's scorer held)

@@ -1,0 +1,115 @@
+"""policy/shared_prefix.py: the learner's LM forward with each group's prompt computed once gives the
+padded forward's logits, hidden states and gradients (prompts with an input image, completions with a
+generated image, prompts of different lengths), and rows share only what is truly the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policy.config import PolicyConfig
+from policy.model import UnifiedPolicy
+from policy.shared_prefix import lm_hidden_shared_prefix, plan_shared_prefix
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def policy() -> UnifiedPolicy:
+    return UnifiedPolicy.from_config(PolicyConfig(seed=0))
+
+
+def _rows(policy: UnifiedPolicy):
+    """Two prompts (one with an input image) x 3 samples; some completions generate an image.
+    Returns right-padded ids, attention mask, loss mask, slot counts and slot latents (row-major)."""
+    tok, img = policy.tokenizer, policy.image_placeholder_ids()
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    gen = torch.Generator().manual_seed(3)
+    latent = lambda: torch.randn((1, *policy.latent_shape), generator=gen)  # noqa: E731
+    prompts = [(enc("What colour is the circle?") + img + enc(" answer:"), latent()), (enc("How many shapes?"), None)]
+    completions = [(enc(" red"), False), (enc(" I will draw it"), True), (enc(" blue <answer>A</answer>"), False)]
+    rows, sampled, counts, latents = [], [], [], []
+    for prompt, prompt_latent in prompts:
+        for text, draws in completions:
+            tail = text + (img + enc(" so B") if draws else [])
+            rows.append(prompt + tail)
+            sampled.append([False] * len(prompt) + [tok_id not in img for tok_id in tail])
+            row_latents = ([prompt_latent] if prompt_latent is not None else []) + ([latent()] if draws else [])
+            counts.append(len(row_latents))
+            latents += row_latents
+    t = max(map(len, rows))
+    ids = torch.full((len(rows), t), policy.token_ids["pad"], dtype=torch.long)
+    attn, loss = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, sampled, strict=True)):
+        ids[i, : len(r)], attn[i, : len(r)], loss[i, : len(r)] = torch.tensor(r), 1, torch.tensor(m)
+    return ids, attn, loss, torch.tensor(counts), torch.cat(latents)
+
+
+def _plan(policy, ids, attn, loss, counts, latents):
+    return plan_shared_prefix(ids, attn, loss, counts, latents, policy.token_ids["img"], policy.n_image_tokens)
+
+
+def test_same_values_and_gradients_as_the_padded_forward(policy: UnifiedPolicy) -> None:
+    ids, attn, loss, counts, latents = _rows(policy)
+    plan = _plan(policy, ids, attn, loss, counts, latents)
+    assert plan is not None and plan.num_prompts == 2 and plan.group.tolist() == [0, 0, 0, 1, 1, 1]
+    assert plan.prefix_slots.tolist() == [1, 1, 1, 0, 0, 0]
+    weight = torch.randn(policy.lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    valid = attn.bool()
+
+    def run(forward):
+        policy.zero_grad(set_to_none=True)
+        hidden = forward()
+        logits = policy.lm.get_output_embeddings()(hidden)
+        (logits.log_softmax(-1)[valid].mean() + (hidden[valid] @ weight).mean()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return logits.detach()[valid], hidden.detach()[valid], grads
+
+    padded = run(lambda: policy.lm_forward(ids, attn, latents)[1])
+    shared = run(lambda: lm_hidden_shared_prefix(policy, ids, attn, latents, plan))
+    torch.testing.assert_close(shared[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], padded[1], rtol=1e-5, atol=1e-5)
+    assert set(shared[2]) == set(padded[2])
+    assert any(n.startswith("bridge") for n in padded[2])  # the images' latents are in the graph
+    for name, g in padded[2].items():
+        torch.testing.assert_close(shared[2][name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
+def test_rows_share_only_identical_prompts(policy: UnifiedPolicy) -> None:
+    ids, attn, loss, counts, latents = _rows(policy)
+    # slots, row-major: row 0 [prompt image], row 1 [prompt image, generated], row 2 [prompt image],
+    # row 4 [generated]; rows 0-2 hold equal copies of their prompt's image
+    changed = latents.clone()
+    changed[1] = changed[1] + 1.0  # row 1's prompt image now differs: same tokens, not the same prompt
+    plan = _plan(policy, ids, attn, loss, counts, changed)
+    assert plan.group.tolist() == [0, 1, 0, 2, 2, 2]  # row 1 gets its own prefix
+    rows = [0, 3]  # one sample per prompt: nothing is shared
+    sel = torch.tensor(rows)
+    slot_rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    assert _plan(policy, ids[sel], attn[sel], loss[sel], counts[sel], latents[torch.isin(slot_rows, sel)]) is None
+
+
+def test_learner_outputs_match_with_and_without_sharing(policy: UnifiedPolicy) -> None:
+    """``learner.objective.policy_outputs``: the token log-probs and entropies the GRPO loss reads are the
+    same with and without sharing, and equal to a plain log-softmax over the full logits."""
+    from learner.batch import TrainBatch
+    from learner.objective import policy_outputs
+    from policy.prompting import mask_unsampleable
+
+    ids, attn, loss, counts, latents = _rows(policy)
+    b = ids.shape[0]
+    batch = TrainBatch(ids, attn, loss, torch.zeros(ids.shape), torch.zeros(b), latents, counts,
+                       torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                       torch.zeros((0, 1, *policy.latent_shape)), torch.zeros((0, 1, *policy.latent_shape)),
+                       torch.zeros((0, 1)), torch.zeros((0, 1)), torch.zeros((0, 1)),
+                       torch.zeros((0, *policy.latent_shape)))
+    with torch.no_grad():
+        a = policy_outputs(policy, batch, 1.0, 0.7, shared_prefix=False)
+        s = policy_outputs(policy, batch, 1.0, 0.7, shared_prefix=True)
+        logits = policy.lm_forward(ids, attn, latents)[0][:, :-1]
+        full = mask_unsampleable(logits.float(), policy.token_ids).log_softmax(-1).gather(-1, ids[:, 1:, None])
+    sampled = loss[:, 1:]
+    torch.testing.assert_close(a.logp[:, 1:][sampled], full.squeeze(-1)[sampled], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.logp[loss], a.logp[loss], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.entropy[loss], a.entropy[loss], rtol=1e-5, atol=1e-5)
+    assert (a.logp[~loss] == 0).all() and (a.entropy[loss] > 0).all()
