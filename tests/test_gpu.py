@@ -197,6 +197,23 @@ def test_rollout_worker_on_cuda_returns_cpu_trajectories(worker):
            first_call_s=first_s, generate_s=gen_s)
 
 
+def test_rollout_worker_on_cuda_nucleus_and_greedy(worker):
+    """top_p < 1 (draws from the truncated distribution, behaviour log-probs under the untruncated one, as
+    the learner recomputes them) and evaluation's greedy overrides (temperature 0, one sample)."""
+    trajs = worker.generate(_requests(2), seed=6, overrides={"top_p": 0.7})
+    _check_cpu_trajectories(trajs, 0, need_image=False)
+    batch = collate(trajs, torch.zeros(len(trajs)), worker.policy.token_ids["pad"])
+    with torch.no_grad():
+        out = policy_outputs(worker.policy, batch.to(DEV), 1.0, SETTINGS.sde_noise_level)
+    m = batch.loss_mask
+    gap = float((out.logp.cpu() - batch.behaviour_logp)[m].abs().max())
+    greedy = [worker.generate(_requests(2), seed=k, overrides={"temperature": 0.0, "group_size": 1}) for k in (7, 8)]
+    assert all(torch.equal(a.input_ids[: a.prompt_len + 1], b.input_ids[: b.prompt_len + 1])
+               for a, b in zip(*greedy))  # the first token is greedy (later ones follow any image's noise)
+    report(test="nucleus_rollout", logp_gap_text=gap)
+    assert gap < 1e-3
+
+
 @pytest.mark.parametrize("recipe", ["uae", "gvu"])
 def test_uae_gvu_rollouts_on_cuda(cfg, recipe):
     """The other recipes' rollouts on a GPU worker: CPU trajectories (and meta tensors) whose behaviour
