@@ -2,19 +2,28 @@
 the object-store backend, against a plain in-memory copy of the same bytes; bucket size swept.
 
 Sync (what ``Run.publish_and_sync`` does): the driver publishes the state dict (``ObjectStorePublisher``:
-bucketize + ``ray.put``), both actors ``receive`` the handle and copy every tensor into their own
+``ray.put`` of the buckets), both actors ``receive`` the handle and copy every tensor into their own
 pre-allocated parameters (``policy.model.copy_named_tensors``, what ``load_trainable`` does); timed from
-publish to both loads returned. Baseline: ``dst.copy_(src)`` of the same state dict into 2 pre-allocated
-destination dicts in this process (the same bytes delivered: one copy per worker).
-Bandwidth = 2 x state-dict bytes / time; the ratio is sync bandwidth / copy bandwidth.
+publish to both loads returned. Every sync is a new version; once both actors have loaded it the publisher
+lets it go (``release``), as the driver's pool does with the previous version when it hands out the next,
+so a sync's objects are the only ones in the store. Baseline: ``dst.copy_(src)`` of the same state dict
+into 2 pre-allocated destination dicts in this process (the same bytes delivered: one copy per worker).
+Bandwidth = 2 x state-dict bytes / time; the ratio is sync bandwidth / copy bandwidth, steady state
+(median of the repetitions after the first, which touches every page for the first time).
 
-    python -m bench.weight_sync [--reps 5] [--buckets 8,32,128,512]
+The cluster is started with ``RAY_SYSTEM_CONFIG`` (what ``services.driver.start_ray`` does);
+``--free-period-ms 1000`` runs it with Ray's default instead. "previous" variants publish as the backend
+did before this session (whole tensors as buffers, buckets put one after another). A put that lands on
+fresh object-store pages (> 10% of its pages faulted in by this process) is counted.
+
+    python -m bench.weight_sync [--reps 7] [--buckets 8,32,128,512] [--free-period-ms 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -24,6 +33,7 @@ import torch
 from bench.common import PeakMemory, machine, median
 
 ROOT = str(Path(__file__).resolve().parents[1])
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def state_dict_100m(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -45,6 +55,10 @@ def state_dict_100m(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @ray.remote(num_cpus=1)
 class Replica:
     """A rollout worker's side of the sync: own parameters, the object-store receiver."""
@@ -56,43 +70,75 @@ class Replica:
         self.params = {k: torch.empty_like(v) for k, v in state_dict_100m().items()}
         self.receiver = make_receiver("object_store")
 
-    def load(self, handle) -> float:
+    def load(self, handle) -> tuple[float, int]:
+        """Seconds and page faults of receive + copy."""
         from policy.model import copy_named_tensors
 
-        t0 = time.perf_counter()
+        f0, t0 = _minflt(), time.perf_counter()
         copy_named_tensors(self.params, self.receiver.receive(handle, 120))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, _minflt() - f0
 
     def checksum(self) -> float:
         return float(sum(v.double().sum() for v in self.params.values()))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--buckets", default="8,32,128,512", help="bucket sizes in MiB")
-    p.add_argument("--packed-bucket", type=float, default=32, help="bucket MiB of the packed (before) variant")
-    args = p.parse_args(argv)
+def service_syncs(n: int, bucket_mb: float, replicas: list, src: dict, nbytes: int) -> tuple[list[float], int]:
+    """``n`` back-to-back syncs from a fresh store as the service does them: one publisher (keep_last 1),
+    the previous handle held until the next sync has been loaded (the pool keeps it for replacements).
+    Returns the sync times and how many puts landed on fresh store pages."""
     from learner.weight_sync import make_publisher
 
+    pub, held, times, fresh = make_publisher("object_store", bucket_mb=bucket_mb), None, [], 0
+    for version in range(1, n + 1):
+        f0, t0 = _minflt(), time.perf_counter()
+        handle = pub.publish(version, src.items())
+        fresh += (_minflt() - f0) * PAGE > nbytes / 10
+        ray.get([r.load.remote(handle) for r in replicas])
+        times.append(time.perf_counter() - t0)
+        held = handle  # noqa: F841 - the pool's reference to the current version
+    del handle, held
+    pub.close()
+    return times, fresh
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions after the first (warm-up) one")
+    p.add_argument("--buckets", default="8,32,128,512", help="bucket sizes in MiB")
+    p.add_argument("--previous-buckets", default="32,512", help="bucket MiB of the previous publish path")
+    p.add_argument("--service-syncs", type=int, default=12,
+                   help="back-to-back syncs as the service does them, first thing on a fresh store (0: none)")
+    p.add_argument("--free-period-ms", type=int, default=None,
+                   help="Ray's free_objects_period_milliseconds (default: the project's RAY_SYSTEM_CONFIG)")
+    args = p.parse_args(argv)
+    from learner.weight_sync import RAY_SYSTEM_CONFIG, make_publisher
+
+    system_config = dict(RAY_SYSTEM_CONFIG)
+    if args.free_period_ms is not None:
+        system_config["free_objects_period_milliseconds"] = args.free_period_ms
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
     print(machine(), flush=True)
     torch.set_num_threads(1)
     with PeakMemory() as mem:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=3 * 2**30)
+                 object_store_memory=3 * 2**30, _system_config=system_config)
         src = state_dict_100m()
         nbytes = sum(t.numel() * t.element_size() for t in src.values())
         n_params = sum(t.numel() for t in src.values())
         dst = [{k: torch.empty_like(v) for k, v in src.items()} for _ in range(2)]
         replicas = [Replica.remote(), Replica.remote()]
         ray.get([r.checksum.remote() for r in replicas])
-        buckets = [float(b) for b in args.buckets.split(",")]
-        # "packed": the flat-buffer-per-bucket publisher (before); the default ships tensors' own bytes
-        variants = [(b, False) for b in buckets] + [(args.packed_bucket, True)]
-        pubs = {v: make_publisher("object_store", bucket_mb=v[0], packed=v[1]) for v in variants}
+        service = service_syncs(args.service_syncs, 32, replicas, src, nbytes) if args.service_syncs else None
+        # (bucket MiB, previous path?): the previous path shipped whole tensors and put buckets one by one
+        variants = [(float(b), False) for b in args.buckets.split(",")]
+        variants += [(float(b), True) for b in args.previous_buckets.split(",") if b]
+        pubs = {v: make_publisher("object_store", bucket_mb=v[0], chunk_bytes=None, put_threads=1) if v[1]
+                else make_publisher("object_store", bucket_mb=v[0]) for v in variants}
         copy_s: list[float] = []
         sync_s: dict[tuple, list[float]] = {v: [] for v in variants}
+        put_s: dict[tuple, list[float]] = {v: [] for v in variants}
+        fresh: dict[tuple, int] = {v: 0 for v in variants}
+        first: dict[tuple, float] = {}
         version = 0
         for rep in range(args.reps + 1):  # rep 0 warms up (first touch of pages, object store)
             t0 = time.perf_counter()
@@ -103,32 +149,54 @@ def main(argv: list[str] | None = None) -> None:
                 copy_s.append(time.perf_counter() - t0)
             for v in variants:
                 version += 1
-                t0 = time.perf_counter()
+                f0, t0 = _minflt(), time.perf_counter()
                 handle = pubs[v].publish(version, src.items())
+                f1, t1 = _minflt(), time.perf_counter()
                 ray.get([r.load.remote(handle) for r in replicas])
+                t2 = time.perf_counter()
                 if rep:
-                    sync_s[v].append(time.perf_counter() - t0)
+                    sync_s[v].append(t2 - t0)
+                    put_s[v].append(t1 - t0)
+                    fresh[v] += (f1 - f0) * PAGE > nbytes / 10
+                else:
+                    first[v] = t2 - t0
                 del handle
+                pubs[v].release()  # both actors hold this version now; the next sync brings a new one
         want = float(sum(v.double().sum() for v in src.values()))
         got = ray.get([r.checksum.remote() for r in replicas])
         assert all(abs(g - want) < 1e-3 * abs(want) + 1 for g in got), (got, want)
+        for pub in pubs.values():
+            pub.close()
         ray.shutdown()
     gb = 2 * nbytes / 1e9
     copy_bw = gb / median(copy_s)
     print(f"state dict: {n_params / 1e6:.1f}M float32 parameters, {nbytes / 2**20:.0f} MiB, "
-          f"{len(src)} tensors; delivered to 2 replicas")
+          f"{len(src)} tensors; delivered to 2 replicas; Ray free_objects_period_milliseconds "
+          f"{system_config['free_objects_period_milliseconds']}; {args.reps} timed syncs per variant")
     print(f"plain in-memory copy x2: {median(copy_s):.3f} s ({copy_bw:.2f} GB/s)")
+    if service:
+        times, n_fresh = service
+        last = times[len(times) // 2:]
+        print(f"service pattern, {len(times)} back-to-back syncs on a fresh store (bucket 32 MiB, previous version "
+              f"held during the put): puts on fresh pages {n_fresh}/{len(times)}, total {sum(times):.2f} s "
+              f"(first {times[0]:.2f} s, then {' '.join(f'{t:.2f}' for t in times[1:len(times) // 2])}); "
+              f"median of the last {len(last)} {median(last):.3f} s ({gb / median(last) / copy_bw * 100:.0f}% of copy)")
     best = None
     for v in variants:
-        b, packed = v
-        bw = gb / median(sync_s[v])
+        b, previous = v
+        t = median(sync_s[v])
+        bw = gb / t
         n_b = -(-nbytes // int(b * 2**20))
-        kind = "packed flat buffers (before)" if packed else "tensor bytes"
-        print(f"object store, {kind}, bucket {b:g} MiB (~{n_b} buckets): {median(sync_s[v]):.3f} s "
-              f"({bw:.2f} GB/s, {bw / copy_bw * 100:.0f}% of copy)")
-        if not packed and (best is None or bw > best[1]):
+        kind = "previous path (whole tensors, serial puts)" if previous else "current path"
+        print(f"object store, {kind}, bucket {b:g} MiB (~{n_b} buckets): {t:.3f} s (publish {median(put_s[v]):.3f} s; "
+              f"{bw:.2f} GB/s, {bw / copy_bw * 100:.0f}% of copy); first sync {first[v]:.2f} s; "
+              f"puts on fresh pages {fresh[v]}/{len(sync_s[v])}")
+        if not previous and (best is None or bw > best[1]):
             best = (b, bw)
+    prev = [gb / median(sync_s[v]) for v in variants if v[1]]
     print(mem.line())
+    if prev:
+        print(f"previous path, same run: best ratio {max(prev) / copy_bw:.2f}")
     print(f"sync / copy bandwidth ratio: {best[1] / copy_bw:.2f} (best bucket {best[0]:g} MiB)")
 
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from learner.advantage import group_advantages, zero_variance_groups
 from learner.batch import collate
 from learner.group import LearnerGroup
+from learner.weight_sync import RAY_SYSTEM_CONFIG
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
 from rollout.interleaved import RolloutSettings
@@ -45,7 +46,10 @@ def start_ray(cfg: RunConfig) -> None:
     r = cfg.rollout
     need = (cfg.learner.num_workers * cfg.learner.num_cpus_per_worker + cfg.reward.num_cpus
             + max(r.num_workers, r.autoscale.max_workers) * r.num_cpus_per_worker + 1)
-    ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need))), **kw)
+    # RAY_SYSTEM_CONFIG: objects leave the store as soon as they are out of scope, so each weight sync reuses
+    # the previous version's resident pages (an external cluster: RAY_free_objects_period_milliseconds=0)
+    ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need))),
+             _system_config=RAY_SYSTEM_CONFIG, **kw)
 
 
 def rollout_settings(cfg: RunConfig) -> dict:

@@ -8,12 +8,14 @@ import pickle
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
 
 from learner.weight_sync import (
     BACKENDS,
+    RAY_SYSTEM_CONFIG,
     ObjectStorePublisher,
     ObjectStoreReceiver,
     WeightHandle,
@@ -26,6 +28,7 @@ from learner.weight_sync import (
     make_receiver,
     unbucketize,
 )
+from learner.weight_sync.object_store import _joined, plan_buckets
 
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -105,6 +108,59 @@ def test_registry() -> None:
         make_publisher("carrier_pigeon")
 
 
+def test_plan_buckets_ships_chunked_views() -> None:
+    """Tensors larger than chunk_bytes travel as consecutive views of at most chunk_bytes (Ray copies a
+    buffer over 1 MiB with threads it spawns for that buffer alone); nothing is copied."""
+    tensors = mixed_tensors() + [("big", torch.arange(100, dtype=torch.float32))]
+    metas, parts = plan_buckets(tensors, 1 << 20, chunk_bytes=64)
+    by_name = dict(tensors)
+    for meta, part in zip(metas, parts, strict=True):
+        for e, x in zip(meta.entries, part, strict=True):
+            t = by_name[e.name]
+            if t.numel() * t.element_size() > 64:
+                assert isinstance(x, list) and all(c.nbytes <= 64 for c in x)
+                if t.is_contiguous():  # views of the tensor's own memory, in order
+                    assert [c.__array_interface__["data"][0] for c in x] == [t.data_ptr() + 64 * i
+                                                                             for i in range(len(x))]
+                got = np.concatenate(x)
+            else:
+                assert isinstance(x, np.ndarray) and x.nbytes <= 64
+                got = x
+            assert bytes(got) == bytes(t.contiguous().view(-1).view(torch.uint8).numpy())
+    _, whole = plan_buckets(tensors, 1 << 20, chunk_bytes=None)
+    assert all(isinstance(x, np.ndarray) for part in whole for x in part)
+
+
+def test_joined_is_a_view_when_chunks_are_adjacent() -> None:
+    buf = np.arange(256, dtype=np.uint8)
+    buf.flags.writeable = False
+    view = _joined([buf[0:64], buf[64:128], buf[128:200]])
+    assert view.__array_interface__["data"][0] == buf.__array_interface__["data"][0]
+    assert not view.flags.writeable and bytes(view) == bytes(buf[:200])
+    gap = _joined([buf[0:64], buf[72:100]])  # not back to back: copied, same bytes
+    assert not np.shares_memory(gap, buf) and bytes(gap) == bytes(buf[0:64]) + bytes(buf[72:100])
+
+
+def test_publisher_releases_the_oldest_version_before_the_put() -> None:
+    """keep_last counts the version being published: the older ones are dropped before the new objects are
+    written, so a version nobody else holds leaves its space to the next one."""
+    seen = []
+
+    class Probe(ObjectStorePublisher):
+        def _put_all(self, ray, parts):
+            seen.append(self.live_versions)
+            return [object() for _ in parts]
+
+    for keep, want in ((1, [[], [], []]), (2, [[], [1], [2]])):
+        seen.clear()
+        pub = Probe(bucket_mb=1, keep_last=keep)
+        for v in (1, 2, 3):
+            pub.publish(v, mixed_tensors(v))
+        assert seen == want and pub.live_versions == [1, 2, 3][-keep:]
+        pub.close()
+        assert pub.live_versions == []
+
+
 # --------------------------------------------------------------------------------------------- Ray
 @ray.remote(num_cpus=0)
 class Learner:
@@ -165,7 +221,7 @@ class Worker:
 def actors():
     paths = (ROOT, str(Path(__file__).parent), os.environ.get("PYTHONPATH"))  # workers import this module
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)
     learner, w1, w2 = Learner.remote(), Worker.remote(), Worker.remote()
     yield learner, w1, w2
     ray.shutdown()
@@ -187,6 +243,73 @@ def test_object_store_actor_to_actor(actors) -> None:
     version, state = ray.get(worker.update_weights.remote(handle2))
     assert version == 2
     assert_same(state, mixed_tensors(2))
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 100, None])
+def test_object_store_chunked_buckets_round_trip(actors, chunk_bytes) -> None:
+    """Chunked tensors (adjacent chunks: one zero-copy view; 100-byte chunks leave alignment gaps: copied),
+    buckets put from 3 threads, read by the actors and here."""
+    learner, worker, _ = actors
+    key = f"chunks{chunk_bytes}"
+    ray.get(learner.make.remote(key, "object_store", bucket_mb=0.0002, chunk_bytes=chunk_bytes, put_threads=3))
+    for version in (1, 2):
+        handle = ray.get(learner.publish.remote(key, version, seed=10 + version))
+        assert len(handle.refs) > 3
+        got_version, state = ray.get(worker.update_weights.remote(handle))
+        assert got_version == version
+        assert_same(state, mixed_tensors(10 + version))
+        assert_same(dict(ObjectStoreReceiver().receive(handle, 10)), mixed_tensors(10 + version))
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 20])
+def test_chunks_come_back_adjacent_and_join_without_copy(actors, chunk_bytes) -> None:
+    """Ray's pickle 5 layout puts a tensor's chunks back to back in the object, so the receiver's view over
+    them is zero-copy (the fallback copy is for a layout that ever differs)."""
+    t = torch.arange(3 * chunk_bytes // 4 + 5, dtype=torch.float32)  # 3 chunks and a bit
+    _, parts = plan_buckets([("t", t)], 1 << 30, chunk_bytes=chunk_bytes)
+    (chunks,) = ray.get(ray.put(parts[0]))
+    assert len(chunks) == 4
+    joined = _joined(chunks)
+    assert joined.__array_interface__["data"][0] == chunks[0].__array_interface__["data"][0]
+    assert torch.equal(torch.from_numpy(joined.copy()).view(torch.float32), t)
+
+
+def test_bucket_object_not_matching_its_metadata_is_rejected(actors) -> None:
+    (bucket,) = bucketize([("w", torch.zeros(4)), ("b", torch.zeros(2))], 1 << 20)
+    raw = np.zeros(16, dtype=np.uint8)
+    for bad in ([raw[:8], raw[:8]], [[raw[:8], raw[8:12]], raw[:8]], [raw, "x"], raw[:20], np.zeros(6, np.float32)):
+        handle = WeightHandle(version=1, backend="object_store", buckets=(bucket.meta,), total_bytes=24,
+                              refs=(ray.put(bad),))
+        with pytest.raises(WeightSyncError, match="does not match its metadata"):
+            ObjectStoreReceiver().receive(handle, 10)
+
+
+def _store_bytes_used() -> int:
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.object_store_bytes_used
+
+
+def test_old_version_leaves_the_store_once_workers_loaded_the_new_one(actors) -> None:
+    """Neither the publisher (keep_last=1) nor the receivers (their zero-copy views) pin a version the
+    workers have moved past: its objects are deleted from the object store, so the next put can reuse
+    that (resident) space."""
+    learner, w1, w2 = actors
+    numel = 3 << 20  # 12 MiB of float32 per version
+    ray.get(learner.make.remote("gc", "object_store", bucket_mb=4))
+    base = _store_bytes_used()
+    h1 = ray.get(learner.publish_big.remote("gc", 1, numel))
+    ray.get([w.update_weights.remote(h1) for w in (w1, w2)])
+    assert _store_bytes_used() >= base + 4 * numel
+    del h1
+    h2 = ray.get(learner.publish_big.remote("gc", 2, numel))
+    ray.get([w.update_weights.remote(h2) for w in (w1, w2)])
+    deadline = time.monotonic() + 20
+    while _store_bytes_used() >= base + 8 * numel and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _store_bytes_used() < base + 5 * numel  # version 2 only (+ metadata)
+    assert ray.get(learner.live_versions.remote("gc")) == [2]
 
 
 def test_object_store_driver_publish_local_receive(actors) -> None:

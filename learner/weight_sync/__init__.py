@@ -21,13 +21,13 @@ from .base import (
 )
 from .buckets import Bucket, BucketMeta, TensorMeta, bucketize, unbucketize
 from .nccl import NcclPublisher, NcclReceiver, free_port
-from .object_store import ObjectStorePublisher, ObjectStoreReceiver
+from .object_store import RAY_SYSTEM_CONFIG, ObjectStorePublisher, ObjectStoreReceiver
 
 __all__ = [
     "Bucket", "BucketMeta", "TensorMeta", "bucketize", "unbucketize",
     "WeightHandle", "WeightPublisher", "WeightReceiver",
     "WeightSyncError", "WeightSyncTimeout", "WeightSyncLost",
-    "ObjectStorePublisher", "ObjectStoreReceiver", "NcclPublisher", "NcclReceiver", "free_port",
+    "ObjectStorePublisher", "ObjectStoreReceiver", "RAY_SYSTEM_CONFIG", "NcclPublisher", "NcclReceiver", "free_port",
     "PUBLISHERS", "RECEIVERS", "BACKENDS", "make_publisher", "make_receiver",
 ]
 
