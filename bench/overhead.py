@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     print("Ray step split (medians): " + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in split.items()))
     print(f"unigrpo step {step:.3f} s, same computation in one process {compute:.3f} s "
           f"({cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size}, {cfg.rollout.max_new_tokens} "
-          f"new tokens, medium LM)")
+          f"new tokens, medium LM)" + ("" if step >= 1.0 else "  (step < 1 s: raise --prompts or --max-new-tokens)"))
     print(mem.line())
     print(f"overhead (step - compute) / step: {(step - compute) / step * 100:.1f}%")
 
