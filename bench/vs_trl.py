@@ -110,9 +110,15 @@ def _trl_block(cfg, task_path: str, steps: int) -> list[float]:
     return timer.times[1:]
 
 
+def medium_lm(layers: int, hidden: int) -> dict:
+    """``bench.common.MEDIUM_LM`` with ``layers`` layers ``hidden`` wide (heads of 64, MLP 3x wide)."""
+    return {**MEDIUM_LM, "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": 3 * hidden,
+            "num_attention_heads": max(1, hidden // 64)}
+
+
 def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: float = 2.0, medium_layers: int = 8,
-            changes: dict | None = None) -> dict:
-    lm = {**MEDIUM_LM, "num_hidden_layers": medium_layers} if size == "medium" else None
+            changes: dict | None = None, medium_hidden: int = 256) -> dict:
+    lm = medium_lm(medium_layers, medium_hidden) if size == "medium" else None
     cfg = bench_config({"task.name": "jsonl", "task.path": task_path, "rollout.max_images": 0,
                         "rollout.prompts_per_step": B, "rollout.group_size": G, "rollout.max_new_tokens": 16,
                         "algorithm.zero_variance": "zero", "algorithm.agg": "token-mean",
@@ -143,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--learner-cpus", type=float, default=2.0, help="learner.num_cpus_per_worker (= its threads)")
     p.add_argument("--medium-layers", type=int, default=8,
                    help="layers of the medium LM (bench.common.MEDIUM_LM otherwise): TRL's step must take >= 1 s")
+    p.add_argument("--medium-hidden", type=int, default=256, help="width of the medium LM")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="unigrpo config change, e.g. --set learner.shared_prefix=false (the padded learner)")
     args = p.parse_args(argv)
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     with PeakMemory() as mem:
         for size in args.sizes.split(","):
             results.append(compare(size, args.reps, args.steps, task_path, args.learner_cpus, args.medium_layers,
-                                   changes))
+                                   changes, args.medium_hidden))
     for r in results:
         print(f"{r['size']:>6}: unigrpo {r['unigrpo_sps']:.1f} samples/s ({r['unigrpo_s']:.2f} s/step), "
               f"TRL {r['trl_sps']:.1f} samples/s ({r['trl_s']:.2f} s/step), ratio {r['ratio']:.2f}x"

@@ -55,7 +55,7 @@ class LearnerWorker:
         groups = [{"params": [p for p in params if id(p) in understanding], "understanding": True,
                    "lr": learner_cfg["lr"] * learner_cfg.get("lm_lr_scale", 1.0)},
                   {"params": [p for p in params if id(p) not in understanding], "understanding": False}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learner_cfg["lr"],
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learner_cfg["lr"], fused=True,
                                       betas=tuple(learner_cfg["betas"]), weight_decay=learner_cfg["weight_decay"])
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
