@@ -29,14 +29,17 @@ import torch
 
 @dataclass(frozen=True)
 class PrefixPlan:
-    """How the rows of a right-padded batch share prompts."""
+    """How the rows of a right-padded batch share prompts. Worked out on the CPU once; the forward
+    then needs no device-to-host round trip (tensors live on the batch's device)."""
 
     reps: torch.Tensor  # (U,) long: the row whose prefix each distinct prompt is computed from
     group: torch.Tensor  # (B,) long: the distinct prompt each row continues (an index into reps)
     prefix_len: torch.Tensor  # (B,) long: tokens before the row's first sampled token
-    prefix_slots: torch.Tensor  # (B,) long: image slots among those tokens
-    slot_offset: torch.Tensor  # (B,) long: index of the row's first slot in the batch's slot latents
-    slot_counts: torch.Tensor  # (B,) long: the row's slots (prefix and completion)
+    completion_len: torch.Tensor  # (B,) long: the row's tokens after its prefix
+    prefix_slot_index: torch.Tensor  # which of the batch's slot latents the prefixes hold, in order
+    completion_slot_index: torch.Tensor  # which the completions hold, in order
+    prefix_width: int  # P: the longest prefix
+    completion_width: int  # C: the longest completion (>= 1)
 
     @property
     def num_prompts(self) -> int:
@@ -57,23 +60,24 @@ def plan_shared_prefix(
     b, t = input_ids.shape
     if b < 2:
         return None
-    length = attention_mask.long().sum(1)
-    first_sampled = torch.where(loss_mask.any(1), loss_mask.long().argmax(1), length)
-    prefix_len = first_sampled.clamp(min=1)
-    in_prefix = torch.arange(t, device=input_ids.device)[None, :] < prefix_len[:, None]
-    prefix_slots = ((input_ids == img_id) & in_prefix).sum(1) // max(1, n_image_tokens)
-    slot_offset = torch.cumsum(slot_counts, 0) - slot_counts
-    rows_ids = input_ids.cpu().tolist()
-    plen, nslot, off = prefix_len.tolist(), prefix_slots.tolist(), slot_offset.tolist()
+    dev = input_ids.device
+    ids, loss, latents = input_ids.cpu(), loss_mask.cpu(), slot_latents.cpu()
+    length = attention_mask.cpu().long().sum(1)
+    prefix_len = torch.where(loss.any(1), loss.long().argmax(1), length).clamp(min=1)
+    in_prefix = torch.arange(t)[None, :] < prefix_len[:, None]
+    prefix_slots = ((ids == img_id) & in_prefix).sum(1) // max(1, n_image_tokens)
+    counts = slot_counts.cpu().long()
+    offset = torch.cumsum(counts, 0) - counts
+    rows, plen, nslot, off = ids.tolist(), prefix_len.tolist(), prefix_slots.tolist(), offset.tolist()
     reps: list[int] = []
     group: list[int] = []
     by_tokens: dict[tuple[int, ...], list[int]] = {}
     for i in range(b):
-        candidates = by_tokens.setdefault(tuple(rows_ids[i][: plen[i]]), [])
-        mine = slot_latents[off[i] : off[i] + nslot[i]]
+        candidates = by_tokens.setdefault(tuple(rows[i][: plen[i]]), [])
+        mine = latents[off[i] : off[i] + nslot[i]]
         for u in candidates:  # same tokens: the same prompt only if its image latents are equal too
             r = reps[u]
-            if torch.equal(mine, slot_latents[off[r] : off[r] + nslot[r]]):
+            if torch.equal(mine, latents[off[r] : off[r] + nslot[r]]):
                 group.append(u)
                 break
         else:
@@ -82,14 +86,12 @@ def plan_shared_prefix(
             reps.append(i)
     if len(reps) == b:
         return None
-    dev = input_ids.device
-    return PrefixPlan(torch.tensor(reps, device=dev), torch.tensor(group, device=dev), prefix_len,
-                      prefix_slots, slot_offset, slot_counts)
-
-
-def _slots(slot_latents: torch.Tensor, start: list[int], count: list[int]) -> torch.Tensor:
-    parts = [slot_latents[s : s + n] for s, n in zip(start, count, strict=True) if n]
-    return torch.cat(parts) if parts else slot_latents[:0]
+    p_slots = [k for r in reps for k in range(off[r], off[r] + nslot[r])]
+    c_slots = [k for i in range(b) for k in range(off[i] + nslot[i], off[i] + int(counts[i]))]
+    completion_len = (length - prefix_len).clamp(min=0)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+    return PrefixPlan(as_long(reps), as_long(group), prefix_len.to(dev), completion_len.to(dev), as_long(p_slots),
+                      as_long(c_slots), int(prefix_len[reps].max()), max(1, int(completion_len.max())))
 
 
 def lm_hidden_shared_prefix(
@@ -98,33 +100,24 @@ def lm_hidden_shared_prefix(
     """The last hidden states (B,T,H) of ``policy.lm_forward(input_ids, attention_mask, slot_latents)``
     with each distinct prompt computed once (see the module docstring for the equations)."""
     b, t = input_ids.shape
-    dev, pad = input_ids.device, policy.token_ids["pad"]
-    ar = torch.arange(t, device=dev)
-    length = attention_mask.long().sum(1)
+    pad, p, c = policy.token_ids["pad"], plan.prefix_width, plan.completion_width
+    ar = torch.arange(t, device=input_ids.device)
     # prefix pass: the U distinct prompts, right-padded to P
-    rep_len = plan.prefix_len[plan.reps]
-    p = int(rep_len.max())
-    p_valid = ar[None, :p] < rep_len[:, None]
+    p_valid = ar[None, :p] < plan.prefix_len[plan.reps][:, None]
     p_ids = torch.where(p_valid, input_ids[plan.reps, :p], pad)
     p_attn = (p_valid & attention_mask[plan.reps, :p].bool()).long()
-    reps, off, nslot = plan.reps.tolist(), plan.slot_offset.tolist(), plan.prefix_slots.tolist()
-    p_slots = _slots(slot_latents, [off[r] for r in reps], [nslot[r] for r in reps])
-    _, p_hidden, cache = policy.lm_step(policy.embed(p_ids, p_slots), p_attn, use_cache=True, head=False)
+    p_embeds = policy.embed(p_ids, slot_latents[plan.prefix_slot_index])
+    _, p_hidden, cache = policy.lm_step(p_embeds, p_attn, use_cache=True, head=False)
     # completion pass: every row's tokens after its prefix, attending to its prompt's cache
-    c_len = (length - plan.prefix_len).clamp(min=0)
-    c = max(1, int(c_len.max()))
     src = plan.prefix_len[:, None] + ar[None, :c]  # the completion's positions in the full row
-    c_valid = ar[None, :c] < c_len[:, None]
+    c_valid = ar[None, :c] < plan.completion_len[:, None]
     c_ids = torch.where(c_valid, input_ids.gather(1, src.clamp(max=t - 1)), pad)
-    counts = [n - k for n, k in zip(plan.slot_counts.tolist(), nslot, strict=True)]
-    c_slots = _slots(slot_latents, [o + k for o, k in zip(off, nslot, strict=True)], counts)
     cache.batch_select_indices(plan.group)
     c_attn = torch.cat([p_attn[plan.group], c_valid.long()], 1)
-    _, c_hidden, _ = policy.lm_step(policy.embed(c_ids, c_slots), c_attn, position_ids=src, use_cache=False,
-                                    past_key_values=cache, head=False)
+    _, c_hidden, _ = policy.lm_step(policy.embed(c_ids, slot_latents[plan.completion_slot_index]), c_attn,
+                                    position_ids=src, use_cache=False, past_key_values=cache, head=False)
     # full rows: position s < p_i from the prompt, else from the completion (padding reads any valid row)
     index = torch.where(ar[None, :] < plan.prefix_len[:, None], ar[None, :], p + ar[None, :] - plan.prefix_len[:, None])
     index = index.clamp(max=p + c - 1)
-
     both = torch.cat([p_hidden[plan.group], c_hidden], 1)
     return both.gather(1, index[..., None].expand(-1, -1, both.shape[-1]))

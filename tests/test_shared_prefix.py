@@ -53,7 +53,7 @@ def test_same_values_and_gradients_as_the_padded_forward(policy: UnifiedPolicy) 
     ids, attn, loss, counts, latents = _rows(policy)
     plan = _plan(policy, ids, attn, loss, counts, latents)
     assert plan is not None and plan.num_prompts == 2 and plan.group.tolist() == [0, 0, 0, 1, 1, 1]
-    assert plan.prefix_slots.tolist() == [1, 1, 1, 0, 0, 0]
+    assert plan.prefix_slot_index.tolist() == [0] and plan.completion_slot_index.tolist() == [2, 4]
     weight = torch.randn(policy.lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
     valid = attn.bool()
 
