@@ -61,8 +61,10 @@ def plan_shared_prefix(
     if b < 2:
         return None
     dev = input_ids.device
-    ids, loss, latents = input_ids.cpu(), loss_mask.cpu(), slot_latents.cpu()
-    length = attention_mask.cpu().long().sum(1)
+    ids, loss, latents, attn = input_ids.cpu(), loss_mask.cpu(), slot_latents.cpu(), attention_mask.cpu().long()
+    length = attn.sum(1)
+    if not torch.equal(attn, (torch.arange(t)[None, :] < length[:, None]).long()):
+        return None  # not right-padded: the completion positions below assume each row starts at 0
     prefix_len = torch.where(loss.any(1), loss.long().argmax(1), length).clamp(min=1)
     in_prefix = torch.arange(t)[None, :] < prefix_len[:, None]
     prefix_slots = ((ids == img_id) & in_prefix).sum(1) // max(1, n_image_tokens)

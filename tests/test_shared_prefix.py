@@ -87,6 +87,8 @@ def test_rows_share_only_identical_prompts(policy: UnifiedPolicy) -> None:
     sel = torch.tensor(rows)
     slot_rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
     assert _plan(policy, ids[sel], attn[sel], loss[sel], counts[sel], latents[torch.isin(slot_rows, sel)]) is None
+    left = attn.flip(1)  # a left-padded batch (positions would not start at 0): no sharing
+    assert _plan(policy, ids, left, loss, counts, latents) is None
 
 
 def test_learner_outputs_match_with_and_without_sharing(policy: UnifiedPolicy) -> None:
