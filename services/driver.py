@@ -149,6 +149,7 @@ class Run:
         self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
         self.train_set = _dataset(cfg, "train")
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, cfg.seed)
+        self.sampler_before_prefetch: dict | None = None  # async: the sampler state before the prefetch
         L = cfg.learner
         self.learner = LearnerGroup(
             cfg.model.model_dump(), L.model_dump(), cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed,
@@ -200,7 +201,11 @@ class Run:
         t2 = time.perf_counter()
         kept, adv, m = assemble(trajs, totals, comps, cfg, self.version)
         nxt = None
+        self.sampler_before_prefetch = None
         if cfg.algorithm.mode == "async" and self.step + 1 < cfg.algorithm.steps:
+            # a checkpoint taken after this step must not count the prefetched batch as served: its
+            # trajectories are not in the checkpoint, so a resumed run draws the same prompts again
+            self.sampler_before_prefetch = self.sampler.state_dict()
             nxt_items = self.sampler.next_batch()
             ex = cf.ThreadPoolExecutor(1)
             nxt = (nxt_items, ex.submit(self.pool.generate, requests_for(cfg.recipe, nxt_items),
@@ -239,7 +244,8 @@ class Run:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
-        state = {"sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(), "policy_version": self.version,
+        sampler = self.sampler.state_dict() if self.sampler_before_prefetch is None else self.sampler_before_prefetch
+        state = {"sampler": sampler, "rng": checkpoint.rng_state(), "policy_version": self.version,
                  "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name}
         return checkpoint.save(self.ckpt_root, self.step, state, lambda d: self.learner._all("save", d),
                                self.cfg.checkpoint.keep)

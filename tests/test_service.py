@@ -3,6 +3,7 @@ temporary SQLite file. Runs are tiny (a few SFT and GRPO steps)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -140,8 +141,15 @@ def test_bad_config_exits_2_naming_the_field(override, field):
 def test_async_mode_bounds_staleness(tmp_path, monkeypatch, staleness):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, f"async{staleness}", "algorithm.steps=3", "algorithm.mode=async",
-               f"algorithm.max_staleness={staleness}", "checkpoint.every=0", "tracking.log_images_every=0")
+               f"algorithm.max_staleness={staleness}", "checkpoint.every=1", "tracking.log_images_every=0")
     summary = train(cfg)
+    # the step-2 checkpoint was written while batch 3 was prefetched: it must count 2 batches as served
+    # (a resumed run then draws batch 3 again), the step-3 one (nothing prefetched) 3
+    served = [json.loads((tmp_path / "ckpt" / cfg.run_name / f"step-00000{k}" / "state.json").read_text())["sampler"]
+              for k in (2, 3)]
+    n_items = served[0]["dataset_len"]
+    advance = lambda s: s["epoch"] * n_items + s["position"]  # noqa: E731
+    assert advance(served[1]) - advance(served[0]) == cfg.rollout.prompts_per_step
     uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
     lag = dict(metric(uri, rid, "rollout/version_lag"))
     stale = dict(metric(uri, rid, "rollout/stale_dropped"))
