@@ -177,7 +177,8 @@ class RunSupervisor:
         from services import checkpoint
 
         r = self.run
-        self._start = (r.step, r.sampler.state_dict(), checkpoint.rng_state())
+        served = r.sampler.state_dict() if r.sampler_before_prefetch is None else r.sampler_before_prefetch
+        self._start = (r.step, served, checkpoint.rng_state())  # async: this step's prompts not counted yet
         self._metrics = self.pool.apply(r.step)
 
     def after_step(self, metrics: dict) -> None:
@@ -197,6 +198,7 @@ class RunSupervisor:
             if not (r.ckpt_root / f"step-{r.step:06d}" / checkpoint.MARKER).exists():
                 try:
                     r.sampler.load_state_dict(self._start[1])
+                    r.sampler_before_prefetch = None
                     checkpoint.restore_rng(self._start[2])
                     saved = r.save()
                 except Exception as e:  # noqa: BLE001 - fall back to the last periodic checkpoint

@@ -209,3 +209,24 @@ def test_serve_reward_backend_trains(tmp_path, monkeypatch):
     client = mlflow.tracking.MlflowClient(cfg.tracking.resolved_uri())
     for key in ("reward/total/mean", "reward/answer/mean", "reward/format/mean", "time/reward_s"):
         assert len(client.get_metric_history(summary["run_id"], key)) == 2, key
+
+
+@pytest.mark.parametrize("start, target, want", [(1, 0.01, 2), (2, 1.0, 1)])
+def test_autoscale_follows_rollout_fraction(tmp_path, monkeypatch, start, target, want):
+    """``rollout.autoscale``: a rollout share of the step above target + band adds a worker (up to max),
+    below target - band removes one (down to min); the pool size and the share are MLflow metrics."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [*TINY, f"run_name=auto{start}", "algorithm.steps=4", f"rollout.num_workers={start}",
+                             "rollout.autoscale.enabled=true", "rollout.autoscale.min_workers=1",
+                             "rollout.autoscale.max_workers=2", f"rollout.autoscale.target_rollout_fraction={target}",
+                             "sft.enabled=false", "algorithm.zero_variance=zero", "algorithm.eval_every=0",
+                             f"checkpoint.dir={tmp_path}/ck",
+                             f"tracking.uri=sqlite:///{tmp_path}/auto.db"])
+    summary = train(cfg)
+    client = mlflow.tracking.MlflowClient(cfg.tracking.resolved_uri())
+    history = lambda key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key),  # noqa: E731
+                                                    key=lambda m: m.step)]
+    sizes, fraction = history("pool/size"), history("autoscale/rollout_fraction")
+    assert sizes[0] == start and sizes[-1] == want and len(set(sizes)) == 2, sizes
+    assert history("pool/scale_events")[-1] == 1  # one change, then the bound holds it
+    assert len(fraction) >= 3 and all(0 < f < 1 for f in fraction)
