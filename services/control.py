@@ -177,8 +177,7 @@ class RunSupervisor:
         from services import checkpoint
 
         r = self.run
-        served = r.sampler.state_dict() if r.sampler_before_prefetch is None else r.sampler_before_prefetch
-        self._start = (r.step, served, checkpoint.rng_state())  # async: this step's prompts not counted yet
+        self._start = (r.step, r.served_sampler_state(), checkpoint.rng_state())
         self._metrics = self.pool.apply(r.step)
 
     def after_step(self, metrics: dict) -> None:

@@ -243,9 +243,12 @@ class Run:
                                    f"samples/step_{self.step:05d}_{k}.png")
 
     # ---- checkpoints ------------------------------------------------------------------------
+    def served_sampler_state(self) -> dict:
+        """The sampler position counting only batches trained on (async: not the prefetched one)."""
+        return self.sampler.state_dict() if self.sampler_before_prefetch is None else self.sampler_before_prefetch
+
     def save(self) -> Path:
-        sampler = self.sampler.state_dict() if self.sampler_before_prefetch is None else self.sampler_before_prefetch
-        state = {"sampler": sampler, "rng": checkpoint.rng_state(), "policy_version": self.version,
+        state = {"sampler": self.served_sampler_state(), "rng": checkpoint.rng_state(), "policy_version": self.version,
                  "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name}
         return checkpoint.save(self.ckpt_root, self.step, state, lambda d: self.learner._all("save", d),
                                self.cfg.checkpoint.keep)
