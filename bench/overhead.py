@@ -7,6 +7,8 @@ The in-process side builds the same plain classes the actors wrap (``RolloutWork
 copy the trainable weights into the rollout policy. One rollout worker on the Ray side and one torch
 thread everywhere (what each actor gets), so both sides do the same work serially; the difference is
 Ray (serialisation, object store, actor calls, scheduling), the driver's bookkeeping and the bucketed sync.
+Each Ray block starts its own cluster and stops it before the in-process block, so the in-process side
+does not share the box with an idle cluster (which would understate the overhead).
 
     python -m bench.overhead [--reps 3] [--steps 2]
 Prints (step - compute) / step from the medians.
@@ -83,25 +85,25 @@ def main(argv: list[str] | None = None) -> None:
     cfg = bench_config({"rollout.num_workers": 1, "rollout.max_new_tokens": args.max_new_tokens,
                         "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"}, lm=MEDIUM_LM)
     with PeakMemory() as mem:
-        run = start_run(cfg)
         local = LocalStep(cfg)
+        local()  # warm-up
         ray_s, local_s, splits = [], [], []
-        try:
-            run.rl_step()
-            local()  # warm-up both
-            for i in range(args.reps):
+        for i in range(args.reps):  # a fresh cluster per block, stopped before the in-process block
+            run = start_run(cfg)
+            try:
+                run.rl_step()  # warm-up
                 for _ in range(args.steps):
                     t0 = time.perf_counter()
                     m, _ = run.rl_step()
                     ray_s.append(time.perf_counter() - t0)
                     splits.append(m)
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    local()
-                    local_s.append(time.perf_counter() - t0)
-                print(f"  rep {i}: Ray step {median(ray_s):.3f} s, in-process {median(local_s):.3f} s", flush=True)
-        finally:
-            stop_run(run)
+            finally:
+                stop_run(run)
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                local()
+                local_s.append(time.perf_counter() - t0)
+            print(f"  rep {i}: Ray step {median(ray_s):.3f} s, in-process {median(local_s):.3f} s", flush=True)
     step, compute = median(ray_s), median(local_s)
     split = {k: median([m[k] for m in splits]) for k in ("time/rollout_s", "time/reward_s", "time/learn_s",
                                                           "time/sync_s")}

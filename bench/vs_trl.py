@@ -11,8 +11,11 @@ lr 2e-4, betas (0.9, 0.999), weight decay 0, grad-norm clip 1, constant lr); one
 unigrpo runs as the real service: ``services.driver.Run.rl_step`` over a local Ray cluster (2 rollout
 workers of 1 thread each, 1 reward actor, 1 DeepSpeed learner with 2 threads: ``learner.num_cpus_per_worker:
 2``, since in sync mode the rollout workers are idle while it learns; object-store weight sync every
-step). TRL runs in this process (``use_cpu``, 2 torch threads: the whole box). Steps are timed per step (TRL through a callback); the first step of each
-block is dropped. Blocks are interleaved (unigrpo, TRL, unigrpo, TRL, ...) and medians reported.
+step). TRL runs in this process (``use_cpu``, 2 torch threads: the whole box) with no Ray cluster up: each
+unigrpo block starts its own cluster (weights version 1, two warm-up steps) and stops it before the TRL
+block (an idle cluster takes ~10% of a core, which slowed TRL's step by 10-15%). Steps are timed per step
+(TRL through a callback); the first step of each block is dropped. Blocks are interleaved (unigrpo, TRL,
+unigrpo, TRL, ...) and medians reported.
 
     python -m bench.vs_trl [--reps 3] [--steps 3] [--sizes tiny,medium] [--learner-cpus 2] [--set K=V ...]
 """
@@ -123,17 +126,17 @@ def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: floa
                         "rollout.prompts_per_step": B, "rollout.group_size": G, "rollout.max_new_tokens": 16,
                         "algorithm.zero_variance": "zero", "algorithm.agg": "token-mean",
                         "learner.num_cpus_per_worker": learner_cpus, **(changes or {})}, lm=lm)
-    run = start_run(cfg)
     ours, theirs = [], []
-    try:
-        _unigrpo_block(run, 2)  # warm-up (first weights load, lazy inits in every actor)
-        for i in range(reps):
+    for i in range(reps):
+        run = start_run(cfg)
+        try:
+            _unigrpo_block(run, 2)  # warm-up (first weights load, lazy inits in every actor)
             ours += _unigrpo_block(run, steps)
-            theirs += _trl_block(cfg, task_path, steps)
-            print(f"  [{size}] rep {i}: unigrpo {median(ours):.3f} s/step, TRL {median(theirs):.3f} s/step",
-                  flush=True)
-    finally:
-        stop_run(run)
+        finally:
+            stop_run(run)
+        theirs += _trl_block(cfg, task_path, steps)
+        print(f"  [{size}] rep {i}: unigrpo {median(ours):.3f} s/step, TRL {median(theirs):.3f} s/step",
+              flush=True)
     n = B * G
     res = {"size": size, "unigrpo_s": median(ours), "trl_s": median(theirs),
            "unigrpo_sps": n / median(ours), "trl_sps": n / median(theirs)}

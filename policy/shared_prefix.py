@@ -1,23 +1,28 @@
-"""The learner's LM forward with each group's prompt computed once.
+"""The learner's LM forward with each group's prompt computed once, its samples packed after it.
 
 The G samples of a GRPO group continue one prompt, and causal attention means the prompt's positions
-never see what follows them, so their hidden states (and their keys and values) are the same in every
-sample. A padded batch computes them G times; here they are computed once per distinct prompt and its
-key/value cache is shared by the group's completions:
+never see what follows them, so their hidden states are the same in every sample. A padded batch
+computes them G times. Here each distinct prompt is laid out once, followed by its samples' completions,
+in one packed row, with a block mask: a completion sees the prompt and (causally) itself, never a sibling.
 
-    prefix forward   : U distinct prompts (U, P)                      -> hidden, cache
-    completion pass  : B rows (B, C), attending to cache[group(row)]  -> hidden
-    full row i, t    : prefix[group(i), t] if t < p_i else completion[i, t - p_i]
+    packed row r      : [ prompt_u | completion_i1 | completion_i2 | ... ]   (one LM pass over R rows)
+    positions         : prompt t -> t;  completion i, offset j -> p_i + j     (as in row i of the batch)
+    allowed(q, k)     : k <= q  and  (k in the prompt  or  segment(k) == segment(q))
+    full row i, t     : packed[r(i), t] if t < p_i  else  packed[r(i), start_i + t - p_i]
 
-The result has the shape and values (up to float rounding) of the LM's last hidden states on the padded
-batch (``UnifiedPolicy.lm_forward``'s second output; the caller applies the LM head where it needs
-logits), and gradients flow back through the shared cache (each prompt's gradient is the sum over its
-samples, as in the padded batch). At the benchmark's shape (8 prompts x 4 samples, 59 prompt + 16
-sampled tokens) the LM processes 8 x 59 + 32 x 16 = 984 tokens instead of 32 x 75 = 2400.
+This is the padded forward's last hidden states (B,T,H) up to float rounding (the caller applies the LM
+head where it needs logits) at every position but each row's last token, which predicts nothing and which
+nothing attends to, so it is left out (its state is that of another position). Gradients flow back through
+the shared prompt (its gradient is the sum over its samples, as in the padded batch). At the benchmark's
+shape (8 prompts x 4 samples, 59 prompt + 16 sampled tokens) the LM processes 8 x (59 + 4 x 15) = 952
+tokens instead of 32 x 75 = 2400, in one pass (one set of kernel launches, large matmuls; no key/value
+cache to index out to the rows).
 
-A row's prefix is its tokens before the first sampled one (``loss_mask``) plus the image latents in
-them; rows share a prefix only when both are equal, so a batch without repeated prompts (or a prompt
-whose image latents differ per sample) simply falls back to the padded forward.
+A packed row holds its prompt and as many of the group's completions as fit in twice the batch's width
+(at least one): attention inside a packed row is quadratic in its length, so long completions go to
+several rows that each repeat the prompt. A row's prompt is its tokens before the first sampled one
+(``loss_mask``) plus the image latents in them; rows share a prompt only when both are equal, so a batch
+without repeated prompts falls back to the padded forward.
 """
 
 from __future__ import annotations
@@ -26,55 +31,38 @@ from dataclasses import dataclass
 
 import torch
 
+PROMPT, PAD = -1, -2  # segment ids of prompt positions and padding; completions carry their batch row
+BLOCK_MASK_ATTENTION = ("sdpa", "eager")  # LM attention implementations that take a custom 4-D mask
+
 
 @dataclass(frozen=True)
 class PrefixPlan:
-    """How the rows of a right-padded batch share prompts. Worked out on the CPU once; the forward
-    then needs no device-to-host round trip (tensors live on the batch's device)."""
+    """The packed layout of a right-padded batch (B, T) as R rows of width L. Worked out on the CPU once;
+    the forward then needs no device-to-host round trip (tensors live on the batch's device)."""
 
-    reps: torch.Tensor  # (U,) long: the row whose prefix each distinct prompt is computed from
-    group: torch.Tensor  # (B,) long: the distinct prompt each row continues (an index into reps)
-    prefix_len: torch.Tensor  # (B,) long: tokens before the row's first sampled token
-    completion_len: torch.Tensor  # (B,) long: the row's tokens after its prefix
-    prefix_slot_index: torch.Tensor  # which of the batch's slot latents the prefixes hold, in order
-    completion_slot_index: torch.Tensor  # which the completions hold, in order
-    prefix_width: int  # P: the longest prefix
-    completion_width: int  # C: the longest completion (>= 1)
+    group: torch.Tensor  # (B,) long: the distinct prompt each row continues
+    token_index: torch.Tensor  # (R, L) long: flat index into the batch's (B*T) tokens
+    segment: torch.Tensor  # (R, L) long: PROMPT, PAD, or the batch row whose completion is there
+    positions: torch.Tensor  # (R, L) long: the position the token has in its batch row
+    slot_index: torch.Tensor  # (S,) long: the batch's slot latents in packed order
+    out_index: torch.Tensor  # (B, T) long: flat index into the packed (R*L) positions, per batch position
 
     @property
     def num_prompts(self) -> int:
-        return int(self.reps.shape[0])
+        return int(self.group.max()) + 1
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.segment.shape[0])
 
 
-def plan_shared_prefix(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    loss_mask: torch.Tensor,
-    slot_counts: torch.Tensor,
-    slot_latents: torch.Tensor,
-    img_id: int,
-    n_image_tokens: int,
-) -> PrefixPlan | None:
-    """Group rows by prompt (same tokens before the first sampled one, same image latents there); None
-    when no two rows share one (nothing to save)."""
-    b, t = input_ids.shape
-    if b < 2:
-        return None
-    dev = input_ids.device
-    ids, loss, latents, attn = input_ids.cpu(), loss_mask.cpu(), slot_latents.cpu(), attention_mask.cpu().long()
-    length = attn.sum(1)
-    if not torch.equal(attn, (torch.arange(t)[None, :] < length[:, None]).long()):
-        return None  # not right-padded: the completion positions below assume each row starts at 0
-    prefix_len = torch.where(loss.any(1), loss.long().argmax(1), length).clamp(min=1)
-    in_prefix = torch.arange(t)[None, :] < prefix_len[:, None]
-    prefix_slots = ((ids == img_id) & in_prefix).sum(1) // max(1, n_image_tokens)
-    counts = slot_counts.cpu().long()
-    offset = torch.cumsum(counts, 0) - counts
-    rows, plen, nslot, off = ids.tolist(), prefix_len.tolist(), prefix_slots.tolist(), offset.tolist()
+def _group_rows(rows: list[list[int]], plen: list[int], latents: torch.Tensor, off: list[int],
+                nslot: list[int]) -> tuple[list[int], list[int]]:
+    """(reps, group): the row each distinct prompt is read from, and which one each row continues."""
     reps: list[int] = []
     group: list[int] = []
     by_tokens: dict[tuple[int, ...], list[int]] = {}
-    for i in range(b):
+    for i in range(len(rows)):
         candidates = by_tokens.setdefault(tuple(rows[i][: plen[i]]), [])
         mine = latents[off[i] : off[i] + nslot[i]]
         for u in candidates:  # same tokens: the same prompt only if its image latents are equal too
@@ -86,14 +74,93 @@ def plan_shared_prefix(
             candidates.append(len(reps))
             group.append(len(reps))
             reps.append(i)
+    return reps, group
+
+
+def plan_shared_prefix(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    slot_counts: torch.Tensor,
+    slot_latents: torch.Tensor,
+    img_id: int,
+    n_image_tokens: int,
+) -> PrefixPlan | None:
+    """Group rows by prompt (same tokens before the first sampled one, same image latents there) and pack
+    each group; None when no two rows share one (nothing to save) or the batch is not right-padded."""
+    b, t = input_ids.shape
+    if b < 2:
+        return None
+    ids, loss, latents, attn = input_ids.cpu(), loss_mask.cpu(), slot_latents.cpu(), attention_mask.cpu().long()
+    length = attn.sum(1)
+    if not torch.equal(attn, (torch.arange(t)[None, :] < length[:, None]).long()):
+        return None  # not right-padded: the positions below assume each row starts at 0
+    prefix_len = torch.where(loss.any(1), loss.long().argmax(1), length).clamp(min=1)
+    in_prefix = torch.arange(t)[None, :] < prefix_len[:, None]
+    prefix_slots = ((ids == img_id) & in_prefix).sum(1) // max(1, n_image_tokens)
+    counts = slot_counts.cpu().long()
+    offset = torch.cumsum(counts, 0) - counts
+    plen, nslot, off = prefix_len.tolist(), prefix_slots.tolist(), offset.tolist()
+    # a row's last token predicts nothing and nothing attends to it: left out (unless it is an image slot's)
+    last = ids.gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
+    clen = (length - prefix_len - (last != img_id).long()).clamp(min=0).tolist()
+    reps, group = _group_rows(ids.tolist(), plen, latents, off, nslot)
     if len(reps) == b:
         return None
-    p_slots = [k for r in reps for k in range(off[r], off[r] + nslot[r])]
-    c_slots = [k for i in range(b) for k in range(off[i] + nslot[i], off[i] + int(counts[i]))]
-    completion_len = (length - prefix_len).clamp(min=0)
+    members: list[list[int]] = [[] for _ in reps]
+    for i, u in enumerate(group):
+        members[u].append(i)
+    budget = 2 * t
+    packed: list[tuple[int, list[int]]] = []  # (prompt row, completion rows)
+    for u, rows in enumerate(members):
+        r, used = reps[u], plen[reps[u]]
+        packed.append((r, []))
+        for i in rows:
+            if packed[-1][1] and used + clen[i] > budget:
+                packed.append((r, []))
+                used = plen[r]
+            packed[-1][1].append(i)
+            used += clen[i]
+    # each packed row as flat lists, then one tensor per field
+    tok, seg, pos, slots = [], [], [], []
+    out, row_of = [0] * (b * t), [0] * b  # per batch position: its place in its packed row; that row
+    for k, (r, rows) in enumerate(packed):
+        p = plen[r]
+        tok.append([r * t + j for j in range(p)])
+        seg.append([PROMPT] * p)
+        pos.append(list(range(p)))
+        slots += range(off[r], off[r] + nslot[r])
+        for i in rows:
+            start, n = len(tok[-1]), clen[i]
+            tok[-1] += range(i * t + p, i * t + p + n)
+            seg[-1] += [i] * n
+            pos[-1] += range(p, p + n)
+            slots += range(off[i] + nslot[i], off[i] + int(counts[i]))
+            out[i * t : i * t + p + n] = [*range(p), *range(start, start + n)]
+            row_of[i] = k
+    width = max(len(x) for x in tok)
+    pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
+    out_t = torch.tensor(out, dtype=torch.long).view(b, t) + width * torch.tensor(row_of)[:, None]
+    dev = input_ids.device
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-    return PrefixPlan(as_long(reps), as_long(group), prefix_len.to(dev), completion_len.to(dev), as_long(p_slots),
-                      as_long(c_slots), int(prefix_len[reps].max()), max(1, int(completion_len.max())))
+    return PrefixPlan(as_long(group), as_long(pad(tok, 0)), as_long(pad(seg, PAD)), as_long(pad(pos, 0)),
+                      as_long(slots), out_t.to(dev))
+
+
+def packed_mask(plan: PrefixPlan, attn_implementation: str) -> dict:
+    """The block mask of the packed rows as the LM's attention takes it: boolean (allowed) for SDPA,
+    additive for eager attention (``BLOCK_MASK_ATTENTION``; flash attention takes no custom mask)."""
+    seg = plan.segment
+    width = seg.shape[1]
+    ar = torch.arange(width, device=seg.device)
+    q, k = seg[:, :, None], seg[:, None, :]
+    allowed = (ar[None, None, :] <= ar[None, :, None]) & (k != PAD) & ((k == PROMPT) | (k == q))
+    allowed = (allowed | torch.eye(width, dtype=torch.bool, device=seg.device))[:, None]  # padding sees itself
+    if attn_implementation == "sdpa":
+        return {"full_attention": allowed}
+    if attn_implementation == "eager":
+        return {"full_attention": torch.zeros(allowed.shape, device=seg.device).masked_fill(~allowed, float("-inf"))}
+    raise ValueError(f"shared prefix: attention {attn_implementation!r} takes no block mask ({BLOCK_MASK_ATTENTION})")
 
 
 def lm_hidden_shared_prefix(
@@ -101,25 +168,8 @@ def lm_hidden_shared_prefix(
 ) -> torch.Tensor:
     """The last hidden states (B,T,H) of ``policy.lm_forward(input_ids, attention_mask, slot_latents)``
     with each distinct prompt computed once (see the module docstring for the equations)."""
-    b, t = input_ids.shape
-    pad, p, c = policy.token_ids["pad"], plan.prefix_width, plan.completion_width
-    ar = torch.arange(t, device=input_ids.device)
-    # prefix pass: the U distinct prompts, right-padded to P
-    p_valid = ar[None, :p] < plan.prefix_len[plan.reps][:, None]
-    p_ids = torch.where(p_valid, input_ids[plan.reps, :p], pad)
-    p_attn = (p_valid & attention_mask[plan.reps, :p].bool()).long()
-    p_embeds = policy.embed(p_ids, slot_latents[plan.prefix_slot_index])
-    _, p_hidden, cache = policy.lm_step(p_embeds, p_attn, use_cache=True, head=False)
-    # completion pass: every row's tokens after its prefix, attending to its prompt's cache
-    src = plan.prefix_len[:, None] + ar[None, :c]  # the completion's positions in the full row
-    c_valid = ar[None, :c] < plan.completion_len[:, None]
-    c_ids = torch.where(c_valid, input_ids.gather(1, src.clamp(max=t - 1)), pad)
-    cache.batch_select_indices(plan.group)
-    c_attn = torch.cat([p_attn[plan.group], c_valid.long()], 1)
-    _, c_hidden, _ = policy.lm_step(policy.embed(c_ids, slot_latents[plan.completion_slot_index]), c_attn,
-                                    position_ids=src, use_cache=False, past_key_values=cache, head=False)
-    # full rows: position s < p_i from the prompt, else from the completion (padding reads any valid row)
-    index = torch.where(ar[None, :] < plan.prefix_len[:, None], ar[None, :], p + ar[None, :] - plan.prefix_len[:, None])
-    index = index.clamp(max=p + c - 1)
-    both = torch.cat([p_hidden[plan.group], c_hidden], 1)
-    return both.gather(1, index[..., None].expand(-1, -1, both.shape[-1]))
+    mask = packed_mask(plan, policy.lm.config._attn_implementation)
+    ids = torch.where(plan.segment != PAD, input_ids.reshape(-1)[plan.token_index], policy.token_ids["pad"])
+    embeds = policy.embed(ids, slot_latents[plan.slot_index])
+    _, hidden, _ = policy.lm_step(embeds, mask, position_ids=plan.positions, use_cache=False, head=False)
+    return hidden.reshape(-1, hidden.shape[-1])[plan.out_index]
