@@ -42,13 +42,18 @@ from bench.common import (
 B, G = 8, 4
 
 
-def _unigrpo_block(run, steps: int) -> list[float]:
-    times = []
+SPLIT = ("time/rollout_s", "time/learn_s", "time/reward_s", "time/sync_s")
+
+
+def _unigrpo_block(run, steps: int) -> tuple[list[float], dict[str, float]]:
+    """Step times (the first dropped) and the median split of the kept steps."""
+    times, splits = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        run.rl_step()
+        m, _ = run.rl_step()
         times.append(time.perf_counter() - t0)
-    return times[1:]
+        splits.append(m)
+    return times[1:], {k.split("/")[1]: median([m[k] for m in splits[1:]]) for k in SPLIT}
 
 
 def _trl_trainer(cfg, task_path: str, steps: int, out_dir: str):
@@ -131,11 +136,14 @@ def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: floa
         run = start_run(cfg)
         try:
             _unigrpo_block(run, 2)  # warm-up (first weights load, lazy inits in every actor)
-            ours += _unigrpo_block(run, steps)
+            mine, split = _unigrpo_block(run, steps)
         finally:
             stop_run(run)
-        theirs += _trl_block(cfg, task_path, steps)
-        print(f"  [{size}] rep {i}: unigrpo {median(ours):.3f} s/step, TRL {median(theirs):.3f} s/step",
+        other = _trl_block(cfg, task_path, steps)
+        ours, theirs = ours + mine, theirs + other
+        print(f"  [{size}] rep {i}: unigrpo {median(mine):.3f} s/step, TRL {median(other):.3f} s/step "
+              f"(block ratio {median(other) / median(mine):.2f}x; all so far {median(ours):.3f} vs "
+              f"{median(theirs):.3f}); unigrpo split " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()),
               flush=True)
     n = B * G
     res = {"size": size, "unigrpo_s": median(ours), "trl_s": median(theirs),
