@@ -24,6 +24,8 @@ from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from reward.registry import reward_view
+
 log = logging.getLogger(__name__)
 
 #: What stops a run (the rollout pool handles its own workers' deaths; these come from the learner or the
@@ -361,11 +363,12 @@ def start_reward(cfg: Any) -> Any:
 
 
 def score_values(reward: Any, trajectories: list) -> tuple[list[float], dict[str, list[float]]]:
+    """(totals, components) of ``trajectories``; the reward actor is sent only what rewards read."""
     import ray
 
     if isinstance(reward, ServeReward):
         return reward.score_values(trajectories)
-    return ray.get(reward.score_values.remote(trajectories))
+    return ray.get(reward.score_values.remote([reward_view(t) for t in trajectories]))
 
 
 def stop_reward(reward: Any) -> None:

@@ -324,7 +324,31 @@ def test_reward_actor_end_to_end(ray_local) -> None:
     assert scored[0].reward_components["answer"] == 1.0
     assert scored[1].reward_components == pytest.approx({"answer": 0.0, "format": 1.0, "clip_similarity": 1.0},
                                                         abs=1e-4)
+    # the driver's path sends only what rewards read (services.control.score_values): the same numbers
+    from services.control import score_values
+
+    totals, comps = score_values(actor, trajs)
+    assert totals[:3] == pytest.approx([t.reward for t in scored[:3]], abs=1e-6) and math.isnan(totals[3])
+    assert comps["answer"] == [t.reward_components["answer"] for t in scored]
+    ray.get(actor.reset_stats.remote(), timeout=30)
+    ray.get(actor.score.remote(trajs), timeout=60)
     stats = ray.get(actor.stats.remote(), timeout=30)
     assert stats["n_scored"] == 4 and stats["n_nan_total"] == 1
     assert stats["nonfinite"] == {"clip_similarity": 1}
     ray.kill(actor)
+
+
+def test_reward_view_keeps_what_rewards_read() -> None:
+    from policy.trajectory import ImageSegment
+    from reward.registry import reward_view
+
+    t = _traj(0, "<answer>B</answer>", {**MC})
+    final = torch.randn(4, 4, 4)
+    w = torch.zeros(2, 4, 4, 4)
+    t.images = [ImageSegment(3, w, w, torch.zeros(2), torch.zeros(2), torch.zeros(2), final)]
+    view = reward_view(t)
+    assert set(view) == {"response_text", "meta"} and view["response_text"] == t.response_text
+    assert view["meta"]["generated_latent"] is final and "generated_latent" not in t.meta  # not mutated
+    assert view["meta"]["answer"] == MC["answer"]
+    assert reward_view(view) is view  # dicts are already views
+    assert combine([view], [{"name": "answer"}])[0] == combine([t], [{"name": "answer"}])[0] == [1.0]
