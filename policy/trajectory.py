@@ -16,11 +16,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
+def _to_wire(fields: dict) -> dict:
+    """A dataclass's fields with CPU tensors as numpy arrays: pickling a small tensor costs ~10x a numpy
+    array's (32 trajectories: 17-28 ms vs 3 ms per round trip through Ray). Other values, tensors on other
+    devices and dtypes numpy lacks (bfloat16) pass through as they are."""
+    out = {}
+    for k, v in fields.items():
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype != torch.bfloat16:
+            v = v.detach().numpy()
+        out[k] = v
+    return out
+
+
+def _from_wire(state: dict) -> dict:
+    """Inverse of :func:`_to_wire`; arrays Ray hands back read-only (zero-copy from its object store) are
+    copied, so the tensors are ordinary writable ones."""
+    return {k: torch.from_numpy(v if v.flags.writeable else v.copy()) if isinstance(v, np.ndarray) else v
+            for k, v in state.items()}
+
+
+class _WireTensors:
+    """Pickles a dataclass's tensor fields as numpy arrays (``meta`` and other containers are left alone)."""
+
+    def __getstate__(self) -> dict:
+        return _to_wire(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(_from_wire(state))
+
+
 @dataclass
-class ImageSegment:
+class ImageSegment(_WireTensors):
     """One generated image: the trained SDE window and the final latent.
 
     The generator was conditioned on the LM's last hidden states of ``tokens[:cond_end]``.
@@ -41,7 +71,7 @@ class ImageSegment:
 
 
 @dataclass
-class Trajectory:
+class Trajectory(_WireTensors):
     """One sampled response with everything the learner needs to recompute and train on it."""
 
     prompt_id: str

@@ -352,3 +352,32 @@ def test_reward_view_keeps_what_rewards_read() -> None:
     assert view["meta"]["answer"] == MC["answer"]
     assert reward_view(view) is view  # dicts are already views
     assert combine([view], [{"name": "answer"}])[0] == combine([t], [{"name": "answer"}])[0] == [1.0]
+
+
+def test_trajectory_pickles_tensors_as_numpy_and_back() -> None:
+    """policy.trajectory: trajectories cross Ray with numpy-backed tensor fields; what comes back has the
+    same values and dtypes, writable tensors, and ``meta`` untouched."""
+    import pickle
+
+    from policy.trajectory import ImageSegment
+
+    t = _traj(0, "<answer>B</answer>", {**MC, "clean_image": np.zeros((2, 2, 3), np.uint8)})
+    w = torch.randn(2, 4, 4, 4)
+    t.images = [ImageSegment(3, w, w + 1, torch.ones(2), torch.zeros(2), torch.randn(2), torch.randn(4, 4, 4))]
+    t.behaviour_logp = t.behaviour_logp.to(torch.bfloat16)  # numpy has no bfloat16: stays a tensor
+    state = t.__getstate__()
+    assert isinstance(state["input_ids"], np.ndarray) and isinstance(state["behaviour_logp"], torch.Tensor)
+    back = pickle.loads(pickle.dumps(t))
+    for name in ("input_ids", "loss_mask", "behaviour_logp", "slot_latents"):
+        a, b = getattr(t, name), getattr(back, name)
+        assert isinstance(b, torch.Tensor) and b.dtype == a.dtype and torch.equal(a, b), name
+    seg, seg_back = t.images[0], back.images[0]
+    assert seg_back.cond_end == 3 and torch.equal(seg_back.next_latents, seg.next_latents)
+    assert isinstance(back.meta["clean_image"], np.ndarray) and back.meta["answer"] == "B"
+    back.input_ids += 1  # writable
+    read_only = t.__getstate__()
+    read_only["input_ids"].setflags(write=False)  # as Ray returns arrays from its object store
+    other = type(t).__new__(type(t))
+    other.__setstate__(read_only)
+    other.input_ids[0] = 7
+    assert int(t.input_ids[0]) == 0  # copied, not aliased
