@@ -8,7 +8,9 @@ copy the trainable weights into the rollout policy. One rollout worker on the Ra
 thread everywhere (what each actor gets), so both sides do the same work serially; the difference is
 Ray (serialisation, object store, actor calls, scheduling), the driver's bookkeeping and the bucketed sync.
 Each Ray block starts its own cluster and stops it before the in-process block, so the in-process side
-does not share the box with an idle cluster (which would understate the overhead).
+does not share the box with an idle cluster (which would understate the overhead); and each block, on
+either side, starts from the initial weights, optimizer state and prompt order with the same seeds, so
+both sides sample the same tokens and do the same work.
 
     python -m bench.overhead [--reps 3] [--steps 2]
 Prints (step - compute) / step from the medians.
@@ -17,6 +19,7 @@ Prints (step - compute) / step from the medians.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 from bench.common import MEDIUM_LM, PeakMemory, bench_config, median, quiet, start_run, stop_run
@@ -51,6 +54,19 @@ class LocalStep:
         self.version = 0
         self.step_i = 0
         torch.set_num_threads(1)
+        self._start = tempfile.mkdtemp(prefix="unigrpo-bench-local-")
+        self.learner.save(self._start)  # the initial weights and (empty) optimizer state
+        self._sampler_start = self.sampler.state_dict()
+        self._sync()
+
+    def reset(self) -> None:
+        """Back to the initial weights, optimizer state and prompt order: a fresh ``Run`` starts from the
+        same ones (same config seed), so with the same seeds both sides then sample and train on the same
+        tokens. (Without this the two sides' weights drift apart and with them how long the samples are:
+        the sampled length, not Ray, decided the difference.)"""
+        self.learner.load(self._start)
+        self.sampler.load_state_dict(self._sampler_start)
+        self.version = self.step_i = 0
         self._sync()
 
     def _sync(self) -> None:
@@ -80,18 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per block")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per block: a fresh process's first steps page in its allocator's memory")
     args = p.parse_args(argv)
     quiet()
     cfg = bench_config({"rollout.num_workers": 1, "rollout.max_new_tokens": args.max_new_tokens,
                         "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"}, lm=MEDIUM_LM)
     with PeakMemory() as mem:
         local = LocalStep(cfg)
-        local()  # warm-up
         ray_s, local_s, splits = [], [], []
-        for i in range(args.reps):  # a fresh cluster per block, stopped before the in-process block
-            run = start_run(cfg)
+        for i in range(args.reps):  # both sides from the initial weights each rep: the same work
+            run = start_run(cfg)  # a fresh cluster, stopped before the in-process block
             try:
-                run.rl_step()  # warm-up
+                for _ in range(args.warmup):
+                    run.rl_step()
                 for _ in range(args.steps):
                     t0 = time.perf_counter()
                     m, _ = run.rl_step()
@@ -99,11 +117,15 @@ def main(argv: list[str] | None = None) -> None:
                     splits.append(m)
             finally:
                 stop_run(run)
+            local.reset()
+            for _ in range(args.warmup):
+                local()
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 local()
                 local_s.append(time.perf_counter() - t0)
-            print(f"  rep {i}: Ray step {median(ray_s):.3f} s, in-process {median(local_s):.3f} s", flush=True)
+            print(f"  rep {i}: Ray step {median(ray_s[-args.steps:]):.3f} s, in-process "
+                  f"{median(local_s[-args.steps:]):.3f} s", flush=True)
     step, compute = median(ray_s), median(local_s)
     split = {k: median([m[k] for m in splits]) for k in ("time/rollout_s", "time/reward_s", "time/learn_s",
                                                           "time/sync_s")}

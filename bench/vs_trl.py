@@ -12,7 +12,7 @@ unigrpo runs as the real service: ``services.driver.Run.rl_step`` over a local R
 workers of 1 thread each, 1 reward actor, 1 DeepSpeed learner with 2 threads: ``learner.num_cpus_per_worker:
 2``, since in sync mode the rollout workers are idle while it learns; object-store weight sync every
 step). TRL runs in this process (``use_cpu``, 2 torch threads: the whole box) with no Ray cluster up: each
-unigrpo block starts its own cluster (weights version 1, two warm-up steps) and stops it before the TRL
+unigrpo block starts its own cluster (weights version 1, three warm-up steps) and stops it before the TRL
 block (an idle cluster takes ~10% of a core, which slowed TRL's step by 10-15%). Steps are timed per step
 (TRL through a callback); the first step of each block is dropped. Blocks are interleaved (unigrpo, TRL,
 unigrpo, TRL, ...) and medians reported.
@@ -135,7 +135,7 @@ def compare(size: str, reps: int, steps: int, task_path: str, learner_cpus: floa
     for i in range(reps):
         run = start_run(cfg)
         try:
-            _unigrpo_block(run, 2)  # warm-up (first weights load, lazy inits in every actor)
+            _unigrpo_block(run, 3)  # warm-up: lazy inits in every actor, a fresh process's allocator
             mine, split = _unigrpo_block(run, steps)
         finally:
             stop_run(run)
