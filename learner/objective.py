@@ -12,7 +12,7 @@ from learner.batch import TrainBatch
 from learner.losses import image_policy_loss, text_policy_loss, total_loss
 from policy.prompting import mask_unsampleable
 from policy.sde import window_log_probs
-from policy.shared_prefix import BLOCK_MASK_ATTENTION, lm_hidden_shared_prefix, plan_shared_prefix
+from policy.shared_prefix import lm_hidden_shared_prefix, plan_shared_prefix, takes_block_mask
 
 
 @dataclass
@@ -52,7 +52,7 @@ def lm_hidden(policy, batch: TrainBatch, shared_prefix: bool = True) -> torch.Te
     prompt once, followed by the completions that continue it (``policy.shared_prefix``: same values,
     fewer tokens through the LM; attention implementations without custom masks take the padded batch)."""
     plan = None
-    if shared_prefix and policy.lm.config._attn_implementation in BLOCK_MASK_ATTENTION:
+    if shared_prefix and takes_block_mask(policy.lm.config):
         plan = plan_shared_prefix(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.slot_counts,
                                   batch.slot_latents, policy.token_ids["img"], policy.n_image_tokens)
     if plan is None:

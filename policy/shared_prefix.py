@@ -35,6 +35,13 @@ PROMPT, PAD = -1, -2  # segment ids of prompt positions and padding; completions
 BLOCK_MASK_ATTENTION = ("sdpa", "eager")  # LM attention implementations that take a custom 4-D mask
 
 
+def takes_block_mask(config, implementations: tuple[str, ...] = BLOCK_MASK_ATTENTION) -> bool:
+    """Whether an LM with this config takes a prepared 4-D mask (``{"full_attention": mask}``): one of
+    ``implementations`` and every layer full attention (sliding-window layers would need their own)."""
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return getattr(config, "_attn_implementation", None) in implementations and types == {"full_attention"}
+
+
 @dataclass(frozen=True)
 class PrefixPlan:
     """The packed layout of a right-padded batch (B, T) as R rows of width L. Worked out on the CPU once;

@@ -14,6 +14,7 @@ import torch
 
 from policy.bridge import positions_from_mask
 from policy.prompting import mask_unsampleable
+from policy.shared_prefix import takes_block_mask
 
 
 @dataclass
@@ -125,9 +126,7 @@ class HFTextEngine:
         self.policy.load_trainable(named_tensors)
 
     def _mask(self, attn: torch.Tensor, q_len: int):
-        cfg = self.policy.lm.config
-        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if getattr(cfg, "_attn_implementation", None) != "sdpa" or types != {"full_attention"}:
+        if not takes_block_mask(self.policy.lm.config, ("sdpa",)):
             return attn  # transformers builds it
         return {"full_attention": _sdpa_mask(attn, q_len)}
 
