@@ -76,6 +76,33 @@ def test_stage_switch_fresh_optimizer_and_held_lm(local_ray):
         group.shutdown()
 
 
+def test_one_rank_skips_the_identity_all_reduce(local_ray):
+    """One rank at ZeRO 0: DeepSpeed's data-parallel gradient all-reduce (flatten, reduce, copy back) is
+    turned off, and the step is the same as with it on (on one rank it is the identity)."""
+    cfg = load_config(None)
+    batch = _trajectories(cfg)
+    groups = [LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
+                           cfg.sft.model_dump(), cfg.seed) for _ in range(2)]
+    state = lambda g: ray.get(g.workers[0].__ray_call__.remote(  # noqa: E731
+        lambda self: {k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()}))
+    try:
+        flags = [ray.get(g.workers[0].__ray_call__.remote(lambda self: self.engine.enable_backward_allreduce))
+                 for g in groups]
+        assert flags == [False, False]
+        ray.get(groups[1].workers[0].__ray_call__.remote(
+            lambda self: setattr(self.engine, "enable_backward_allreduce", True)))
+        start = state(groups[0])
+        for g in groups:
+            g.train_step(batch)
+        skipped, reduced = state(groups[0]), state(groups[1])
+    finally:
+        for g in groups:
+            g.shutdown()
+    assert any(not torch.equal(start[k], skipped[k]) for k in start)  # the step moved the weights
+    for k in skipped:
+        torch.testing.assert_close(skipped[k], reduced[k], rtol=0, atol=1e-7, msg=k)
+
+
 def test_train_batch_select_and_to():
     """A mini-batch keeps its rows' slots and image segments (re-indexed); ``to`` moves every field."""
     from dataclasses import fields

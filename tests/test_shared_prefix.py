@@ -55,8 +55,8 @@ def _plan(policy, ids, attn, loss, counts, latents):
 def _assert_same_as_padded(policy, ids, attn, latents, plan) -> None:
     """Logits, hidden states and every parameter's gradient of the shared-prefix forward match the padded one
     at every position but each row's last (which predicts nothing: the shared forward leaves it out)."""
-    weight = torch.randn(policy.lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    valid = attn.bool() & (torch.arange(attn.shape[1])[None, :] < attn.sum(1)[:, None] - 1)
+    weight = torch.randn(policy.lm.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(ids.device)
+    valid = attn.bool() & (torch.arange(attn.shape[1], device=ids.device)[None, :] < attn.sum(1)[:, None] - 1)
 
     def run(forward):
         policy.zero_grad(set_to_none=True)
@@ -89,6 +89,24 @@ def test_same_values_and_gradients_as_the_padded_forward(policy: UnifiedPolicy, 
         _assert_same_as_padded(policy, ids, attn, latents, plan)
     finally:
         config._attn_implementation = default
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_values_and_gradients_on_cuda(policy: UnifiedPolicy) -> None:
+    """The plan and the packed forward on CUDA tensors (float32, TF32 off) against the padded one there."""
+    import copy
+
+    cuda_policy = copy.deepcopy(policy).cuda()
+    ids, attn, loss, counts, latents = (x.cuda() for x in _rows(policy))
+    plan = _plan(cuda_policy, ids, attn, loss, counts, latents)
+    assert plan is not None and plan.num_rows == 2 and plan.segment.is_cuda
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _assert_same_as_padded(cuda_policy, ids, attn, latents, plan)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def test_long_completions_split_a_group_over_packed_rows(policy: UnifiedPolicy) -> None:
