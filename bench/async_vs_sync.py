@@ -1,8 +1,8 @@
 """Async vs sync: the same run (same Run, same actors) in ``algorithm.mode: async`` with
 ``max_staleness: 1`` (step t+1's rollout overlaps step t's learning) against ``sync``; steps/s ratio.
 
-The config makes rollout and learning take similar time (the tiny default model, 8 prompts x 4, 56 new
-tokens; 1 rollout worker on 1 core, 1 learner on the other; the sync split is printed). Overlap can only
+The config: the tiny default model, 8 prompts x 4, 56 new tokens; 1 rollout worker on 1 core, 1 learner
+on the other (the sync split is printed: on the 2-core box the rollout takes about twice the learning). Overlap can only
 pay off where cores are idle: on a shared 2-core box under load it cannot. Blocks alternate on one ``Run`` (sync, async, sync, async, ...);
 an async block starts with one priming step and ends with one draining step, neither timed.
 
