@@ -57,12 +57,18 @@ class LearnerWorker:
                   {"params": [p for p in params if id(p) not in understanding], "understanding": False}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learner_cfg["lr"], fused=True,
                                       betas=tuple(learner_cfg["betas"]), weight_decay=learner_cfg["weight_decay"])
+        bf16 = policy_cfg.get("dtype") == "bfloat16"
+        # ZeRO 0 in fp32: DeepSpeed clips with torch's clip_grad_norm_ and drops the norm it returns, so the
+        # learner clips there itself (same call, same place: after the reduction, before the step) and
+        # reports the norm; elsewhere DeepSpeed's optimizer clips and reports it
+        self._trainable = params
+        self._clip_here = learner_cfg["zero_stage"] == 0 and not bf16
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": learner_cfg["grad_clip"],
+            "gradient_clipping": 0.0 if self._clip_here else learner_cfg["grad_clip"],
             "zero_optimization": {"stage": learner_cfg["zero_stage"]},
-            "bf16": {"enabled": policy_cfg.get("dtype") == "bfloat16"},
+            "bf16": {"enabled": bf16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -116,10 +122,14 @@ class LearnerWorker:
 
     # ---- training --------------------------------------------------------------------------
     def _step(self, loss: torch.Tensor) -> dict[str, float]:
-        """Backward and one optimizer step; the gradient norm when DeepSpeed reports one."""
+        """Backward, gradient clipping and one optimizer step; the gradient norm before clipping."""
         self.engine.backward(loss)
+        norm = None
+        if self._clip_here:
+            clip = self.cfg["grad_clip"]
+            norm = torch.nn.utils.clip_grad_norm_(self._trainable, clip if clip > 0 else float("inf"))
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if norm is None else norm
         return {} if norm is None else {"grad_norm": float(norm)}
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -44,8 +44,9 @@ def test_one_step_trains_lm_and_generator_with_reference_kl(local_ray, zero_stag
         m = group.train_step(_trajectories(cfg))
         after = group.call("weights_digest")
         for key in ("text/loss", "image/loss", "text/kl_ref", "image/kl_ref", "text/clipfrac", "image/clipfrac",
-                    "text/entropy"):
+                    "text/entropy", "grad_norm"):
             assert key in m and m[key] == m[key], key  # present and not NaN
+        assert 0 < m["grad_norm"] < float("inf")  # ZeRO 0: the learner clips and reports it; ZeRO 3: DeepSpeed
         changed = {k.split(".")[0] for k in before if abs(before[k] - after[k]) > 0}
         assert {"lm", "generator", "bridge", "connector"} <= changed
         handle = group.publish()
