@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from policy.prompting import encode_prompt
-from reward.registry import RewardContext, register_reward, traj_meta
+from reward.registry import RewardContext, register_reward, reward_view, traj_meta
 
 INSTRUCTION = "Describe the image"
 
@@ -163,9 +163,7 @@ def _image_of(t: Any, janus: bool) -> torch.Tensor | None:
     if janus:
         codes = traj_meta(t).get("generated_codes")
         return None if codes is None else torch.as_tensor(codes).long()
-    lat = traj_meta(t).get("generated_latent")
-    if lat is None and not isinstance(t, dict) and getattr(t, "images", None):
-        lat = t.images[-1].final_latent
+    lat = traj_meta(reward_view(t)).get("generated_latent")
     return None if lat is None else torch.as_tensor(lat).float()
 
 

@@ -111,9 +111,10 @@ def reward_view(t: Any) -> dict:
     whole trajectory (token ids, log-probs, SDE windows: ~4x the bytes and most of the pickling time)."""
     if isinstance(t, dict):
         return t
-    meta = dict(t.meta or {})
-    if t.images and "generated_latent" not in meta:
-        meta["generated_latent"] = t.images[-1].final_latent
+    meta = dict(traj_meta(t))
+    images = getattr(t, "images", None)
+    if images and "generated_latent" not in meta:
+        meta["generated_latent"] = images[-1].final_latent
     return {"response_text": t.response_text, "meta": meta}
 
 

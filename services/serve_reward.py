@@ -145,9 +145,9 @@ class RewardServeClient:
         self.timeout_s = timeout_s
 
     def score_values(self, trajectories: list[Any]) -> tuple[list[float], dict[str, list[float]]]:
-        from reward.registry import traj_meta, traj_text
+        from reward.registry import reward_view
 
-        payload = [{"response_text": traj_text(t), "meta": traj_meta(t)} for t in trajectories]
+        payload = [reward_view(t) for t in trajectories]
         return self.handle.score_values.remote(payload).result(timeout_s=self.timeout_s)
 
     def score(self, trajectories: list[Any]) -> list[Any]:
