@@ -119,7 +119,7 @@ def start_run(cfg):
     from services.driver import Run
 
     run = Run(cfg, resume=False)
-    run.learner._all("snapshot_reference")
+    run.learner.call_all("snapshot_reference")
     run.publish_and_sync()
     return run
 

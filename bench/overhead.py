@@ -32,16 +32,17 @@ class LocalStep:
         import torch
 
         from learner.actor import LearnerWorker
-        from learner.weight_sync.nccl import free_port
         from policy.build import build_tokenizer
         from policy.tokenizer import special_token_ids
         from reward.actor import RewardActor
         from rollout.worker import RolloutWorker
-        from services.driver import _dataset, rollout_settings
+        from services.cluster import rollout_settings
+        from services.driver import task_dataset
+        from sync.nccl import free_port
         from tasks.sampler import PromptSampler
 
         self.cfg = cfg
-        self.worker = RolloutWorker(0, cfg.model.model_dump(), rollout_settings(cfg), "hf", None,
+        self.worker = RolloutWorker(0, cfg.model.model_dump(), vars(rollout_settings(cfg)), "hf", None,
                                     cfg.learner.sync.backend, cfg.recipe, 1)
         L = cfg.learner
         self.learner = LearnerWorker(0, 1, "127.0.0.1", free_port(), cfg.model.model_dump(), L.model_dump(),
@@ -49,7 +50,7 @@ class LocalStep:
         self.learner.set_sampling(cfg.rollout.temperature, cfg.rollout.sde.noise_level)
         self.learner.snapshot_reference()
         self.reward = RewardActor([c.model_dump() for c in cfg.reward.components])
-        self.sampler = PromptSampler(_dataset(cfg, "train"), cfg.rollout.prompts_per_step, cfg.seed)
+        self.sampler = PromptSampler(task_dataset(cfg, "train"), cfg.rollout.prompts_per_step, cfg.seed)
         self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
         self.version = 0
         self.step_i = 0

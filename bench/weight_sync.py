@@ -64,7 +64,7 @@ class Replica:
     """A rollout worker's side of the sync: own parameters, the object-store receiver."""
 
     def __init__(self) -> None:
-        from learner.weight_sync import make_receiver
+        from sync import make_receiver
 
         torch.set_num_threads(1)
         self.params = {k: torch.empty_like(v) for k, v in state_dict_100m().items()}
@@ -86,7 +86,7 @@ def service_syncs(n: int, bucket_mb: float, replicas: list, src: dict, nbytes: i
     """``n`` back-to-back syncs from a fresh store as the service does them: one publisher (keep_last 1),
     the previous handle held until the next sync has been loaded (the pool keeps it for replacements).
     Returns the sync times and how many puts landed on fresh store pages."""
-    from learner.weight_sync import make_publisher
+    from sync import make_publisher
 
     pub, held, times, fresh = make_publisher("object_store", bucket_mb=bucket_mb), None, [], 0
     for version in range(1, n + 1):
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--free-period-ms", type=int, default=None,
                    help="Ray's free_objects_period_milliseconds (default: the project's RAY_SYSTEM_CONFIG)")
     args = p.parse_args(argv)
-    from learner.weight_sync import RAY_SYSTEM_CONFIG, make_publisher
+    from sync import RAY_SYSTEM_CONFIG, make_publisher
 
     system_config = dict(RAY_SYSTEM_CONFIG)
     if args.free_period_ms is not None:

@@ -19,8 +19,8 @@ import torch
 from learner.batch import TrainBatch, average_metrics
 from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
 from learner.sft import sft_batch
-from learner.weight_sync import make_publisher
 from policy.factory import Policy, build_policy
+from sync import make_publisher
 
 
 def _cpu_deepspeed_without_jit() -> None:

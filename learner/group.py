@@ -11,7 +11,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.actor import LearnerWorker
 from learner.batch import TrainBatch, average_metrics
-from learner.placement import wait_placement
+from sync.placement import wait_placement
 
 
 def _free_port() -> int:
@@ -45,7 +45,8 @@ class LearnerGroup:
             for i in range(w)
         ]
 
-    def _all(self, method: str, *args):
+    def call_all(self, method: str, *args) -> list:
+        """Every rank runs ``method(*args)``; their answers in rank order."""
         return ray.get([getattr(wk, method).remote(*args) for wk in self.workers])
 
     def _sharded(self, method: str, items, select) -> list[dict]:
@@ -59,11 +60,11 @@ class LearnerGroup:
         return average_metrics(self._sharded("sft_step", examples, lambda e, idx: [e[i] for i in idx.tolist()]))
 
     def publish(self, bump: bool = True):
-        return self._all("publish", bump)[0]
+        return self.call_all("publish", bump)[0]
 
     def call(self, method: str, *args):
         """Every rank runs ``method``; rank 0's answer."""
-        return self._all(method, *args)[0]
+        return self.call_all(method, *args)[0]
 
     def shutdown(self) -> None:
         for wk in self.workers:

@@ -12,7 +12,7 @@ Rewards that score with the policy itself (GvU: ``reward/gvu.py``) hold a policy
 reward's setup from the spec's ``policy_config`` kwarg). The driver
 keeps it current: after every publish it calls ``update_weights(handle, timeout_s)`` with the SAME
 ``WeightHandle`` the rollout workers get; the actor receives the buckets through its own
-``learner.weight_sync`` receiver and loads them with :func:`reward.gvu.gvu_sync`. ``version()`` is the
+``sync`` receiver and loads them with :func:`reward.gvu.gvu_sync`. ``version()`` is the
 policy version the reward scores with (-1 before the first update, or when no reward holds a policy).
 """
 
@@ -63,8 +63,8 @@ class RewardActor:
         Returns the version now held; a no-op (returning the handle's version) when no reward holds a policy.
         Raises ``WeightSyncTimeout`` within ``timeout_s`` when the weights cannot arrive.
         """
-        from learner.weight_sync import make_receiver
         from reward.gvu import gvu_sync
+        from sync import make_receiver
 
         policy = self.policy
         if policy is None:

@@ -26,7 +26,7 @@ Weights: the reward must use the CURRENT policy, so the reward actor holds its o
    reward set's ``resources["policy"]``.
 2. ``Run.publish_and_sync`` publishes the learner's trainable weights once (version v) and hands the SAME
    ``WeightHandle`` to the rollout pool and to ``RewardActor.update_weights(handle, timeout_s)``.
-3. ``update_weights`` receives the buckets with ``learner.weight_sync.make_receiver(handle.backend)`` (the
+3. ``update_weights`` receives the buckets with ``sync.make_receiver(handle.backend)`` (the
    object store by default: the buckets are read, not copied again by the learner) and applies them with
    :func:`gvu_sync` ``(policy, receiver.receive(handle, timeout_s), version)``; a sync that cannot finish
    raises within the timeout, as for the workers. ``RewardActor.version()`` and ``GvUState.version`` say

@@ -130,7 +130,7 @@ def _format(trajectories: Sequence[Any], ctx: RewardContext) -> list[float]:
 _SIM_SETUP_KEYS = ("tiny", "device", "dtype", "max_batch", "seed")
 
 
-def _clip_setup(kwargs: dict, resources: dict) -> Any:
+def clip_setup(kwargs: dict, resources: dict) -> Any:
     from reward.clip_similarity import ImageSimilarity
 
     backbones = kwargs.get("backbones") or [{"kind": "clip", "weight": 1.0}]
@@ -144,7 +144,7 @@ def _clip_similarity(trajectories: Sequence[Any], ctx: RewardContext) -> list[fl
     (H,W,3)); trajectories missing either image get NaN. Per-backbone values go to ``ctx.extras``."""
     from reward.clip_similarity import to_float_images
 
-    sim = ctx.state if ctx.state is not None else _clip_setup(ctx.kwargs, ctx.resources)
+    sim = ctx.state if ctx.state is not None else clip_setup(ctx.kwargs, ctx.resources)
     src_key = ctx.kwargs.get("source_key", "source_image")
     rec_key = ctx.kwargs.get("recon_key", "reconstruction")
     out = [math.nan] * len(trajectories)
@@ -170,7 +170,7 @@ def _clip_similarity(trajectories: Sequence[Any], ctx: RewardContext) -> list[fl
 
 register_reward("answer", _answer)
 register_reward("format", _format)
-register_reward("clip_similarity", _clip_similarity, setup=_clip_setup)
+register_reward("clip_similarity", _clip_similarity, setup=clip_setup)
 
 
 # ------------------------------------------------------------------------------------------ specs

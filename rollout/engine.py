@@ -188,14 +188,3 @@ class HFTextEngine:
         tok_rows, lp_rows, n_rows = tokens.tolist(), logps.tolist(), lengths.tolist()
         return [TextCompletion(tok_rows[i][: n_rows[i]], lp_rows[i][: n_rows[i]],
                                "stop" if bool(stopped_at_stop[i]) else "length") for i in range(b)]
-
-
-def make_engine(name: str, policy, **kwargs) -> TextEngine:
-    """``hf`` (transformers, any device) or ``vllm`` (GPU, the ``vllm`` extra)."""
-    if name == "hf":
-        return HFTextEngine(policy)
-    if name == "vllm":
-        from rollout.vllm_engine import VLLMTextEngine
-
-        return VLLMTextEngine(policy, **kwargs)
-    raise ValueError(f"rollout.engine: unknown engine {name!r} (hf | vllm)")

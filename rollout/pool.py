@@ -15,10 +15,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from learner.placement import wait_placement
 from policy.trajectory import Trajectory
 from rollout.fleet_health import FleetHealth, WorkerState
 from rollout.worker import RolloutWorker
+from sync.placement import wait_placement
 
 log = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)

@@ -11,13 +11,13 @@ from dataclasses import replace
 
 import torch
 
-from learner.weight_sync import WeightHandle, make_receiver
 from policy.config import PolicyConfig
 from policy.factory import build_policy
 from policy.trajectory import Trajectory
-from rollout.engine import make_engine
+from rollout.engine import HFTextEngine, TextEngine
 from rollout.interleaved import RolloutSettings
 from rollout.recipes import get_rollout
+from sync import WeightHandle, make_receiver
 
 
 class RolloutWorker:
@@ -84,3 +84,14 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def make_engine(name: str, policy, **kwargs) -> TextEngine:
+    """``hf`` (transformers, any device) or ``vllm`` (GPU, the ``vllm`` extra)."""
+    if name == "hf":
+        return HFTextEngine(policy)
+    if name == "vllm":
+        from rollout.vllm_engine import VLLMTextEngine  # GPU only: vllm is an optional extra
+
+        return VLLMTextEngine(policy, **kwargs)
+    raise ValueError(f"rollout.engine: unknown engine {name!r} (hf | vllm)")

@@ -78,7 +78,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    scale = _resolve("services.control", "scale")
+    scale = _resolve("services.scale", "scale")
     result = scale(run=args.run, rollout_workers=args.rollout_workers, address=args.address)
     return result if isinstance(result, int) else EXIT_OK
 

@@ -239,6 +239,7 @@ class RewardConfig(_Section):
     components: list[RewardComponent] = Field(default_factory=_default_components)
     num_cpus: NonNegFloat = 0.5
     num_gpus: NonNegFloat = 0.0  # the reward actor's; a policy-scoring reward (gvu) then runs on the GPU
+    timeout_s: PosFloat = 600  # one scoring call (a batch of trajectories) answers within this, or the run stops
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("components")
@@ -269,7 +270,7 @@ class SyncConfig(_Section):
     @field_validator("backend")
     @classmethod
     def _wired(cls, v: str) -> str:
-        if v == "nccl":  # learner.weight_sync.nccl exists (tested over gloo); the driver does not build its group yet
+        if v == "nccl":  # sync.nccl exists (tested over gloo); the driver does not build its group yet
             raise ValueError("nccl: the driver does not set up the collective group yet (rank 0 = learner, "
                              "ranks 1..N = rollout workers, rebuilt on every pool change); use object_store")
         return v

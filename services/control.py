@@ -3,9 +3,8 @@
 
 * ``RunControl`` is a small named Ray actor the driver starts for each run
   (``unigrpo-control-<run_name>`` in namespace ``unigrpo``, owned by the driver: it goes when the run
-  goes). It holds the *desired* rollout pool size; ``unigrpo scale --run RUN --rollout-workers N`` (or
-  any Ray client: ``ray.get_actor(actor_name(run), namespace="unigrpo").set_rollout_workers.remote(N)``)
-  writes it, the driver reads it between steps.
+  goes). It holds the *desired* rollout pool size; ``unigrpo scale --run RUN --rollout-workers N``
+  (``services.scale``) writes it, the driver reads it between steps.
 * ``PoolController`` is the driver side: between two steps it applies the desired size (manual request
   or the optional autoscale policy from ``rollout.autoscale``) with ``RolloutPool.scale`` (new workers:
   own placement group, current weights before any prompt; removed workers: idle at that point, drained)
@@ -17,14 +16,10 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-from reward.registry import reward_view
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +220,7 @@ def core_failure(run: Any, exc: BaseException) -> tuple[str, bool]:
 
     learner_ok = alive(list(run.learner.workers))
     reward = getattr(run, "reward", None)
-    reward_ok = alive([reward]) if isinstance(reward, ray.actor.ActorHandle) else True
+    reward_ok = reward.alive() if reward is not None else True
     if not learner_ok:
         who = "learner"
     elif not reward_ok or "reward" in str(exc).lower():
@@ -239,142 +234,3 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     first = text.split(" Traceback")[0]
     return f"{type(exc).__name__}: {first[:200]}"
-
-
-# ---------------------------------------------------------------------------------------- CLI side
-def _connect(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    addr = address or os.environ.get("RAY_ADDRESS") or "auto"
-    kw: dict = {"namespace": NAMESPACE}
-    if not addr.startswith("ray://"):
-        kw.update(log_to_driver=False, configure_logging=False)
-    ray.init(address=addr, **kw)
-
-
-def _find(run: str) -> Any:
-    """The control actor by run name, or by the MLflow run id it was started with."""
-    import ray
-
-    try:
-        return ray.get_actor(actor_name(run), namespace=NAMESPACE)
-    except ValueError:
-        pass
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry.get("namespace") != NAMESPACE or not entry.get("name", "").startswith(PREFIX):
-            continue
-        h = ray.get_actor(entry["name"], namespace=NAMESPACE)
-        if ray.get(h.status.remote(), timeout=30).get("mlflow_run_id") == run:
-            return h
-    return None
-
-
-def _scale_via_job(run: str, n: int, address: str) -> int:
-    """``--address http://head:8265``: run this same command on the cluster as a small Ray job."""
-    from services.jobs import job_client
-
-    client = job_client(address)
-    jid = client.submit_job(entrypoint=f"python -m services.control --run {run} --rollout-workers {int(n)}")
-    for _ in range(600):
-        st = client.get_job_status(jid)
-        if st.is_terminal():
-            break
-        time.sleep(0.5)
-    sys.stdout.write(client.get_job_logs(jid))
-    return 0 if str(st) == "SUCCEEDED" or getattr(st, "value", None) == "SUCCEEDED" else 1
-
-
-def scale(run: str, rollout_workers: int, address: str | None = None) -> int:
-    """``unigrpo scale``: set the desired rollout pool size of a running run (applied before its next
-    step). Exit 0 on success, 1 when no such run is running."""
-    if address and address.startswith(("http://", "https://")):
-        return _scale_via_job(run, rollout_workers, address)
-    import ray
-
-    _connect(address)
-    handle = _find(run)
-    if handle is None:
-        names = [e["name"][len(PREFIX):] for e in ray.util.list_named_actors(all_namespaces=True)
-                 if e.get("namespace") == NAMESPACE and e.get("name", "").startswith(PREFIX)]
-        sys.stderr.write(f"no running unigrpo run named {run!r} on this cluster"
-                         f" (running: {', '.join(names) or 'none'})\n")
-        return 1
-    r = ray.get(handle.set_rollout_workers.remote(int(rollout_workers)), timeout=30)
-    print(f"run {r['run']}: rollout workers {r['applied']} -> {r['desired']} (applied before the next step; "
-          f"now at step {r['step']})", flush=True)
-    return 0
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m services.control")
-    p.add_argument("--run", required=True)
-    p.add_argument("--rollout-workers", required=True, type=int)
-    p.add_argument("--address", default=None)
-    a = p.parse_args(argv)
-    return scale(a.run, a.rollout_workers, a.address)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
-
-
-# ------------------------------------------------------------------------------------ reward backend
-class ServeReward:
-    """``reward.backend: serve``: the Ray Serve reward app (one application per run, no HTTP route)
-    behind the same ``score_values`` the driver uses for the actor."""
-
-    def __init__(self, cfg: Any) -> None:
-        from ray import serve
-
-        from services.serve_reward import RewardServeClient, build_reward_app
-
-        self.name = f"unigrpo-reward-{cfg.run_name}"
-        try:
-            serve.start(proxy_location="Disabled")  # no-op when Serve already runs on the cluster
-        except Exception as e:  # noqa: BLE001
-            log.info("serve.start: %s", e)
-        handle = serve.run(build_reward_app(cfg), name=self.name, route_prefix=None, blocking=False)
-        self.client = RewardServeClient(handle)
-
-    def score_values(self, trajectories: list) -> tuple[list[float], dict[str, list[float]]]:
-        return self.client.score_values(trajectories)
-
-    def shutdown(self) -> None:
-        from ray import serve
-
-        try:
-            serve.delete(self.name)
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not delete Serve app %s: %s", self.name, e)
-
-
-def start_reward(cfg: Any) -> Any:
-    """The run's reward backend: a ``RewardActor`` (``actor``) or the Serve app (``serve``)."""
-    if cfg.reward.backend == "serve":
-        return ServeReward(cfg)
-    from reward.actor import make_reward_actor
-
-    return make_reward_actor([c.model_dump() for c in cfg.reward.components], num_cpus=cfg.reward.num_cpus,
-                             num_gpus=cfg.reward.num_gpus)
-
-
-def score_values(reward: Any, trajectories: list) -> tuple[list[float], dict[str, list[float]]]:
-    """(totals, components) of ``trajectories``; the reward actor is sent only what rewards read."""
-    import ray
-
-    if isinstance(reward, ServeReward):
-        return reward.score_values(trajectories)
-    return ray.get(reward.score_values.remote([reward_view(t) for t in trajectories]))
-
-
-def stop_reward(reward: Any) -> None:
-    import ray
-
-    if isinstance(reward, ServeReward):
-        reward.shutdown()
-    else:
-        ray.kill(reward)

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from tqdm import tqdm
 
 from learner.advantage import group_advantages, zero_variance_groups
 from learner.batch import collate
 from learner.group import LearnerGroup
-from learner.weight_sync import RAY_SYSTEM_CONFIG
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
-from rollout.interleaved import RolloutSettings
-from rollout.pool import PoolSpec, RolloutPool
 from services import checkpoint, control
+from services.cluster import start_ray, worker_pool
 from services.config import RunConfig
 from services.evaluate import evaluate
-from services.recipe_io import requests_for, reward_needs_policy, sft_examples, with_policy_rewards
+from services.recipe_io import requests_for, sft_examples
+from services.reward_backend import start_reward
 from services.tracking import Tracker, image_strip, plot_curves
 from tasks import build_dataset
 from tasks.sampler import PromptSampler
@@ -33,45 +30,7 @@ from tasks.sampler import PromptSampler
 log = logging.getLogger(__name__)
 
 
-def start_ray(cfg: RunConfig) -> None:
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.resolved_address()
-    kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
-    if address:
-        ray.init(address=address, **kw)
-        return
-    # A local cluster gets at least the logical CPUs the run's actors ask for (a small box oversubscribes
-    # its cores rather than deadlock on placement), plus room to scale the pool out.
-    r = cfg.rollout
-    need = (cfg.learner.num_workers * cfg.learner.num_cpus_per_worker + cfg.reward.num_cpus
-            + max(r.num_workers, r.autoscale.max_workers) * r.num_cpus_per_worker + 1)
-    # RAY_SYSTEM_CONFIG: objects leave the store as soon as they are out of scope, so each weight sync reuses
-    # the previous version's resident pages (an external cluster: RAY_free_objects_period_milliseconds=0)
-    ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need))),
-             _system_config=RAY_SYSTEM_CONFIG, **kw)
-
-
-def rollout_settings(cfg: RunConfig) -> dict:
-    r, s = cfg.rollout, cfg.rollout.sde
-    return vars(RolloutSettings(
-        group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-        max_images=r.max_images, sde_steps=s.steps, sde_window=s.window, sde_window_position=s.window_position,
-        sde_window_start=s.window_start, sde_noise_level=s.noise_level))
-
-
-def worker_pool(cfg: RunConfig, n: int) -> RolloutPool:
-    r = cfg.rollout
-    spec = PoolSpec(
-        policy_cfg=cfg.model.model_dump(), settings=rollout_settings(cfg), engine=r.engine,
-        engine_kwargs=r.vllm.model_dump() if r.engine == "vllm" else None, sync_backend=cfg.learner.sync.backend,
-        recipe=cfg.recipe, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
-        custom_resource=cfg.cluster.rollout_resource if cfg.cluster.use_custom_resources else None,
-        sync_timeout_s=cfg.learner.sync.timeout_s)
-    return RolloutPool(spec, n)
-
-
-def _dataset(cfg: RunConfig, split: str, seed_offset: int = 0):
+def task_dataset(cfg: RunConfig, split: str, seed_offset: int = 0):
     t = cfg.task
     if t.name != "shapes_vqa":
         return build_dataset(t.name, path=t.path, on_bad_row=t.on_bad_row)
@@ -147,17 +106,17 @@ class Run:
         self.tracker = Tracker(cfg, run_id=state["mlflow_run_id"] if state else None)
         print(f"mlflow_run_id={self.tracker.run_id}", flush=True)  # `unigrpo submit` reads this line
         self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
-        self.train_set = _dataset(cfg, "train")
+        self.train_set = task_dataset(cfg, "train")
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, cfg.seed)
         self.sampler_before_prefetch: dict | None = None  # async: the sampler state before the prefetch
         L = cfg.learner
         self.learner = LearnerGroup(
             cfg.model.model_dump(), L.model_dump(), cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed,
             cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None)
-        self.learner._all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
-        self.reward = control.start_reward(with_policy_rewards(cfg))  # reward.backend: actor | serve
-        self.reward_follows_policy = reward_needs_policy(cfg)  # GvU scores with the current weights
+        self.learner.call_all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
+        self.reward = start_reward(cfg)  # reward.backend: actor | serve (services/reward_backend.py)
         self.pool = worker_pool(cfg, cfg.rollout.num_workers)
+        self.prefetcher = cf.ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # async: the next rollout
         self.supervisor = control.RunSupervisor(self)  # `unigrpo scale`, autoscale, core-actor failures
         self.step = 0
         self.version = 0
@@ -166,7 +125,7 @@ class Run:
     def sft(self) -> None:
         s = self.cfg.sft
         sampler = PromptSampler(self.train_set, s.batch_size, self.cfg.seed + 1)
-        self.learner._all("set_lr", s.lr)
+        self.learner.call_all("set_lr", s.lr)
         bar = tqdm(range(s.steps), desc="stage 1 (SFT)", unit="step", dynamic_ncols=True)
         for i in bar:
             examples = sft_examples(self.cfg.recipe, sampler.next_batch(), generate_prob=s.generate_prob)  # per recipe (CLEAR, GvU warm start)
@@ -174,7 +133,7 @@ class Run:
             if i % 10 == 0 or i == s.steps - 1:
                 self.tracker.log_metrics(m, i)
                 bar.set_postfix(ce=f"{m['sft/text_ce']:.3f}", fm=f"{m.get('sft/flow_mse', 0):.3f}")
-        self.learner._all("set_lr", self.cfg.learner.lr, self.cfg.sft.reset_optimizer, self.cfg.learner.lm_lr_scale)
+        self.learner.call_all("set_lr", self.cfg.learner.lr, self.cfg.sft.reset_optimizer, self.cfg.learner.lm_lr_scale)
 
     # ---- stage 2 ----------------------------------------------------------------------------
     def publish_and_sync(self, bump: bool = True) -> float:
@@ -182,13 +141,15 @@ class Run:
         self.version = handle.version
         t0, timeout = time.perf_counter(), self.cfg.learner.sync.timeout_s
         # a reward that scores with the policy (GvU) gets the SAME handle as the rollout workers, in parallel
-        pending = self.reward.update_weights.remote(handle, timeout) if self.reward_follows_policy else None
-        self.pool.sync(handle)
-        if pending is not None:
-            ray.get(pending, timeout=timeout + 30)
+        with cf.ThreadPoolExecutor(1) as ex:
+            pending = ex.submit(self.reward.update_weights, handle, timeout) if self.reward.follows_policy else None
+            self.pool.sync(handle)
+            if pending is not None:
+                pending.result()
         return time.perf_counter() - t0
 
-    def rl_step(self, prefetched=None) -> dict[str, float]:
+    def rl_step(self, prefetched=None) -> tuple[dict[str, float], tuple | None]:
+        """One GRPO step; returns (metrics, the next step's prefetched (items, trajectories) in async mode)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         if prefetched is None:
@@ -197,7 +158,7 @@ class Run:
         else:
             items, trajs = prefetched
         t1 = time.perf_counter()
-        totals, comps = control.score_values(self.reward, trajs)
+        totals, comps = self.reward.score_values(trajs)
         t2 = time.perf_counter()
         kept, adv, m = assemble(trajs, totals, comps, cfg, self.version)
         nxt = None
@@ -207,8 +168,7 @@ class Run:
             # trajectories are not in the checkpoint, so a resumed run draws the same prompts again
             self.sampler_before_prefetch = self.sampler.state_dict()
             nxt_items = self.sampler.next_batch()
-            ex = cf.ThreadPoolExecutor(1)
-            nxt = (nxt_items, ex.submit(self.pool.generate, requests_for(cfg.recipe, nxt_items),
+            nxt = (nxt_items, self.prefetcher.submit(self.pool.generate, requests_for(cfg.recipe, nxt_items),
                                         cfg.seed * 100003 + self.step + 1))
         if kept:
             m.update(self.learner.train_step(collate(kept, adv, self.pad_id)))
@@ -250,19 +210,20 @@ class Run:
     def save(self) -> Path:
         state = {"sampler": self.served_sampler_state(), "rng": checkpoint.rng_state(), "policy_version": self.version,
                  "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name}
-        return checkpoint.save(self.ckpt_root, self.step, state, lambda d: self.learner._all("save", d),
+        return checkpoint.save(self.ckpt_root, self.step, state, lambda d: self.learner.call_all("save", d),
                                self.cfg.checkpoint.keep)
 
     def restore(self) -> None:
-        self.learner._all("load", str(self.resume_dir))
+        self.learner.call_all("load", str(self.resume_dir))
         self.sampler.load_state_dict(self.state["sampler"])
         checkpoint.restore_rng(self.state["rng"])
         self.step = int(self.state["step"])
 
     def shutdown(self) -> None:
+        self.prefetcher.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown()
         self.learner.shutdown()
-        control.stop_reward(self.reward)
+        self.reward.shutdown()
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
@@ -277,7 +238,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         else:
             if cfg.sft.enabled and cfg.sft.steps:
                 run.sft()
-            run.learner._all("snapshot_reference")
+            run.learner.call_all("snapshot_reference")
         run.publish_and_sync(bump=not resume)
         if not resume:
             stage1 = evaluate(run.pool, cfg, reward=run.reward)

@@ -51,7 +51,7 @@ def heldout_reward(pool, reward, cfg: RunConfig) -> dict[str, float]:
     trajs = pool.generate(requests_for(cfg.recipe, items), cfg.seed,
                           {"group_size": 1, "temperature": 0.0})
     dt = time.perf_counter() - t0
-    totals, comps = _score(reward, trajs)
+    totals, comps = reward.score_values(trajs)
     out = {}
     for name, vals in {"reward": totals, **comps}.items():
         v = np.asarray(vals, dtype=float)
@@ -81,7 +81,7 @@ def run_eval(cfg: RunConfig, checkpoint: str, benchmark: str | None = None, out_
     Either way: a JSON file, a PNG bar chart and the same in MLflow."""
     import ray
 
-    from services.driver import start_ray, worker_pool
+    from services.cluster import policy_dir_of, publish_policy_dir, start_ray, worker_pool
     from services.tracking import Tracker, plot_bars
 
     if benchmark == "reconstruction":
@@ -95,9 +95,8 @@ def run_eval(cfg: RunConfig, checkpoint: str, benchmark: str | None = None, out_
         raise SystemExit(f"eval: the degradation benchmark measures CLEAR's answers; recipe {cfg.recipe!r} has "
                          "--benchmark reconstruction (and its held-out reward in the training run)")
     start_ray(cfg)
-    policy_dir = Path(checkpoint) / "policy" if (Path(checkpoint) / "policy").is_dir() else Path(checkpoint)
     pool = worker_pool(cfg, 1)
-    pool.sync(_publish_dir(policy_dir))
+    pool.sync(publish_policy_dir(policy_dir_of(checkpoint)))
     metrics = evaluate(pool, cfg, [1, 2, 3])
     out = Path(out_dir or "eval_out")
     out.mkdir(parents=True, exist_ok=True)
@@ -113,19 +112,3 @@ def run_eval(cfg: RunConfig, checkpoint: str, benchmark: str | None = None, out_
     ray.shutdown()
     print(json.dumps(metrics, indent=1))
     return 0
-
-
-def _publish_dir(policy_dir: Path):
-    """Publish a saved policy's trainable weights through the object store (version 1)."""
-    from learner.weight_sync import make_publisher
-    from policy.model import UnifiedPolicy
-
-    policy = UnifiedPolicy.from_pretrained(policy_dir)
-    return make_publisher("object_store").publish(1, policy.trainable_state_dict().items())
-
-
-def _score(reward, trajs) -> tuple[list[float], dict[str, list[float]]]:
-    import ray
-
-    fn = reward.score_values
-    return ray.get(fn.remote(trajs)) if hasattr(fn, "remote") else fn(trajs)

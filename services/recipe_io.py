@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import zlib
 
-from services.config import RunConfig
 from tasks.items import PromptItem, format_prompt
 
 
@@ -121,27 +120,3 @@ def _generates(item: PromptItem, generate_prob: float) -> bool:
 
 
 # ------------------------------------------------------------------------------ rewards that hold a policy
-def with_policy_rewards(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` whose policy-scoring reward components (GvU) carry ``kwargs.policy_config`` = the
-    run's ``model`` section, so the reward actor builds the same policy (then follows the learner's weights)."""
-    from reward.actor import POLICY_REWARDS
-
-    if not reward_needs_policy(cfg):
-        return cfg
-    out = cfg.model_copy(deep=True)
-    for c in out.reward.components:
-        if c.name in POLICY_REWARDS and not c.kwargs.get("policy_path") and c.kwargs.get("policy_config") is None:
-            c.kwargs = {**c.kwargs, "policy_config": cfg.model.model_dump()}
-    return out
-
-
-def reward_needs_policy(cfg: RunConfig) -> bool:
-    """Whether a reward component scores with the policy: the driver then syncs the reward actor's weights
-    with the rollout workers' (``RewardActor.update_weights``)."""
-    from reward.actor import POLICY_REWARDS
-
-    need = any(c.name in POLICY_REWARDS for c in cfg.reward.components)
-    if need and cfg.reward.backend != "actor":
-        raise SystemExit(f"reward components {[c.name for c in cfg.reward.components if c.name in POLICY_REWARDS]}"
-                         " score with the current policy weights and need reward.backend: actor")
-    return need

@@ -63,13 +63,13 @@ def shapes_images(cfg: RunConfig) -> tuple[list[np.ndarray], list[str]]:
 
 def similarity_of(cfg: RunConfig):
     """The ``ImageSimilarity`` of the config's ``clip_similarity`` component (backbones, tiny, device...)."""
-    from reward.registry import _clip_setup
+    from reward.registry import clip_setup
 
     comp = next((c for c in cfg.reward.components if c.name == "clip_similarity"), None)
     if comp is None:
         raise SystemExit("eval: the reconstruction benchmark needs a 'clip_similarity' reward component in the "
                          "config (it names the vision backbones)")
-    return _clip_setup(dict(comp.kwargs), {})
+    return clip_setup(dict(comp.kwargs), {})
 
 
 def unified_score(pool, sim, images: list[np.ndarray], names: list[str], seed: int = 0,
@@ -135,18 +135,16 @@ def run_reconstruction(cfg: RunConfig, checkpoint: str, out_dir: str | None = No
     the images, write JSON + PNG, log to MLflow. Returns the result (without per-image rows)."""
     import ray
 
-    from services.driver import start_ray, worker_pool
-    from services.evaluate import _publish_dir
+    from services.cluster import policy_dir_of, publish_policy_dir, start_ray, worker_pool
     from services.tracking import Tracker, image_strip
 
     sim = similarity_of(cfg)
     imgs, names = load_images(images, cfg.model.image_size) if images else shapes_images(cfg)
     started = not ray.is_initialized()
     start_ray(cfg)
-    policy_dir = Path(checkpoint) / "policy" if (Path(checkpoint) / "policy").is_dir() else Path(checkpoint)
     pool = worker_pool(cfg.model_copy(update={"recipe": "uae"}), 1)
     try:
-        pool.sync(_publish_dir(policy_dir))
+        pool.sync(publish_policy_dir(policy_dir_of(checkpoint)))
         result = unified_score(pool, sim, imgs, names, cfg.seed)
     finally:
         pool.shutdown()

@@ -17,6 +17,7 @@ field, schema errors 422, an oversized body 413.
 # No `from __future__ import annotations`: FastAPI must see the real `Request` annotation of the
 # ingress methods (string annotations are not resolved inside Serve replicas).
 import asyncio
+import dataclasses
 import threading
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ray import serve
 
-from services.serve_apps import RequestError, decode_image, encode_png, error_response, parse_model, read_json
+from services.http_io import RequestError, decode_image, encode_png, error_response, parse_model, read_json
 
 MAX_QUESTION_CHARS = 8192
 MAX_NEW_TOKENS = 1024
@@ -40,15 +41,6 @@ class AnswerRequest(BaseModel):
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] | None = None
     temperature: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-
-
-def rollout_settings(cfg: Any) -> dict:
-    """``RolloutSettings`` fields from the run config (group size 1)."""
-    r, sde = cfg.rollout, cfg.rollout.sde
-    return {"group_size": 1, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
-            "top_p": r.top_p, "max_images": max(1, r.max_images), "sde_steps": sde.steps,
-            "sde_window": sde.window, "sde_window_position": sde.window_position,
-            "sde_window_start": sde.window_start, "sde_noise_level": sde.noise_level}
 
 
 app = FastAPI(title="unigrpo policy", docs_url=None, redoc_url=None)
@@ -131,6 +123,8 @@ def build_policy_app(cfg: Any, checkpoint: str, *, max_body_mb: float | None = N
     ``num_gpus_per_worker``; CUDA when > 0), body limit ``max_body_mb`` or ``cfg.reward.serve.max_body_mb``."""
     from pathlib import Path
 
+    from services.cluster import rollout_settings
+
     r = cfg.rollout
     limit = max_body_mb if max_body_mb is not None else cfg.reward.serve.max_body_mb
     device = "cuda" if r.num_gpus_per_worker > 0 else "cpu"
@@ -138,5 +132,6 @@ def build_policy_app(cfg: Any, checkpoint: str, *, max_body_mb: float | None = N
         num_replicas=1,
         ray_actor_options={"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker},
     )
-    return dep.bind(str(Path(checkpoint).resolve()), rollout_settings(cfg), int(limit * 1024 * 1024),
+    settings = dataclasses.replace(rollout_settings(cfg, group_size=1), max_images=max(1, r.max_images))
+    return dep.bind(str(Path(checkpoint).resolve()), vars(settings), int(limit * 1024 * 1024),
                     max(1, int(r.num_cpus_per_worker)), device)

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ray import serve
 
-from services.serve_apps import RequestError, decode_image, error_response, json_float, parse_model, read_json
+from services.http_io import RequestError, decode_image, error_response, json_float, parse_model, read_json
 
 MAX_RESPONSE_CHARS = 32_768
 MAX_ITEMS = 4096

@@ -21,7 +21,7 @@ import mlflow
 import pytest
 import ray
 
-from services import control
+from services import control, scale
 from services.config import load_config
 from services.driver import Run, train
 
@@ -174,7 +174,7 @@ def test_scale_1_2_1_while_training(tmp_path, monkeypatch):
         sizes, used = [], []
         for step in range(5):
             if step in plan:
-                assert control.scale(run="scaler", rollout_workers=plan[step]) == 0
+                assert scale.scale(run="scaler", rollout_workers=plan[step]) == 0
             run.supervisor.before_step()
             m, _ = run.rl_step()
             run.supervisor.after_step(m)
@@ -192,7 +192,7 @@ def test_scale_1_2_1_while_training(tmp_path, monkeypatch):
         assert new.history[0][1].value == "weights_loaded" and new.state.value == "removed"
         status = ray.get(ray.get_actor(control.actor_name("scaler"), namespace=control.NAMESPACE).status.remote())
         assert status["applied"] == 1 and status["requests"] == 2
-        assert control.scale(run="no-such-run", rollout_workers=2) == 1
+        assert scale.scale(run="no-such-run", rollout_workers=2) == 1
     finally:
         run.tracker.end()
         run.shutdown()

@@ -17,12 +17,12 @@ import torch
 
 from learner.batch import collate
 from learner.group import LearnerGroup
-from learner.weight_sync import RAY_SYSTEM_CONFIG
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
 from rollout.interleaved import RolloutSettings
 from rollout.pool import PoolSpec, RolloutPool
 from services.config import load_config
+from sync import RAY_SYSTEM_CONFIG
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -46,7 +46,7 @@ def test_learner_and_rollout_actors_share_one_gpu():
                                         sde_noise_level=cfg.rollout.sde.noise_level))
         learner = LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
                                cfg.sft.model_dump(), cfg.seed, None)
-        learner._all("set_sampling", 1.0, cfg.rollout.sde.noise_level)
+        learner.call_all("set_sampling", 1.0, cfg.rollout.sde.noise_level)
         pool = RolloutPool(PoolSpec(policy_cfg=cfg.model.model_dump(), settings=settings, recipe="clear",
                                     num_cpus=1, num_gpus=0.25), 2)
         actors = [learner.workers[0]] + [m.actor for m in pool.members.values()]

@@ -14,12 +14,13 @@ from learner.batch import collate
 from learner.objective import policy_outputs
 from policy.factory import build_policy, load_policy_dir
 from policy.janus import JanusPolicy
+from reward.actor import with_policy_config
 from reward.registry import RewardSet
 from rollout.interleaved import RolloutSettings
 from rollout.recipes import get_rollout, janus_gvu_rollout
 from services import driver
 from services.config import ConfigError, load_config
-from services.recipe_io import requests_for, with_policy_rewards
+from services.recipe_io import requests_for
 from tasks import build_dataset
 
 CONFIG = "configs/gvu_janus_tiny.yaml"
@@ -51,7 +52,7 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
     assert out.img_logp is None and float((out.logp - batch.behaviour_logp)[batch.loss_mask].abs().max()) < 1e-5
     assert (out.entropy[batch.loss_mask] > 0).all()
     # the gvu reward reads the decoded image: same codes, same score; another image, another score
-    rewards = RewardSet([c.model_dump() for c in with_policy_rewards(cfg).reward.components])
+    rewards = RewardSet(with_policy_config([c.model_dump() for c in cfg.reward.components], cfg.model.model_dump()))
     scores, _ = rewards.combine(trajs)
     assert all(0 < r <= 1 for r in scores)
     again, _ = rewards.combine(trajs[:1])

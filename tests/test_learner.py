@@ -39,7 +39,7 @@ def test_one_step_trains_lm_and_generator_with_reference_kl(local_ray, zero_stag
     group = LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
                          cfg.sft.model_dump(), cfg.seed)
     try:
-        group._all("snapshot_reference")
+        group.call_all("snapshot_reference")
         before = group.call("weights_digest")
         m = group.train_step(_trajectories(cfg))
         after = group.call("weights_digest")
@@ -66,7 +66,7 @@ def test_stage_switch_fresh_optimizer_and_held_lm(local_ray):
         batch = _trajectories(cfg)
         group.train_step(batch)
         assert n_state() > 0
-        group._all("set_lr", 1e-3, True, 0.0)
+        group.call_all("set_lr", 1e-3, True, 0.0)
         assert n_state() == 0
         before = group.call("weights_digest")
         group.train_step(batch)

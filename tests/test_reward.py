@@ -324,10 +324,10 @@ def test_reward_actor_end_to_end(ray_local) -> None:
     assert scored[0].reward_components["answer"] == 1.0
     assert scored[1].reward_components == pytest.approx({"answer": 0.0, "format": 1.0, "clip_similarity": 1.0},
                                                         abs=1e-4)
-    # the driver's path sends only what rewards read (services.control.score_values): the same numbers
-    from services.control import score_values
+    # the driver's path sends only what rewards read (services.reward_backend.ActorReward): the same numbers
+    from services.reward_backend import ActorReward
 
-    totals, comps = score_values(actor, trajs)
+    totals, comps = ActorReward(actor).score_values(trajs)
     assert totals[:3] == pytest.approx([t.reward for t in scored[:3]], abs=1e-6) and math.isnan(totals[3])
     assert comps["answer"] == [t.reward_components["answer"] for t in scored]
     ray.get(actor.reset_stats.remote(), timeout=30)

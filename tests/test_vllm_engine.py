@@ -22,7 +22,7 @@ def tiny_policy():
 # ------------------------------------------------------------------------------------------ CPU
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
 def test_make_engine_vllm_without_vllm_says_install_extra(tiny_policy) -> None:
-    from rollout.engine import make_engine
+    from rollout.worker import make_engine
 
     with pytest.raises(ImportError, match=r"`vllm` extra") as info:
         make_engine("vllm", tiny_policy)

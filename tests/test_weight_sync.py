@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 
-from learner.weight_sync import (
+from sync import (
     BACKENDS,
     RAY_SYSTEM_CONFIG,
     ObjectStorePublisher,
@@ -28,7 +28,7 @@ from learner.weight_sync import (
     make_receiver,
     unbucketize,
 )
-from learner.weight_sync.object_store import _joined, plan_buckets
+from sync.object_store import _joined, plan_buckets
 
 ROOT = str(Path(__file__).resolve().parents[1])
 
