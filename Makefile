@@ -1,4 +1,5 @@
 # Quick start: `make train` (embedded default run) and `make test`; each creates .venv when missing.
+# `make test-fast`: the unit tests alone (no Ray cluster, no GPU), a few minutes.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ $(BIN)/unigrpo: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: setup train test lint bench
+.PHONY: setup train test test-fast lint bench
 setup: $(BIN)/unigrpo
 
 train: setup
@@ -18,6 +19,9 @@ train: setup
 
 test: setup
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -m "not gpu" -q
+
+test-fast: setup
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 lint: setup
 	$(BIN)/ruff check .

@@ -34,6 +34,7 @@ class LocalStep:
         from learner.actor import LearnerWorker
         from policy.build import build_tokenizer
         from policy.tokenizer import special_token_ids
+        from recipes import get_recipe
         from reward.actor import RewardActor
         from rollout.worker import RolloutWorker
         from services.cluster import rollout_settings
@@ -43,7 +44,7 @@ class LocalStep:
 
         self.cfg = cfg
         self.worker = RolloutWorker(0, cfg.model.model_dump(), vars(rollout_settings(cfg)), "hf", None,
-                                    cfg.learner.sync.backend, cfg.recipe, 1)
+                                    cfg.learner.sync.backend, get_recipe(cfg.recipe).rollout, 1)
         L = cfg.learner
         self.learner = LearnerWorker(0, 1, "127.0.0.1", free_port(), cfg.model.model_dump(), L.model_dump(),
                                      cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed, 1)
@@ -78,11 +79,11 @@ class LocalStep:
 
     def __call__(self) -> None:
         from learner.batch import collate
+        from recipes.clear import clear_request
         from services.driver import assemble
-        from services.recipe_io import request_of
 
         items = self.sampler.next_batch()
-        trajs = self.worker.generate([request_of(i) for i in items], (self.cfg.seed * 100003 + self.step_i) * 1009)
+        trajs = self.worker.generate([clear_request(i) for i in items], (self.cfg.seed * 100003 + self.step_i) * 1009)
         totals, comps = self.reward.score_values(trajs)
         kept, adv, _ = assemble(trajs, totals, comps, self.cfg, self.version)
         if kept:

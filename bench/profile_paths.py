@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     from bench.common import text_task
     from bench.overhead import LocalStep
     from learner.batch import collate
+    from recipes.clear import clear_request
     from services.driver import assemble
-    from services.recipe_io import request_of
 
     changes = {"rollout.num_workers": 1, "rollout.max_new_tokens": args.tokens,
                "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"}
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         changes.update({"task.name": "jsonl", "task.path": text_task(), "rollout.max_images": 0})
     cfg = bench_config(changes, lm=MEDIUM_LM if args.lm == "medium" else None)
     local = LocalStep(cfg)
-    reqs = [request_of(i) for i in local.sampler.next_batch()]
+    reqs = [clear_request(i) for i in local.sampler.next_batch()]
     trajs = local.worker.generate(reqs, 0)
     totals, comps = local.reward.score_values(trajs)
     kept, adv, _ = assemble(trajs, totals, comps, cfg, local.version)

@@ -18,11 +18,11 @@ from bench.common import MEDIUM_LM, PeakMemory, bench_config, median, quiet, sta
 
 
 def block(run, n: int) -> list[float]:
-    from services.recipe_io import request_of
+    from recipes.clear import clear_request
 
     times = []
     for _ in range(n):
-        reqs = [request_of(i) for i in run.sampler.next_batch()]
+        reqs = [clear_request(i) for i in run.sampler.next_batch()]
         t0 = time.perf_counter()
         run.pool.generate(reqs, run.step)
         times.append(time.perf_counter() - t0)

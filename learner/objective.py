@@ -52,7 +52,7 @@ def lm_hidden(policy, batch: TrainBatch, shared_prefix: bool = True) -> torch.Te
     prompt once, followed by the completions that continue it (``policy.shared_prefix``: same values,
     fewer tokens through the LM; attention implementations without custom masks take the padded batch)."""
     plan = None
-    if shared_prefix and takes_block_mask(policy.lm.config):
+    if shared_prefix and takes_block_mask(policy.lm_config):
         plan = plan_shared_prefix(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.slot_counts,
                                   batch.slot_latents, policy.token_ids["img"], policy.n_image_tokens)
     if plan is None:
@@ -75,7 +75,7 @@ def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: f
     hidden = lm_hidden(policy, batch, shared_prefix)
     # the LM head only where a token was sampled: logits at t predict token t + 1
     sampled = batch.loss_mask[:, 1:]
-    logits = policy.lm.get_output_embeddings()(hidden[:, :-1][sampled])  # (N, V), N sampled tokens
+    logits = policy.text_logits(hidden[:, :-1][sampled])  # (N, V), N sampled tokens
     logits = mask_unsampleable(logits.float(), policy.token_ids)
     logp_all = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     lp = logp_all.gather(-1, batch.input_ids[:, 1:][sampled][:, None]).squeeze(-1)

@@ -3,10 +3,8 @@ bridge) or ``JanusPolicy`` (one autoregressive model, images as VQ codes).
 
 Rollout workers, the learner (and its KL reference) and the GvU reward all call :func:`build_policy` with the
 run's ``model`` section, so every replica of a run is the same architecture, built the same way. Both
-classes share what the service touches: ``tokenizer``, ``token_ids``, ``cfg``, ``arch``, ``device``,
-``token_logprobs``, ``trainable_state_dict`` / ``load_trainable`` / ``weights_digest``, ``module_groups``,
-``save_pretrained``. Where their data truly differs (latents and SDE windows vs image-code tokens) callers
-branch on ``policy.arch``.
+classes implement :class:`policy.protocol.Policy`, what the service touches; where their data truly differs
+(latents and SDE windows vs image-code tokens) callers branch on ``policy.arch``.
 """
 
 from __future__ import annotations
@@ -19,8 +17,8 @@ from typing import Any
 from policy.config import PolicyConfig
 from policy.janus import JanusPolicy
 from policy.model import CONFIG_FILE, UnifiedPolicy
+from policy.protocol import Policy
 
-Policy = UnifiedPolicy | JanusPolicy
 POLICY_CLASSES: dict[str, type] = {"unified": UnifiedPolicy, "janus": JanusPolicy}
 
 

@@ -142,6 +142,15 @@ class JanusPolicy(nn.Module):
         return self.model.lm_head.weight.device
 
     @property
+    def lm_config(self) -> Any:
+        """The language model's transformers config."""
+        return self.model.model.language_model.config
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The text head on hidden states (..., H) -> text-vocabulary logits (..., V_text)."""
+        return self.model.lm_head(hidden)
+
+    @property
     def codebook_size(self) -> int:
         return int(self.model.config.vq_config.num_embeddings)
 

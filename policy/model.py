@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -128,6 +129,15 @@ class UnifiedPolicy(nn.Module):
     def device(self) -> torch.device:
         return self.bridge.pos.device
 
+    @property
+    def lm_config(self) -> Any:
+        """The LM's transformers config."""
+        return self.lm.config
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states (..., H) -> logits (..., V)."""
+        return self.lm.get_output_embeddings()(hidden)
+
     def image_placeholder_ids(self) -> list[int]:
         """Token ids of one image slot: ``<img_start> <img>*n <img_end>``."""
         t = self.token_ids
@@ -176,7 +186,7 @@ class UnifiedPolicy(nn.Module):
         hidden = out.last_hidden_state
         if not head:
             return None, hidden, out.past_key_values
-        return self.lm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden, out.past_key_values
+        return self.text_logits(hidden[:, -1:] if last_only else hidden), hidden, out.past_key_values
 
     def lm_forward(
         self,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from policy.trajectory import Trajectory
+from reward.names import POLICY_REWARDS
 from reward.registry import RewardSet, RewardSpec
 
 
@@ -119,9 +120,6 @@ class RewardActor:
 
         self.rewards.stats = RewardStats()
         self.n_calls, self.score_s = 0, 0.0
-
-
-POLICY_REWARDS = ("gvu",)  # rewards that score with the policy itself (they need its current weights)
 
 
 def needs_policy(specs: Sequence[dict | RewardSpec]) -> bool:

@@ -38,7 +38,7 @@ them from the same config and seed.
 
 Registered as ``"gvu"``; trajectories need ``meta["generated_latent"]`` (C,h,w) (or a generated image
 segment; Janus: ``meta["generated_codes"]`` (n,)) and ``meta["prompt_text"]`` (both written by
-``rollout.recipes.gvu_rollout`` / ``janus_gvu_rollout``). kwargs:
+``rollout.image.gvu_rollout`` / ``janus_gvu_rollout``). kwargs:
 ``instruction`` (default "Describe the image"), ``max_batch`` (default 32), ``answer_tags`` (default false:
 score the description right after the instruction; true: after an ``<answer>`` token, the response format
 the tiny policy is warm-started with), and, without a policy in

@@ -35,6 +35,7 @@ from typing import Any
 
 from reward.answer import answer_reward
 from reward.format import format_reward
+from reward.names import KNOWN_REWARDS
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def get_reward(name: str) -> tuple[RewardFn, SetupFn | None]:
         importlib.import_module(f"reward.{name}")
         if name in REWARDS:
             return REWARDS[name], SETUPS.get(name)
-    raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
+    raise KeyError(f"unknown reward {name!r}; known: {sorted(set(REWARDS) | set(KNOWN_REWARDS))}")
 
 
 # ------------------------------------------------------------------------------------------ access
@@ -171,6 +172,7 @@ def _clip_similarity(trajectories: Sequence[Any], ctx: RewardContext) -> list[fl
 register_reward("answer", _answer)
 register_reward("format", _format)
 register_reward("clip_similarity", _clip_similarity, setup=clip_setup)
+assert set(REWARDS) <= set(KNOWN_REWARDS), f"add {sorted(set(REWARDS) - set(KNOWN_REWARDS))} to reward.names"
 
 
 # ------------------------------------------------------------------------------------------ specs

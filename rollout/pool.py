@@ -31,7 +31,7 @@ class PoolSpec:
     engine: str = "hf"
     engine_kwargs: dict | None = None
     sync_backend: str = "object_store"
-    recipe: str = "clear"
+    recipe: str = "interleaved"  # the rollout kind (rollout.registry), from the run's recipe
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     custom_resource: str | None = None

@@ -1,7 +1,7 @@
 """The rollout worker: one Ray actor (own placement group), a policy replica, a text engine, and the
 weight-receive path. It holds a policy version; the driver never gives it prompts while it is stale.
 The policy and the rollout follow the config's ``model.arch`` (``policy.factory.build_policy``,
-``rollout.recipes.get_rollout``)."""
+``rollout.registry.get_rollout``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from policy.factory import build_policy
 from policy.trajectory import Trajectory
 from rollout.engine import HFTextEngine, TextEngine
 from rollout.interleaved import RolloutSettings
-from rollout.recipes import get_rollout
+from rollout.registry import get_rollout
 from sync import WeightHandle, make_receiver
 
 
@@ -28,7 +28,7 @@ class RolloutWorker:
     trajectories it returns hold CPU tensors. A Janus policy goes to the GPU whenever there is one."""
 
     def __init__(self, worker_id: int, policy_cfg: dict, settings: dict, engine: str = "hf",
-                 engine_kwargs: dict | None = None, sync_backend: str = "object_store", recipe: str = "clear",
+                 engine_kwargs: dict | None = None, sync_backend: str = "object_store", recipe: str = "interleaved",
                  num_threads: int = 1, num_gpus: float = 0.0) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.worker_id = worker_id

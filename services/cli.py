@@ -2,7 +2,9 @@
 
 Subcommands load and validate the config here, then dispatch lazily (import inside the handler) to the
 module that does the work, so ``check-config`` and ``--help`` never import Ray or torch. Any config
-problem prints one line to stderr and exits 2, without a traceback.
+problem (paths included, for the commands that start Ray) prints one line to stderr and exits 2, without a
+traceback, before Ray starts. Ctrl-C / SIGTERM raise ``services.stop.Interrupted``: the command stops, a
+local Ray cluster it started is shut down, and the process exits 128 + the signal number with one line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -43,13 +46,20 @@ def _resolve(module: str, attr: str) -> Callable[..., Any]:
     return fn
 
 
-def _load(args: argparse.Namespace, check_paths: bool = False) -> Any:
+def _load(args: argparse.Namespace, check_paths: bool = False, uploaded_root: Path | None = None) -> Any:
     from services.config import load_config
 
     cfg = load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
     if check_paths:
-        cfg.check_paths()
+        cfg.check_paths(uploaded_root)
     return cfg
+
+
+def _check_dir(flag: str, value: str | None) -> None:
+    from services.config import ConfigError
+
+    if value is not None and not Path(value).expanduser().exists():
+        raise ConfigError(flag, f"path does not exist: {value}")
 
 
 # ----------------------------------------------------------------------------------------- handlers
@@ -69,7 +79,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    cfg = _load(args)  # weights live on the cluster: paths are checked there, not here
+    from services.jobs import ROOT
+
+    cfg = _load(args, check_paths=True, uploaded_root=ROOT)  # absolute paths name the cluster's disks
     submit = _resolve("services.jobs", "submit")
     result = submit(
         address=args.address, cfg=cfg, config_path=args.config, overrides=list(args.set or []), wait=args.wait
@@ -84,7 +96,9 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, check_paths=True)
+    _check_dir("--checkpoint", args.checkpoint)
+    _check_dir("--images", getattr(args, "images", None))
     run_eval = _resolve("services.evaluate", "run_eval")
     extra = {"images": args.images} if getattr(args, "images", None) else {}
     result = run_eval(cfg, checkpoint=args.checkpoint, benchmark=args.benchmark, out_dir=args.out, **extra)
@@ -92,7 +106,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, check_paths=True)
+    _check_dir("--checkpoint", args.checkpoint)
     serve = _resolve("services.serve_apps", "serve")
     result = serve(args.app, cfg, checkpoint=args.checkpoint, host=args.host, port=args.port)
     return result if isinstance(result, int) else EXIT_OK
@@ -195,18 +210,32 @@ def _die(code: int, line: str) -> NoReturn:
     raise SystemExit(code)
 
 
+def _shutdown_ray() -> None:
+    """Shut down the Ray this process started or joined (a local cluster's processes go with it)."""
+    from services import stop
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with stop.ignored():
+            ray.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from services import stop
     from services.config import ConfigError, format_validation_error
 
+    stop.install()
     try:
         code = args.handler(args)
     except (ConfigError, ValidationError) as e:
         _die(EXIT_CONFIG, format_validation_error(e))
     except _NotAvailable as e:
         _die(EXIT_FAIL, f"not available yet: {e.name}")
-    except KeyboardInterrupt:
-        _die(130, "interrupted")
+    except KeyboardInterrupt as e:
+        _die(128 + stop.signum_of(e), str(e) or "interrupted")
+    finally:
+        _shutdown_ray()
     return code
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from recipes import get_recipe
 from rollout.interleaved import RolloutSettings
 from rollout.pool import PoolSpec, RolloutPool
 from services.config import RunConfig
@@ -55,7 +56,7 @@ def worker_pool(cfg: RunConfig, n: int) -> RolloutPool:
     spec = PoolSpec(
         policy_cfg=cfg.model.model_dump(), settings=vars(rollout_settings(cfg)), engine=r.engine,
         engine_kwargs=r.vllm.model_dump() if r.engine == "vllm" else None, sync_backend=cfg.learner.sync.backend,
-        recipe=cfg.recipe, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
+        recipe=get_recipe(cfg.recipe).rollout, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
         custom_resource=cfg.cluster.rollout_resource if cfg.cluster.use_custom_resources else None,
         sync_timeout_s=cfg.learner.sync.timeout_s)
     return RolloutPool(spec, n)

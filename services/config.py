@@ -25,7 +25,9 @@ from pydantic import (
 )
 
 from policy.config import PolicyConfig
-from services.arch import check_architecture
+from recipes import RECIPES, get_recipe
+from reward.names import KNOWN_REWARDS, unknown_reward
+from services.lm_support import check_lm_dir
 from services.overrides import ConfigError, apply_overrides, first_error, format_validation_error
 
 __all__ = [
@@ -251,7 +253,17 @@ class RewardConfig(_Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate component names: {', '.join(dup)}")
+        check_reward_names(names)
         return v
+
+
+def check_reward_names(names: list[str]) -> None:
+    """ConfigError naming ``reward.components[i].name`` for the first name that is no known reward."""
+    for i, name in enumerate(names):
+        if unknown_reward(name):
+            raise ConfigError(f"reward.components[{i}].name",
+                              f"unknown reward {name!r}; known: {', '.join(KNOWN_REWARDS)} "
+                              "(or 'package.module:function')")
 
 
 # ------------------------------------------------------------------------------------------ learner
@@ -377,7 +389,7 @@ _MODEL_PATH_FIELDS = ("lm_path", "tokenizer_path", "generator_path", "vae_path",
 
 class RunConfig(_Section):
     run_name: Annotated[str, Field(min_length=1)] = "clear-tiny"
-    recipe: Literal["clear", "uae", "gvu"] = "clear"
+    recipe: str = "clear"  # a registered recipe (recipes.RECIPES)
     seed: NonNegInt = 0
     model: PolicyConfig = Field(default_factory=PolicyConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -389,6 +401,13 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, v: str) -> str:
+        if v not in RECIPES:
+            raise ValueError(f"unknown recipe {v!r}; known: {', '.join(RECIPES)}")
+        return v
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
@@ -411,20 +430,37 @@ class RunConfig(_Section):
                 f"{self.rollout.num_workers} is outside autoscale bounds "
                 f"[{self.rollout.autoscale.min_workers}, {self.rollout.autoscale.max_workers}]",
             )
-        check_architecture(self)  # model.arch: what each architecture can run (services/arch.py)
+        problem = get_recipe(self.recipe).first_problem(self)  # recipe x model.arch limits (recipes/)
+        if problem is not None:
+            raise ConfigError(problem.field, problem.message)
         return self
 
-    def check_paths(self) -> RunConfig:
-        """Raise ConfigError naming the first configured local path that does not exist.
+    def check_paths(self, uploaded_root: str | os.PathLike[str] | None = None) -> RunConfig:
+        """Raise ConfigError naming the first configured local path that does not exist, or a
+        ``model.lm_path`` directory of an unsupported kind (``services.lm_support``).
 
         Checks the model's weight/tokenizer directories and the task's data file. Call this before a
-        run; plain validation does not touch the file system.
+        run; plain validation does not touch the file system. ``uploaded_root`` (``unigrpo submit``): only
+        relative paths are checked, under that directory (the job's working directory); absolute ones
+        name the cluster's file system.
         """
+        def local(value: str) -> Path | None:
+            p = Path(value).expanduser()
+            if uploaded_root is None:
+                return p
+            return None if p.is_absolute() else Path(uploaded_root) / p
+
         for name in _MODEL_PATH_FIELDS:
             value = getattr(self.model, name, None)
-            if value and not Path(value).expanduser().exists():
+            where = local(value) if value else None
+            if where is None:
+                continue
+            if not where.exists():
                 raise ConfigError(f"model.{name}", f"path does not exist: {value}")
-        if self.task.path and not Path(self.task.path).expanduser().exists():
+            if name == "lm_path":
+                check_lm_dir(where)
+        where = local(self.task.path) if self.task.path else None
+        if where is not None and not where.exists():
             raise ConfigError("task.path", f"path does not exist: {self.task.path}")
         return self
 
@@ -441,6 +477,8 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         msg = " ".join(str(e).split())
         raise ConfigError("", f"{source}: invalid YAML: {msg}") from e
+    except RecursionError:
+        raise ConfigError("", f"{source}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -454,9 +492,15 @@ def load_yaml(path: str | os.PathLike[str] | None) -> dict[str, Any]:
         return _parse_yaml(default_config_text(), "default.yaml")
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError("", f"cannot read config file {str(p)!r}: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError("", f"{p}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}, line {line}); "
+                              "save it as UTF-8") from None
     return _parse_yaml(text, str(p))
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from tqdm import tqdm
 
@@ -17,11 +18,11 @@ from learner.batch import collate
 from learner.group import LearnerGroup
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
-from services import checkpoint, control
+from recipes import get_recipe
+from services import checkpoint, control, stop
 from services.cluster import start_ray, worker_pool
 from services.config import RunConfig
 from services.evaluate import evaluate
-from services.recipe_io import requests_for, sft_examples
 from services.reward_backend import start_reward
 from services.tracking import Tracker, image_strip, plot_curves
 from tasks import build_dataset
@@ -128,7 +129,7 @@ class Run:
         self.learner.call_all("set_lr", s.lr)
         bar = tqdm(range(s.steps), desc="stage 1 (SFT)", unit="step", dynamic_ncols=True)
         for i in bar:
-            examples = sft_examples(self.cfg.recipe, sampler.next_batch(), generate_prob=s.generate_prob)  # per recipe (CLEAR, GvU warm start)
+            examples = get_recipe(self.cfg.recipe).sft_examples(sampler.next_batch(), s.generate_prob)  # CLEAR, GvU
             m = self.learner.sft_step(examples)
             if i % 10 == 0 or i == s.steps - 1:
                 self.tracker.log_metrics(m, i)
@@ -154,7 +155,7 @@ class Run:
         t0 = time.perf_counter()
         if prefetched is None:
             items = self.sampler.next_batch()
-            trajs = self.pool.generate(requests_for(cfg.recipe, items), cfg.seed * 100003 + self.step)
+            trajs = self.pool.generate(get_recipe(cfg.recipe).requests(items), cfg.seed * 100003 + self.step)
         else:
             items, trajs = prefetched
         t1 = time.perf_counter()
@@ -168,7 +169,7 @@ class Run:
             # trajectories are not in the checkpoint, so a resumed run draws the same prompts again
             self.sampler_before_prefetch = self.sampler.state_dict()
             nxt_items = self.sampler.next_batch()
-            nxt = (nxt_items, self.prefetcher.submit(self.pool.generate, requests_for(cfg.recipe, nxt_items),
+            nxt = (nxt_items, self.prefetcher.submit(self.pool.generate, get_recipe(cfg.recipe).requests(nxt_items),
                                         cfg.seed * 100003 + self.step + 1))
         if kept:
             m.update(self.learner.train_step(collate(kept, adv, self.pad_id)))
@@ -227,11 +228,28 @@ class Run:
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
-    """Run stage 1 (unless resuming past it) and stage 2 to ``algorithm.steps``; returns a summary."""
+    """Run stage 1 (unless resuming past it) and stage 2 to ``algorithm.steps``; returns a summary.
+
+    Ctrl-C / SIGTERM (``services.stop``) lets the GRPO step in flight finish (a few seconds at most), writes a
+    checkpoint of the last trained step, shuts everything down (a local Ray cluster this call started too)
+    and raises ``stop.Interrupted`` with one line naming the checkpoint to ``--resume`` from."""
     torch.manual_seed(cfg.seed)
+    owns_ray = start_ray(cfg)
+    stop.install()  # after ray.init, which replaces the SIGTERM handler
+    try:
+        return _train(cfg, resume)
+    finally:
+        if owns_ray and ray.is_initialized():
+            with stop.ignored():
+                ray.shutdown()
+
+
+def _train(cfg: RunConfig, resume: bool) -> dict:
     run = Run(cfg, resume)
     summary: dict = {"run_id": run.tracker.run_id}
     status = "FAILED"
+    guard = stop.StepGuard()
+    trained = False  # the learner holds the state of a completed step (run.step): a checkpoint may be written
     try:
         if resume:
             run.restore()
@@ -240,6 +258,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 run.sft()
             run.learner.call_all("snapshot_reference")
         run.publish_and_sync(bump=not resume)
+        trained = True
         if not resume:
             stage1 = evaluate(run.pool, cfg, reward=run.reward)
             run.tracker.log_metrics(stage1, 0)
@@ -247,13 +266,15 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         bar = tqdm(range(run.step, cfg.algorithm.steps), desc="stage 2 (GRPO)", unit="step", dynamic_ncols=True)
         prefetched = None
         for _ in bar:
-            run.supervisor.before_step()
-            m, prefetched = run.rl_step(prefetched)
-            run.supervisor.after_step(m)
-            run.tracker.log_metrics(m, run.step)
+            with guard.step():
+                run.supervisor.before_step()
+                m, prefetched = run.rl_step(prefetched)
+                run.supervisor.after_step(m)
+                run.tracker.log_metrics(m, run.step)
+                if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
+                    run.save()
+            guard.check()
             bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", step_s=f"{m['time/step_s']:.1f}")
-            if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
-                run.save()
             if cfg.algorithm.eval_every and run.step % cfg.algorithm.eval_every == 0 and run.step < cfg.algorithm.steps:
                 run.tracker.log_metrics(evaluate(run.pool, cfg, reward=run.reward), run.step)
         final = evaluate(run.pool, cfg, reward=run.reward)
@@ -264,11 +285,31 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         status = "FINISHED"
     except control.CORE_FAILURES as e:  # a dead learner / reward actor: one line, resumable checkpoint
         raise SystemExit(run.supervisor.failed(e)) from None
+    except KeyboardInterrupt as e:
+        status = "KILLED"
+        raise stop.Interrupted(stop.signum_of(e), _stopped(run, trained and not guard.mid_step)) from None
     finally:
-        run.tracker.end(status)
-        run.shutdown()
+        with stop.ignored():
+            run.tracker.end(status)
+            run.shutdown()
     summary["steps"] = run.step
     return summary
+
+
+def _stopped(run: Run, consistent: bool) -> str:
+    """Write a checkpoint of the last trained step when ``consistent`` (and not written yet); the line to stop
+    with."""
+    saved = None
+    done = run.ckpt_root / f"step-{run.step:06d}" / checkpoint.MARKER
+    if consistent and not done.exists():
+        try:
+            saved = run.save()
+        except Exception as e:  # noqa: BLE001 - an interrupted run still stops; the last checkpoint stays
+            log.warning("could not save a checkpoint on the way out: %s", control.one_line(e))
+    latest = saved or checkpoint.latest(run.ckpt_root)
+    where = (f"resume from {latest} with `unigrpo train --resume` (same config)" if latest
+             else "no checkpoint to resume from yet")
+    return f"run {run.cfg.run_name!r} interrupted at step {run.step}; {where}"
 
 
 def _curves(run: Run) -> None:

@@ -1,7 +1,8 @@
-"""Evaluation. ``evaluate(pool, cfg, reward=...)`` is recipe-aware: CLEAR measures answer accuracy on held-out images, clean
-and per degradation severity, with the generation trigger rate and time per sample (greedy decoding through
-the rollout pool); UAE and GvU measure the mean reward (and each component) on held-out prompts, scored by
-the run's reward actor. The reconstruction benchmark (UAE's Unified-Score) is ``services.reconstruction``."""
+"""Evaluation. ``evaluate(pool, cfg, reward=...)`` follows the recipe's ``evaluation`` (``recipes``): ``accuracy``
+(CLEAR) measures answer accuracy on held-out images, clean and per degradation severity, with the generation
+trigger rate and time per sample (greedy decoding through the rollout pool); ``heldout_reward`` (UAE, GvU)
+measures the mean reward (and each component) on held-out prompts, scored by the run's reward actor. The
+reconstruction benchmark (UAE's Unified-Score) is ``services.reconstruction``."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from recipes import Recipe, get_recipe
 from reward.answer import answer_reward
 from services.config import RunConfig
-from services.recipe_io import request_of, requests_for
 from tasks import build_dataset
 from tasks.items import PromptItem
 
@@ -31,9 +32,11 @@ def eval_sets(cfg: RunConfig, severities: list[int] | None = None) -> dict[str, 
     return sets
 
 
-def accuracy(pool, items: list[PromptItem], seed: int = 0) -> dict[str, float]:
+def accuracy(pool, items: list[PromptItem], seed: int = 0, recipe: Recipe | None = None) -> dict[str, float]:
+    """Greedy answers to ``items`` (requests of ``recipe``, default CLEAR): accuracy, trigger rate, time."""
+    recipe = recipe or get_recipe("clear")
     t0 = time.perf_counter()
-    trajs = pool.generate([request_of(i) for i in items], seed, {"group_size": 1, "temperature": 0.0})
+    trajs = pool.generate(recipe.requests(items), seed, {"group_size": 1, "temperature": 0.0})
     dt = time.perf_counter() - t0
     correct = [answer_reward(t.response_text, t.meta) for t in trajs]
     return {"accuracy": sum(correct) / len(correct), "trigger_rate": sum(t.generated_image for t in trajs) / len(trajs),
@@ -41,14 +44,14 @@ def accuracy(pool, items: list[PromptItem], seed: int = 0) -> dict[str, float]:
 
 
 def heldout_reward(pool, reward, cfg: RunConfig) -> dict[str, float]:
-    """UAE / GvU: mean reward (total and per component) of one greedy / seeded sample per held-out prompt,
-    scored by the run's reward actor (GvU: with the current policy weights)."""
+    """``heldout_reward`` recipes (UAE / GvU): mean reward (total and per component) of one greedy / seeded
+    sample per held-out prompt, scored by the run's reward actor (GvU: with the current policy weights)."""
     t = cfg.task
     items = list(build_dataset(t.name, size=t.eval_size, seed=cfg.seed, split="eval", image_size=t.image_size,
                                degradations=t.degradations, severities=[1], degrade_prob=0.0,
                                question_types=t.question_types, shuffle_choices=t.shuffle_choices))
     t0 = time.perf_counter()
-    trajs = pool.generate(requests_for(cfg.recipe, items), cfg.seed,
+    trajs = pool.generate(get_recipe(cfg.recipe).requests(items, t.image_size), cfg.seed,
                           {"group_size": 1, "temperature": 0.0})
     dt = time.perf_counter() - t0
     totals, comps = reward.score_values(trajs)
@@ -65,11 +68,12 @@ def heldout_reward(pool, reward, cfg: RunConfig) -> dict[str, float]:
 def evaluate(pool, cfg: RunConfig, severities: list[int] | None = None, reward=None) -> dict[str, float]:
     """Flat metrics. CLEAR: eval/<set>/<metric> for clean and each severity. UAE / GvU: eval/heldout/...
     (mean reward on held-out prompts, needs the run's ``reward`` actor; without it there is nothing to do)."""
-    if cfg.recipe != "clear":
+    recipe = get_recipe(cfg.recipe)
+    if recipe.evaluation == "heldout_reward":
         return heldout_reward(pool, reward, cfg) if reward is not None else {}
     out = {}
     for name, items in eval_sets(cfg, severities).items():
-        for k, v in accuracy(pool, items, cfg.seed).items():
+        for k, v in accuracy(pool, items, cfg.seed, recipe).items():
             out[f"eval/{name}/{k}"] = v
     return out
 
@@ -91,8 +95,8 @@ def run_eval(cfg: RunConfig, checkpoint: str, benchmark: str | None = None, out_
         return 0
     if benchmark not in (None, "degradation"):
         raise SystemExit(f"eval: benchmark {benchmark!r} is not available in this build")
-    if cfg.recipe != "clear":
-        raise SystemExit(f"eval: the degradation benchmark measures CLEAR's answers; recipe {cfg.recipe!r} has "
+    if get_recipe(cfg.recipe).evaluation != "accuracy":
+        raise SystemExit(f"eval: the degradation benchmark measures answer accuracy; recipe {cfg.recipe!r} has "
                          "--benchmark reconstruction (and its held-out reward in the training run)")
     start_ray(cfg)
     pool = worker_pool(cfg, 1)

@@ -1,5 +1,10 @@
 """What both HTTP apps share: a size-limited body reader, JSON errors (4xx on bad input, never 5xx) and
-base64 PNG decoding / encoding."""
+base64 PNG decoding / encoding.
+
+A body is JSON (``Content-Type`` absent, ``application/json`` or ``*/*+json``; else 415), at most
+``max_bytes`` (413), nested at most ``MAX_JSON_DEPTH`` levels and without NaN / Infinity (400). An image's
+size is read from its PNG / JPEG header before anything is decoded: past ``max_pixels`` it is a 413.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,17 @@ import base64
 import binascii
 import io
 import json
+import re
+import struct
 from typing import Any
 
 import numpy as np
 
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_JSON_DEPTH = 32
+_JSON_TYPE = re.compile(r"^\s*(application/json|[\w.+-]+/[\w.+-]+\+json)\s*(;.*)?$", re.IGNORECASE)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -25,9 +36,10 @@ class RequestError(Exception):
 
 
 def error_response(e: RequestError):
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import Response
 
-    return JSONResponse(status_code=e.status, content={"detail": e.detail})
+    body = json.dumps({"detail": e.detail}, ensure_ascii=True, default=str)  # lone surrogates stay escaped
+    return Response(content=body, status_code=e.status, media_type="application/json")
 
 
 def validation_detail(exc: Any) -> list[dict]:
@@ -36,9 +48,35 @@ def validation_detail(exc: Any) -> list[dict]:
              "type": str(err.get("type", ""))} for err in exc.errors()]
 
 
+def json_depth(raw: bytes) -> int:
+    """How deeply ``raw`` nests arrays / objects (brackets inside strings do not count)."""
+    outside = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    steps = np.isin(outside, _OPEN).astype(np.int32) - np.isin(outside, _CLOSE).astype(np.int32)
+    return int(np.cumsum(steps).max()) if steps.size else 0
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON (UTF-8, no NaN / Infinity), nested at most ``MAX_JSON_DEPTH`` levels; 400 otherwise."""
+    if not raw.strip():
+        raise RequestError(400, "empty body: expected a JSON object")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise RequestError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)  # RFC 8259: UTF-8 only
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise RequestError(400, f"body is not valid JSON: {e}") from None
+
+
 async def read_json(request: Any, max_bytes: int) -> Any:
-    """The request body parsed as JSON: 413 past ``max_bytes`` (Content-Length or streamed), 400 when the
-    body is not JSON."""
+    """The request body parsed as JSON: 415 for a non-JSON Content-Type, 413 past ``max_bytes``
+    (Content-Length or streamed), 400 when the body is not (strict, bounded) JSON."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None and not _JSON_TYPE.match(ctype):
+        raise RequestError(415, f"Content-Type must be application/json, got {ctype[:100]!r}")
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -53,10 +91,7 @@ async def read_json(request: Any, max_bytes: int) -> Any:
         if total > max_bytes:
             raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"body is not valid JSON: {e}") from None
+    return parse_json(b"".join(chunks))
 
 
 def parse_model(model: type, data: Any) -> Any:
@@ -76,28 +111,66 @@ def json_float(x: float) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ images
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_header_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG IHDR or a JPEG SOF header, without decoding; None when neither is found."""
+    if raw.startswith(_PNG_MAGIC) and len(raw) >= 24 and raw[12:16] == b"IHDR":
+        return struct.unpack(">II", raw[16:24])
+    if raw.startswith(b"\xff\xd8"):
+        i = 2
+        while i + 4 <= len(raw):
+            if raw[i] != 0xFF:
+                return None
+            marker = raw[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
+                i += 2
+                continue
+            (seg_len,) = struct.unpack(">H", raw[i + 2 : i + 4])
+            if marker in _JPEG_SOF and i + 9 <= len(raw):
+                h, w = struct.unpack(">HH", raw[i + 5 : i + 9])
+                return w, h
+            if seg_len < 2:
+                return None
+            i += 2 + seg_len
+    return None
+
+
 def decode_image(b64: str, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Base64 PNG (or JPEG; a ``data:image/...;base64,`` prefix is allowed) -> uint8 (H, W, 3).
-    Anything else is a 400 naming ``field``."""
-    from PIL import Image, UnidentifiedImageError
+    Over ``max_pixels`` (read from the header, before decoding) is a 413; anything else not a decodable
+    PNG / JPEG a 400; both name ``field``."""
+    from PIL import Image
 
     text = b64.split(",", 1)[1] if b64.startswith("data:") and "," in b64 else b64
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(400, f"{field}: not valid base64 ({e})") from None
+    size = image_header_size(raw)
+    if size is None:
+        raise RequestError(400, f"{field}: not a PNG or JPEG image (no readable header)")
+    w, h = size
+    if w < 1 or h < 1:
+        raise RequestError(400, f"{field}: image of {w}x{h} pixels is empty")
+    if w * h > max_pixels:
+        raise RequestError(413, f"{field}: image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            if img.format not in ("PNG", "JPEG"):
-                raise RequestError(400, f"{field}: expected a PNG image, got {img.format}")
-            w, h = img.size
-            if w * h > max_pixels or w < 1 or h < 1:
-                raise RequestError(400, f"{field}: image of {w}x{h} pixels is outside 1..{max_pixels} pixels")
+        with Image.open(io.BytesIO(raw), formats=("PNG", "JPEG")) as img:
+            if img.size != (w, h):
+                raise RequestError(400, f"{field}: inconsistent image header")
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except RequestError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Exception as e:  # noqa: BLE001 - any decoder failure on client bytes is the client's 400
         raise RequestError(400, f"{field}: not a decodable PNG image ({type(e).__name__}: {e})") from None
+    if arr.ndim != 3 or arr.shape[:2] != (h, w):
+        raise RequestError(400, f"{field}: decoded to an unexpected shape {arr.shape}")
     return arr.copy()
 
 

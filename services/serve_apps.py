@@ -21,17 +21,25 @@ POLICY_ROUTE_PREFIX = "/policy"
 
 
 # ------------------------------------------------------------------------------------------ Serve
+def init_ray(cfg: Any) -> bool:
+    """Connect to ``cluster.address`` / ``$RAY_ADDRESS`` or start a local Ray; True when this call did."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.cluster.resolved_address() if cfg is not None else None
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus if cfg is not None else None, include_dashboard=False)
+    return True
+
+
 def ensure_serve(cfg: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Connect to (or start) Ray and start Serve's HTTP proxy on ``host:port``."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        address = cfg.cluster.resolved_address() if cfg is not None else None
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=cfg.cluster.num_cpus if cfg is not None else None, include_dashboard=False)
+    init_ray(cfg)
     serve.start(http_options={"host": host, "port": int(port)})
 
 
@@ -60,33 +68,43 @@ def start_policy_app(cfg: Any, checkpoint: str, host: str = "127.0.0.1", port: i
 
 
 def serve(app: str, cfg: Any, checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000) -> int:
-    """Start ``app`` ("reward" | "policy") and block until interrupted (``unigrpo serve``)."""
+    """Start ``app`` ("reward" | "policy") and block until Ctrl-C / SIGTERM (``unigrpo serve``): then Serve
+    and a local Ray this call started are shut down, and ``services.stop.Interrupted`` is raised."""
+    import ray
     from ray import serve as ray_serve
 
+    from services import stop
     from services.config import ConfigError
 
-    if app == "reward":
-        start_reward_app(cfg, host, port)
-        prefix = cfg.reward.serve.route_prefix.rstrip("/")
-        paths = [f"POST {prefix}/score", f"GET {prefix}/healthz"]
-    elif app == "policy":
+    if app == "policy":
         if not checkpoint:
             raise ConfigError("--checkpoint", "required for `unigrpo serve policy`")
         from pathlib import Path
 
         if not (Path(checkpoint) / "config.json").is_file():
             raise ConfigError("--checkpoint", f"{checkpoint} is not a policy checkpoint (no config.json)")
-        start_policy_app(cfg, checkpoint, host, port)
-        paths = [f"POST {POLICY_ROUTE_PREFIX}/answer", f"GET {POLICY_ROUTE_PREFIX}/healthz"]
-    else:
+    elif app != "reward":
         raise ConfigError("app", f"unknown app {app!r} (reward | policy)")
-    for p in paths:
-        print(f"serving {p.split()[0]} http://{host}:{port}{p.split()[1]}", flush=True)
+    owns_ray = init_ray(cfg)
+    stop.install()  # after ray.init, which replaces the SIGTERM handler
     try:
+        if app == "reward":
+            start_reward_app(cfg, host, port)
+            prefix = cfg.reward.serve.route_prefix.rstrip("/")
+            paths = [f"POST {prefix}/score", f"GET {prefix}/healthz"]
+        else:
+            start_policy_app(cfg, checkpoint, host, port)
+            paths = [f"POST {POLICY_ROUTE_PREFIX}/answer", f"GET {POLICY_ROUTE_PREFIX}/healthz"]
+        for p in paths:
+            print(f"serving {p.split()[0]} http://{host}:{port}{p.split()[1]}", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as e:
+        raise stop.Interrupted(stop.signum_of(e), f"serve {app}: stopped") from None
     finally:
-        ray_serve.shutdown()
-    return 0
+        with stop.ignored():
+            try:
+                ray_serve.shutdown()
+            finally:
+                if owns_ray and ray.is_initialized():
+                    ray.shutdown()

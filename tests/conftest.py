@@ -11,11 +11,33 @@ the status is the one pytest computed from the results."""
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 _exit_status: list[int] = []
+
+# Fixtures that start a local Ray cluster: every test using one is marked ``slow`` (``make test-fast`` runs
+# ``-m "not slow and not gpu"``). ``_no_ray_outside_slow`` below fails a test that starts Ray without it.
+RAY_FIXTURES = {"local_ray", "ray_local", "served", "actors", "ray_down"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_outside_slow(request):
+    """A test not marked ``slow`` must not start Ray (the fast lane runs without a cluster)."""
+    yield
+    ray = sys.modules.get("ray")
+    if request.node.get_closest_marker("slow") is None and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} starts Ray but is not marked slow", pytrace=False)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -208,6 +208,7 @@ def test_model_path_fails_only_when_checked(tmp_path: Path) -> None:
     assert info.value.field_path == "model.lm_path"
     assert missing in str(info.value)
     (tmp_path / "no-such-model").mkdir()
+    (tmp_path / "no-such-model" / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
     cfg.check_paths()
 
 
@@ -378,3 +379,84 @@ def test_cli_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("config error: seed: ") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------ bad input, closed
+def test_cli_non_utf8_config_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("run_name: caf\u00e9\nseed: 1\n".encode("latin-1"))
+    res = run_cli("check-config", "--config", str(bad))
+    _assert_one_line_config_error(res, f"{bad}: not UTF-8")
+    assert "0xe9" in res.stderr and "line 1" in res.stderr
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError):
+        load_config(deep, [])
+
+
+def test_unknown_reward_name_names_the_component() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["reward.components.1.name=fromat"])
+    assert info.value.field_path == "reward.components[1].name"
+    for known in ("answer", "format", "clip_similarity", "gvu"):
+        assert known in info.value.message
+    # an import path is a reward outside the package: accepted here, imported by the reward actor
+    assert load_config(None, ["reward.components.1.name=my_pkg.rewards:length"]).reward.components[1].name
+
+
+def test_cli_unknown_reward_name_exits_2() -> None:
+    res = run_cli("check-config", "--set", "reward.components.0.name=nonsense")
+    _assert_one_line_config_error(res, "reward.components[0].name")
+    assert "known: answer, format" in res.stderr
+
+
+def test_known_reward_names_match_the_registry() -> None:
+    import importlib
+    import pkgutil
+
+    import reward
+    from reward.names import KNOWN_REWARDS
+    from reward.registry import REWARDS
+
+    for mod in pkgutil.iter_modules(reward.__path__):
+        importlib.import_module(f"reward.{mod.name}")  # every module that registers a built-in
+    assert set(REWARDS) == set(KNOWN_REWARDS)
+
+
+def _model_dir(tmp_path: Path, name: str, config: dict | None) -> Path:
+    import json
+
+    d = tmp_path / name
+    d.mkdir()
+    if config is not None:
+        (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_unsupported_lm_dir_fails_path_check(tmp_path: Path) -> None:
+    vl = _model_dir(tmp_path, "qwen25vl", {"model_type": "qwen2_5_vl",
+                                           "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
+    cfg = load_config(None, [f"model.lm_path={vl}"])
+    with pytest.raises(ConfigError) as info:
+        cfg.check_paths()
+    assert info.value.field_path == "model.lm_path"
+    assert "qwen2_5_vl" in info.value.message and "ForCausalLM" in info.value.message
+    empty = _model_dir(tmp_path, "empty", None)
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config(None, [f"model.lm_path={empty}"]).check_paths()
+    lm = _model_dir(tmp_path, "qwen2", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    load_config(None, [f"model.lm_path={lm}"]).check_paths()
+
+
+def test_submit_path_check_covers_uploaded_relative_paths_only(tmp_path: Path) -> None:
+    cfg = load_config(None, ["task.name=jsonl", "task.path=data/missing.jsonl"])
+    with pytest.raises(ConfigError) as info:
+        cfg.check_paths(uploaded_root=tmp_path)
+    assert info.value.field_path == "task.path"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "missing.jsonl").write_text("{}\n")
+    cfg.check_paths(uploaded_root=tmp_path)
+    load_config(None, ["model.lm_path=/models/on/the/cluster"]).check_paths(uploaded_root=tmp_path)

@@ -21,6 +21,7 @@ from learner.batch import collate
 from learner.objective import _conditioning, policy_outputs
 from policy.factory import build_policy
 from policy.sde import draw_normal, flow_sigmas, sample_latents, window_log_probs, window_starts
+from recipes import get_recipe
 from rollout.interleaved import RolloutSettings, generate_images
 from rollout.worker import RolloutWorker
 from services.config import load_config
@@ -218,7 +219,7 @@ def test_rollout_worker_on_cuda_nucleus_and_greedy(worker):
 def test_uae_gvu_rollouts_on_cuda(cfg, recipe):
     """The other recipes' rollouts on a GPU worker: CPU trajectories (and meta tensors) whose behaviour
     log-probs the policy recomputes on the GPU."""
-    w = RolloutWorker(0, cfg.model.model_dump(), vars(SETTINGS), recipe=recipe, num_gpus=1)
+    w = RolloutWorker(0, cfg.model.model_dump(), vars(SETTINGS), recipe=get_recipe(recipe).rollout, num_gpus=1)
     w.policy_version = 0
     trajs = w.generate(_requests(2), seed=5)
     _check_cpu_trajectories(trajs, 0)

@@ -47,7 +47,7 @@ def test_learner_and_rollout_actors_share_one_gpu():
         learner = LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
                                cfg.sft.model_dump(), cfg.seed, None)
         learner.call_all("set_sampling", 1.0, cfg.rollout.sde.noise_level)
-        pool = RolloutPool(PoolSpec(policy_cfg=cfg.model.model_dump(), settings=settings, recipe="clear",
+        pool = RolloutPool(PoolSpec(policy_cfg=cfg.model.model_dump(), settings=settings, recipe="interleaved",
                                     num_cpus=1, num_gpus=0.25), 2)
         actors = [learner.workers[0]] + [m.actor for m in pool.members.values()]
         placements = ray.get([a.__ray_call__.remote(placement) for a in actors])

@@ -112,3 +112,20 @@ def test_weights_roundtrip(janus):
     assert all(torch.equal(v, other.trainable_state_dict()[k]) for k, v in sd.items())
     with pytest.raises(KeyError):
         other.load_trainable({"nope": torch.zeros(1)})
+
+
+def test_both_policy_classes_implement_the_policy_protocol(janus):
+    from policy.config import PolicyConfig
+    from policy.factory import Policy, build_policy
+    from policy.model import UnifiedPolicy
+    from policy.protocol import Policy as ProtocolPolicy
+
+    assert Policy is ProtocolPolicy
+    unified = build_policy(PolicyConfig(seed=0))
+    assert isinstance(unified, UnifiedPolicy)
+    for p in (unified, janus):
+        assert isinstance(p, Policy), type(p).__name__
+        h = torch.zeros(2, 3, p.lm_config.hidden_size)
+        assert p.text_logits(h).shape == (2, 3, len(p.tokenizer))  # the text head: text vocabulary only
+        assert p.lm_config._attn_implementation
+    assert not isinstance(object(), Policy)

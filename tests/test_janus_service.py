@@ -14,13 +14,14 @@ from learner.batch import collate
 from learner.objective import policy_outputs
 from policy.factory import build_policy, load_policy_dir
 from policy.janus import JanusPolicy
+from recipes import get_recipe
 from reward.actor import with_policy_config
 from reward.registry import RewardSet
+from rollout.image import janus_gvu_rollout
 from rollout.interleaved import RolloutSettings
-from rollout.recipes import get_rollout, janus_gvu_rollout
+from rollout.registry import get_rollout
 from services import driver
 from services.config import ConfigError, load_config
-from services.recipe_io import requests_for
 from tasks import build_dataset
 
 CONFIG = "configs/gvu_janus_tiny.yaml"
@@ -31,10 +32,10 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
     cfg = load_config(CONFIG)
     policy = build_policy(cfg.model)
     assert isinstance(policy, JanusPolicy) and policy.cfg == cfg.model
-    assert get_rollout("gvu", "janus") is janus_gvu_rollout
+    assert get_rollout(get_recipe("gvu").rollout, "janus") is janus_gvu_rollout
     items = list(build_dataset("shapes_vqa", size=3, seed=0, split="train", degrade_prob=0.0))
     s = RolloutSettings(group_size=2, temperature=1.0)
-    trajs = janus_gvu_rollout(policy, None, requests_for("gvu", items), s, 5, torch.Generator().manual_seed(0))
+    trajs = janus_gvu_rollout(policy, None, get_recipe("gvu").requests(items), s, 5, torch.Generator().manual_seed(0))
     n = policy.n_image_tokens
     assert [(t.prompt_id, t.group_index) for t in trajs] == [(i.prompt_id, g) for i in items for g in (0, 1)]
     for t in trajs:
@@ -59,7 +60,7 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
     assert again[0] == pytest.approx(scores[0], rel=1e-6)
     other = dict(trajs[0].meta, generated_codes=(trajs[0].meta["generated_codes"] + 1) % policy.codebook_size)
     assert rewards.combine([other])[0][0] != pytest.approx(scores[0], rel=1e-6)
-    greedy = [janus_gvu_rollout(policy, None, requests_for("gvu", items[:1]),
+    greedy = [janus_gvu_rollout(policy, None, get_recipe("gvu").requests(items[:1]),
                                 RolloutSettings(group_size=1, temperature=0.0), 5, None)[0] for _ in range(2)]
     assert torch.equal(greedy[0].meta["generated_codes"], greedy[1].meta["generated_codes"])  # no noise drawn
 
@@ -68,7 +69,7 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
 @pytest.mark.usefixtures("ray_down")
 def test_janus_gvu_trains_on_the_service(tmp_path, monkeypatch):
     # the reward actor and every rollout worker
-    seen = record_syncs(monkeypatch, lambda run: [run.reward] + [m.actor for m in run.pool.members.values()])
+    seen = record_syncs(monkeypatch, lambda run: [run.reward.actor] + [m.actor for m in run.pool.members.values()])
     cfg = run_config(tmp_path, "gvu-janus-tiny", RECIPE_TINY, config=CONFIG)
     assert cfg.model.arch == "janus" and not cfg.sft.enabled
     summary = driver.train(cfg)

@@ -1,8 +1,10 @@
-"""UAE and GvU rollouts on the tiny policy, the "gvu" reward, and the recipe -> rollout registry."""
+"""UAE and GvU rollouts on the tiny policy, the "gvu" reward, the rollout registry by kind, and the recipe
+registry (each recipe's requests, stage-1 examples, rollout and architecture limits on shapes items)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -16,9 +18,11 @@ from policy.config import PolicyConfig
 from policy.model import UnifiedPolicy
 from reward.registry import REWARDS, RewardSet, get_reward
 from rollout import interleaved
+from rollout.caption import uae_rollout
 from rollout.engine import HFTextEngine
+from rollout.image import gvu_rollout, janus_gvu_rollout
 from rollout.interleaved import RolloutSettings
-from rollout.recipes import ROLLOUTS, get_rollout, gvu_rollout, uae_rollout
+from rollout.registry import ROLLOUTS, get_rollout, rollout_kinds
 
 torch.set_num_threads(1)
 
@@ -161,10 +165,13 @@ def test_gvu_reward_registered_and_scores_rollouts(policy):
 
 # ---- registry ----------------------------------------------------------------------------------
 def test_rollout_registry():
-    assert ROLLOUTS["clear"] is interleaved.rollout
-    assert get_rollout("uae") is uae_rollout and get_rollout("gvu") is gvu_rollout
+    assert ROLLOUTS["unified"]["interleaved"] is interleaved.rollout
+    assert get_rollout("caption") is uae_rollout and get_rollout("image") is gvu_rollout
+    assert get_rollout("image", "janus") is janus_gvu_rollout and rollout_kinds("janus") == ("image",)
     with pytest.raises(ValueError, match="known"):
         get_rollout("nope")
+    with pytest.raises(ValueError, match="known: image"):
+        get_rollout("interleaved", "janus")
 
 
 def test_group_advantages_over_gvu_rewards(policy):
@@ -174,3 +181,100 @@ def test_group_advantages_over_gvu_rewards(policy):
     totals, _ = rs.combine(trajs)
     adv = group_advantages(torch.tensor(totals), SETTINGS.group_size)
     assert torch.isfinite(adv).all()
+
+
+# ---- recipes -----------------------------------------------------------------------------------
+def _shapes(n: int = 4, degrade_prob: float = 1.0):
+    from tasks import build_dataset
+
+    return list(build_dataset("shapes_vqa", size=n, seed=0, split="train", degrade_prob=degrade_prob))
+
+
+def test_recipe_registry_lists_the_three_recipes():
+    from recipes import RECIPES, Recipe, get_recipe, register_recipe
+
+    assert list(RECIPES) == ["clear", "uae", "gvu"] and all(isinstance(r, Recipe) for r in RECIPES.values())
+    assert {n: r.evaluation for n, r in RECIPES.items()} == {"clear": "accuracy", "uae": "heldout_reward",
+                                                             "gvu": "heldout_reward"}
+    assert {n: r.rollout for n, r in RECIPES.items()} == {"clear": "interleaved", "uae": "caption", "gvu": "image"}
+    assert get_recipe("gvu").architectures == ("unified", "janus") and get_recipe("clear").architectures == ("unified",)
+    with pytest.raises(ValueError, match="known: clear, uae, gvu"):
+        get_recipe("dpo")
+    with pytest.raises(ValueError, match="already registered"):
+        register_recipe(dataclasses.replace(get_recipe("uae"), summary="another"))
+    with pytest.raises(AttributeError):  # frozen
+        get_recipe("clear").rollout = "caption"
+
+
+def test_each_recipe_builds_requests_that_its_rollout_runs(policy):
+    from recipes import RECIPES
+
+    items = _shapes(2)
+    for recipe in RECIPES.values():
+        reqs = recipe.requests(items)
+        assert [r["prompt_id"] for r in reqs] == [it.prompt_id for it in items]
+        trajs = recipe.rollout_fn("unified")(policy, HFTextEngine(policy), reqs, SETTINGS, 1,
+                                             torch.Generator().manual_seed(0))
+        assert len(trajs) == len(items) * SETTINGS.group_size, recipe.name
+        for t in trajs:
+            t.validate()
+        specs = recipe.default_reward_components()
+        assert specs and all(s["name"] in REWARDS or s["name"] == "gvu" for s in specs)
+        specs[0]["kwargs"]["x"] = 1  # copies: the recipe's defaults do not change
+        assert "x" not in recipe.rewards[0].get("kwargs", {})
+
+
+def test_recipe_requests_carry_what_each_recipe_needs():
+    from recipes import get_recipe
+    from tasks.describe import describe_item
+
+    items = _shapes(4)
+    clear = get_recipe("clear").requests(items)
+    assert all(r["image"] is it.image and r["meta"]["answer"] == it.answer and r["meta"]["severity"] >= 1
+               for r, it in zip(clear, items))
+    uae = get_recipe("uae").requests(items)
+    assert all(r["image"] is it.meta["clean_image"] and "text" not in r for r, it in zip(uae, items))
+    gvu = get_recipe("gvu").requests(items)
+    assert all(r["image"] is None and r["text"] == describe_item(it) == r["meta"]["description"]
+               for r, it in zip(gvu, items))
+    from tasks.items import PromptItem
+
+    with pytest.raises(ValueError, match="no image"):
+        get_recipe("uae").requests([PromptItem("t", None, "a prompt", None, "")])
+    assert get_recipe("gvu").requests([PromptItem("t", None, "a red circle", None, "")])[0]["text"] == "a red circle"
+
+
+def test_recipe_sft_examples():
+    from recipes import get_recipe
+    from recipes.clear import generates
+
+    items = _shapes(6)
+    clear = get_recipe("clear").sft_examples(items, 0.5)
+    assert [e["generate"] for e in clear] == [generates(it, 0.5) for it in items]
+    assert all(e["clean_image"] is it.meta["clean_image"] and e["answer"] == it.answer for e, it in zip(clear, items))
+    assert not any(e["generate"] for e in get_recipe("clear").sft_examples(_shapes(4, degrade_prob=0.0)))
+    gvu = get_recipe("gvu").sft_examples(items)
+    assert [e["generate"] for e in gvu] == [False, True] * 3
+    assert gvu[0]["image"] is not None and gvu[1]["image"] is None and gvu[1]["text"] == gvu[1]["answer"]
+    with pytest.raises(ValueError, match="no stage-1"):
+        get_recipe("uae").sft_examples(items)
+
+
+def test_recipe_architecture_limits():
+    from recipes import get_recipe
+    from services.config import load_config
+
+    janus = load_config("configs/gvu_janus_tiny.yaml", [])
+    assert get_recipe("gvu").problems(janus) == []
+    fields = [p.field for p in get_recipe("clear").problems(janus.model_copy(update={
+        "sft": janus.sft.model_copy(update={"enabled": True})}))]
+    assert fields == ["recipe", "sft.enabled"]
+    uae = load_config("configs/uae_tiny.yaml", [])
+    assert get_recipe("uae").first_problem(uae) is None
+    on = uae.model_copy(update={"sft": uae.sft.model_copy(update={"enabled": True})})
+    assert get_recipe("uae").first_problem(on).field == "sft.enabled"
+    from services.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:  # the run config applies the recipe's limits
+        load_config("configs/uae_tiny.yaml", ["sft.enabled=true"])
+    assert info.value.field_path == "sft.enabled"

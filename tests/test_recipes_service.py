@@ -14,11 +14,12 @@ from PIL import Image
 from service_helpers import RECIPE_TINY as TINY
 from service_helpers import metric, record_syncs
 
+from recipes import get_recipe
 from services import driver
 from services.config import load_config
 from services.evaluate import run_eval
-from services.recipe_io import describe_shapes, requests_for
 from tasks import build_dataset
+from tasks.describe import describe_shapes
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def _one_ray():
 
 def test_requests_per_recipe():
     items = list(build_dataset("shapes_vqa", size=6, seed=0, split="train", degrade_prob=1.0))
-    clear, uae, gvu = (requests_for(r, items) for r in ("clear", "uae", "gvu"))
+    clear, uae, gvu = (get_recipe(r).requests(items) for r in ("clear", "uae", "gvu"))
     assert all("Answer" in r["text"] and r["image"] is items[i].image for i, r in enumerate(clear))
     for it, r in zip(items, uae):  # the clean image, no question
         assert r["image"] is it.meta["clean_image"] and "text" not in r
@@ -52,7 +53,7 @@ def test_requests_per_recipe():
     assert describe_shapes([{"kind": "circle", "color": "red", "cx": 6, "cy": 16, "r": 4}], 32) == \
         "a red circle on the left"
     with pytest.raises(ValueError, match="recipe"):
-        requests_for("nope", items)
+        get_recipe("nope").requests(items)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def _last_run(client):
 
 
 def test_gvu_trains_and_reward_actor_follows_the_learner(tmp_path, monkeypatch):
-    seen = record_syncs(monkeypatch, lambda run: [run.reward])
+    seen = record_syncs(monkeypatch, lambda run: [run.reward.actor])
     cfg = _cfg(tmp_path, "gvu", "checkpoint.every=0")
     summary = driver.train(cfg)
     assert summary["steps"] == 2

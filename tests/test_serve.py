@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
@@ -13,8 +14,11 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from bad_requests import bomb_png, policy_requests, reward_requests
 
 BODY_LIMIT_MB = 0.25
+
+pytestmark = pytest.mark.slow  # the module's Ray + Serve stays up between its tests
 
 
 def _free_port() -> int:
@@ -217,3 +221,65 @@ def test_serve_policy_needs_checkpoint() -> None:
 
     with pytest.raises(ConfigError, match="checkpoint"):
         serve("policy", load_config(), checkpoint=None)
+
+
+# ------------------------------------------------------------------------------------- malformed corpus
+def _send_raw(url: str, headers: dict, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+    """POST ``body`` as is (no Content-Type unless ``headers`` has one)."""
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = host_port.partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.putrequest("POST", "/" + path, skip_accept_encoding=True)
+        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            conn.putheader(k, v)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _get(url: str) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, json.loads(r.read())
+
+
+@pytest.mark.parametrize("app", ["reward", "policy"])
+def test_malformed_corpus_is_4xx_and_server_stays_healthy(served, app) -> None:
+    good = _png()
+    corpus = reward_requests(good) if app == "reward" else policy_requests(good)
+    assert len(corpus) >= 100
+    url = f"{served['reward']}/score" if app == "reward" else f"{served['policy']}/answer"
+    bad = {}
+    for name, headers, body in corpus:
+        status, raw = _send_raw(url, headers, body)
+        if not 400 <= status < 500:
+            bad[name] = (status, raw[:200])
+        else:
+            json.loads(raw)  # every error is a JSON body
+    assert not bad, bad
+    healthz = f"{served['reward'] if app == 'reward' else served['policy']}/healthz"
+    assert _get(healthz)[0] == 200
+    if app == "reward":
+        code, out = _post(url, {"items": [{"response_text": "<answer>B</answer>", "meta": {"answer": "B"}}]})
+        assert code == 200 and out["totals"] == pytest.approx([1.1])
+    else:
+        code, out = _post(url, {"image": good, "question": "q?", "max_new_tokens": 2, "seed": 0}, timeout=120)
+        assert code == 200 and isinstance(out["response_text"], str)
+
+
+def test_huge_image_is_413_before_decoding(served) -> None:
+    """A valid 20000 x 20000 PNG (50 KB compressed) is refused from its header: PIL never decodes it."""
+    img = base64.b64encode(bomb_png()).decode()
+    code, out = _post(f"{served['reward']}/score", {"items": [{"response_text": "x", "images": {"src": img}}]})
+    assert code == 413 and "items[0].images.src" in out["detail"] and "20000x20000" in out["detail"]
+    code, out = _post(f"{served['policy']}/answer", {"image": img, "question": "q?"})
+    assert code == 413 and "image" in out["detail"]
+
+
+def test_deep_json_and_nan_are_400(served) -> None:
+    code, out = _post(f"{served['reward']}/score", b'{"items": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    assert code == 400 and "nested" in out["detail"]
+    code, out = _post(f"{served['reward']}/score", b'{"items": [{"response_text": "x", "meta": {"answer": NaN}}]}')
+    assert code == 400 and "NaN" in out["detail"]

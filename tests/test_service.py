@@ -13,9 +13,9 @@ import ray
 from safetensors.torch import load_file
 from service_helpers import metric, ray_down, run_config  # noqa: F401
 
+from recipes.clear import clear_request
 from services import checkpoint
 from services.driver import Run, train
-from services.recipe_io import request_of
 
 TINY = [
     "sft.steps=4", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
@@ -66,7 +66,7 @@ def test_weights_reach_workers_and_killed_worker_loses_no_group(tmp_path):
             assert all(abs(worker[k] - learner[k]) <= 1e-6 * (1 + abs(learner[k])) for k in learner)
 
         items = run.sampler.next_batch()
-        requests = [request_of(i) for i in items]
+        requests = [clear_request(i) for i in items]
         # the worker dies inside the step: the pool still counts it healthy when it hands out prompts
         ray.kill(run.pool.actor(run.pool.health.schedulable()[0]), no_restart=True)
         trajs = run.pool.generate(requests, seed=5)

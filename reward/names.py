@@ -1,0 +1,21 @@
+"""The names of the built-in rewards, without importing them (the run config validates
+``reward.components[i].name`` against this; ``reward.registry`` checks that its built-ins agree).
+
+A component may also name ``"package.module:function"`` (a reward function outside this package).
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Built-in rewards: ``reward.registry`` registers the first three, ``reward.gvu`` registers ``gvu``.
+KNOWN_REWARDS = ("answer", "format", "clip_similarity", "gvu")
+#: Rewards that score with the policy itself (they need its current weights).
+POLICY_REWARDS = ("gvu",)
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def unknown_reward(name: str) -> bool:
+    """True when ``name`` is neither a built-in reward nor a ``module:function`` path."""
+    return name not in KNOWN_REWARDS and not _IMPORT_PATH.match(name)

@@ -1,0 +1,75 @@
+"""UAE's rollout: image -> caption -> reconstruction. Signature of :func:`rollout.interleaved.rollout`.
+
+    prompt   = <img_start> <img>*n <img_end> "\\n" instruction "\\n"       (the request's image in the slot)
+    caption  ~ pi(. | prompt)                                               (text, GRPO)
+    z_0      ~ SDE sampler conditioned on hidden(prompt + caption)          (window recorded: Flow-GRPO,
+                                                                              or ignored with a frozen generator)
+    meta["source_image"] = image (3,H,W) in [0,1];  meta["reconstruction"] = D(z_0) (3,H,W) in [0,1]
+
+The reconstruction is NOT in the token sequence: ``images`` holds its segment, ``slot_latents`` only the
+input image's latent. Its conditioning context is the prefix ``input_ids[:cond_end]`` (= the whole
+sequence), so the learner recomputes the window exactly as for CLEAR.
+Caveat: the context holds the input image (causal attention sees it), so the generator's condition is not a
+pure text bottleneck; with a frozen generator GRPO only moves the caption distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from policy.prompting import decode_response, encode_prompt
+from policy.trajectory import Trajectory
+from rollout.engine import SamplingSettings, TextEngine, TextRequest
+from rollout.interleaved import RolloutSettings, generate_images
+
+UAE_INSTRUCTION = "Describe the image in detail."
+
+
+def image_to_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A request image (H,W,3) uint8 (or (3,H,W) float in [0,1]) -> float32 (3,H,W) in [0,1]."""
+    x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image)
+    if x.dim() != 3:
+        raise ValueError(f"expected one image (H,W,3) or (3,H,W), got shape {tuple(x.shape)}")
+    if x.shape[0] != 3 and x.shape[-1] == 3:
+        x = x.permute(2, 0, 1)
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def uae_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings, version: int,
+                generator: torch.Generator | None = None) -> list[Trajectory]:
+    """UAE: G (caption, reconstruction) samples per request. A request: prompt_id, image (required),
+    optional ``instruction`` (default :data:`UAE_INSTRUCTION`), meta."""
+    tok, ids = policy.tokenizer, policy.token_ids
+    rows = []  # (request, group index, prompt ids, source (3,H,W), slot latent (1,C,h,w))
+    for r in requests:
+        if r.get("image") is None:
+            raise ValueError(f"uae_rollout: request {r.get('prompt_id')!r} has no image")
+        src = image_to_float(r["image"])
+        lat = policy.encode_image(src[None]).cpu()
+        prompt = encode_prompt(tok, r.get("instruction") or UAE_INSTRUCTION, policy.n_image_tokens, with_image=True)
+        rows += [(r, g, prompt, src, lat) for g in range(s.group_size)]
+    if not rows:
+        return []
+    sampling = SamplingSettings(s.temperature, s.top_p, (ids["eos"],))
+    captions = engine.generate([TextRequest(p, lat, s.max_new_tokens) for _, _, p, _, lat in rows],
+                               sampling, generator)
+    contexts = [list(p) + c.token_ids for (_, _, p, _, _), c in zip(rows, captions)]
+    # z_0 ~ p_gen(. | hidden(prompt + caption)); cond_end = len(context) = the whole sequence
+    segs, finals = generate_images(policy, contexts, [lat for *_, lat in rows], s, generator)
+    recon = policy.decode_latent(finals.to(policy.device)).cpu()
+    out = []
+    for i, ((r, g, prompt, src, lat), c) in enumerate(zip(rows, captions)):
+        meta = dict(r.get("meta") or {})
+        meta["source_image"] = src
+        meta["reconstruction"] = recon[i]
+        out.append(Trajectory(
+            prompt_id=str(r["prompt_id"]), group_index=g,
+            input_ids=torch.tensor(contexts[i], dtype=torch.long), prompt_len=len(prompt),
+            loss_mask=torch.tensor([False] * len(prompt) + [True] * len(c.token_ids)),
+            behaviour_logp=torch.tensor([0.0] * len(prompt) + list(c.logprobs)),
+            slot_latents=lat, images=[segs[i]], policy_version=version,
+            response_text=decode_response(tok, c.token_ids), meta=meta,
+        ))
+    return out

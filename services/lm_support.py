@@ -1,0 +1,40 @@
+"""Which model directories ``model.lm_path`` may name, read from the directory's ``config.json`` (no
+transformers import): the one place that lists the supported kinds. ``RunConfig.check_paths`` calls
+:func:`check_lm_dir` before any actor starts, so an unsupported directory fails with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from services.overrides import ConfigError
+
+#: ``config.json`` ``architectures`` suffix -> what ``policy.build.build_lm`` loads it with.
+SUPPORTED_LM_KINDS = {"ForCausalLM": "a decoder-only causal LM (AutoModelForCausalLM), e.g. Qwen2ForCausalLM"}
+
+
+def supported_text() -> str:
+    return "; ".join(f"*{suffix}: {what}" for suffix, what in SUPPORTED_LM_KINDS.items())
+
+
+def check_lm_dir(path: str | Path, field: str = "model.lm_path") -> None:
+    """Raise ConfigError naming ``field`` unless ``path`` is a model directory of a supported kind."""
+    d = Path(path).expanduser()
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(field, f"{path} has no config.json (not a transformers model directory); "
+                                 f"supported: {supported_text()}")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(field, f"{cfg_file} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(field, f"{cfg_file} is not a JSON object")
+    model_type = cfg.get("model_type", "?")
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    if not archs:
+        return  # nothing declared: the loader decides from model_type
+    if not any(a.endswith(suffix) for a in archs for suffix in SUPPORTED_LM_KINDS):
+        raise ConfigError(field, f"{path} holds a {model_type!r} model ({', '.join(archs)}), which is not "
+                                 f"supported; supported: {supported_text()}")
