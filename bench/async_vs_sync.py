@@ -18,7 +18,7 @@ from bench.common import PeakMemory, bench_config, median, quiet, start_run, sto
 
 
 def sync_block(run, n: int) -> tuple[list[float], list[dict]]:
-    run.cfg.algorithm.mode = "sync"
+    run.cfg = run.cfg.model_copy(update={"algorithm": run.cfg.algorithm.model_copy(update={"mode": "sync"})})
     times, ms = [], []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -29,14 +29,14 @@ def sync_block(run, n: int) -> tuple[list[float], list[dict]]:
 
 
 def async_block(run, n: int) -> list[float]:
-    run.cfg.algorithm.mode = "async"
+    run.cfg = run.cfg.model_copy(update={"algorithm": run.cfg.algorithm.model_copy(update={"mode": "async"})})
     _, pre = run.rl_step()  # priming: a sync rollout, then the next one is prefetched
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         _, pre = run.rl_step(pre)
         times.append(time.perf_counter() - t0)
-    run.cfg.algorithm.mode = "sync"
+    run.cfg = run.cfg.model_copy(update={"algorithm": run.cfg.algorithm.model_copy(update={"mode": "sync"})})
     run.rl_step(pre)  # drain the prefetched rollout
     return times
 

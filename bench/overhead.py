@@ -43,11 +43,11 @@ class LocalStep:
         from tasks.sampler import PromptSampler
 
         self.cfg = cfg
-        self.worker = RolloutWorker(0, cfg.model.model_dump(), vars(rollout_settings(cfg)), "hf", None,
+        self.worker = RolloutWorker(0, cfg.model, rollout_settings(cfg), "hf", None,
                                     cfg.learner.sync.backend, get_recipe(cfg.recipe).rollout, 1)
         L = cfg.learner
-        self.learner = LearnerWorker(0, 1, "127.0.0.1", free_port(), cfg.model.model_dump(), L.model_dump(),
-                                     cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed, 1)
+        self.learner = LearnerWorker(0, 1, "127.0.0.1", free_port(), cfg.model, L, cfg.algorithm, cfg.sft,
+                                     cfg.seed, 1, cfg.rollout.sde.steps)
         self.learner.set_sampling(cfg.rollout.temperature, cfg.rollout.sde.noise_level)
         self.learner.snapshot_reference()
         self.reward = RewardActor([c.model_dump() for c in cfg.reward.components])

@@ -13,12 +13,14 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from learner.batch import TrainBatch, average_metrics
 from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
 from learner.sft import sft_batch
+from policy.config import PolicyConfig
 from policy.factory import Policy, build_policy
 from sync import make_publisher
 
@@ -34,8 +36,12 @@ def _cpu_deepspeed_without_jit() -> None:
 class LearnerWorker:
     """Plain class; ``learner.group`` wraps it with ``ray.remote``."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, policy_cfg: dict,
-                 learner_cfg: dict, algo_cfg: dict, sft_cfg: dict, seed: int = 0, num_threads: int = 1) -> None:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, policy_cfg: PolicyConfig,
+                 learner_cfg: Any, algo_cfg: Any, sft_cfg: Any, seed: int = 0, num_threads: int = 1,
+                 sde_steps: int = 8) -> None:
+        """``learner_cfg`` / ``algo_cfg`` / ``sft_cfg``: the run config's frozen ``learner`` / ``algorithm`` /
+        ``sft`` sections (``services.config``), read by attribute; ``sde_steps``: the rollout's denoising steps
+        (stage 1 samples its noisy latents on the same schedule)."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         torch.set_num_threads(max(1, num_threads))
@@ -43,56 +49,56 @@ class LearnerWorker:
         import deepspeed
 
         self.rank, self.world_size = rank, world_size
-        self.cuda = torch.cuda.is_available() and learner_cfg.get("num_gpus_per_worker", 0) > 0
+        self.cuda = torch.cuda.is_available() and learner_cfg.num_gpus_per_worker > 0
         if not self.cuda:
             _cpu_deepspeed_without_jit()
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
-        self.cfg, self.algo, self.sft_cfg = learner_cfg, algo_cfg, sft_cfg
+        self.cfg, self.algo, self.sft_cfg, self.sde_steps = learner_cfg, algo_cfg, sft_cfg, sde_steps
         self.policy = build_policy(policy_cfg)
         self._freeze(learner_cfg)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         understanding = {id(p) for m in self.policy.module_groups()["understanding"] for p in m.parameters()}
         groups = [{"params": [p for p in params if id(p) in understanding], "understanding": True,
-                   "lr": learner_cfg["lr"] * learner_cfg.get("lm_lr_scale", 1.0)},
+                   "lr": learner_cfg.lr * learner_cfg.lm_lr_scale},
                   {"params": [p for p in params if id(p) not in understanding], "understanding": False}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learner_cfg["lr"], fused=True,
-                                      betas=tuple(learner_cfg["betas"]), weight_decay=learner_cfg["weight_decay"])
-        bf16 = policy_cfg.get("dtype") == "bfloat16"
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learner_cfg.lr, fused=True,
+                                      betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay)
+        bf16 = policy_cfg.dtype == "bfloat16"
         # ZeRO 0 in fp32: DeepSpeed clips with torch's clip_grad_norm_ and drops the norm it returns, so the
         # learner clips there itself (same call, same place: after the reduction, before the step) and
         # reports the norm; elsewhere DeepSpeed's optimizer clips and reports it
         self._trainable = params
-        self._clip_here = learner_cfg["zero_stage"] == 0 and not bf16
+        self._clip_here = learner_cfg.zero_stage == 0 and not bf16
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": 0.0 if self._clip_here else learner_cfg["grad_clip"],
-            "zero_optimization": {"stage": learner_cfg["zero_stage"]},
+            "gradient_clipping": 0.0 if self._clip_here else learner_cfg.grad_clip,
+            "zero_optimization": {"stage": learner_cfg.zero_stage},
             "bf16": {"enabled": bf16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.policy, optimizer=optimizer, model_parameters=params, config=ds_config)
-        if world_size == 1 and learner_cfg["zero_stage"] == 0:
+        if world_size == 1 and learner_cfg.zero_stage == 0:
             # one rank: the data-parallel all-reduce is the identity, but DeepSpeed still flattens every
             # gradient into buckets, reduces and copies them back (40 ms of a 0.4 s backward at 256 x 12)
             self.engine.enable_backward_allreduce = False
-        self.shared_prefix = learner_cfg.get("shared_prefix", True)
-        self.settings = GRPOSettings.from_dict({**algo_cfg, "temperature": algo_cfg.get("temperature", 1.0)})
-        self.publisher = make_publisher(learner_cfg["sync"]["backend"], bucket_mb=learner_cfg["sync"]["bucket_mb"])
+        self.shared_prefix = learner_cfg.shared_prefix
+        self.settings = GRPOSettings.from_dict(algo_cfg.model_dump())
+        self.publisher = make_publisher(learner_cfg.sync.backend, bucket_mb=learner_cfg.sync.bucket_mb)
         self.reference: Policy | None = None
         self.version = 0
         self.steps_done = 0
         self.sft_generator = torch.Generator().manual_seed(seed + 17)
 
     # ---- set-up ----------------------------------------------------------------------------
-    def _freeze(self, cfg: dict) -> None:
+    def _freeze(self, cfg: Any) -> None:
         p, groups = self.policy, self.policy.module_groups()
-        if not cfg.get("train_lm", True):
+        if not cfg.train_lm:
             for m in groups["understanding"]:
                 m.requires_grad_(False)
-        if not cfg.get("train_generator", True) or p.cfg.freeze_generator:
+        if not cfg.train_generator or p.cfg.freeze_generator:
             for m in groups["generation"]:
                 m.requires_grad_(False)
 
@@ -112,7 +118,7 @@ class LearnerWorker:
     @contextlib.contextmanager
     def _gathered(self):
         """Full parameters on every rank (a no-op below ZeRO-3)."""
-        if self.cfg["zero_stage"] == 3:
+        if self.cfg.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None):
@@ -126,7 +132,7 @@ class LearnerWorker:
         self.engine.backward(loss)
         norm = None
         if self._clip_here:
-            clip = self.cfg["grad_clip"]
+            clip = self.cfg.grad_clip
             norm = torch.nn.utils.clip_grad_norm_(self._trainable, clip if clip > 0 else float("inf"))
         self.engine.step()
         norm = self.engine.get_global_grad_norm() if norm is None else norm
@@ -141,7 +147,7 @@ class LearnerWorker:
         s = self.settings
         batch = batch.to(self.policy.device)  # trajectories arrive on the CPU
         n = batch.input_ids.shape[0]
-        chunks = torch.arange(n, device=batch.input_ids.device).chunk(max(1, min(self.cfg["mini_batches"], n)))
+        chunks = torch.arange(n, device=batch.input_ids.device).chunk(max(1, min(self.cfg.mini_batches, n)))
         old = None
         if len(chunks) > 1:
             with torch.no_grad():
@@ -167,8 +173,8 @@ class LearnerWorker:
     def sft_step(self, examples: list[dict]) -> dict[str, float]:
         """Stage 1 on raw examples (see ``learner.sft``): text cross-entropy + flow matching + bridge."""
         self.engine.train()
-        batch = sft_batch(self.policy, examples, self.sft_cfg.get("sde_steps", 8), self.sft_generator).to(self.policy.device)
-        loss, m = sft_loss(self.policy, batch, self.sft_cfg["text_weight"], self.sft_cfg["flow_weight"],
+        batch = sft_batch(self.policy, examples, self.sde_steps, self.sft_generator).to(self.policy.device)
+        loss, m = sft_loss(self.policy, batch, self.sft_cfg.text_weight, self.sft_cfg.flow_weight,
                            self.sft_generator)
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})
         return m

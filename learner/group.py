@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import ray
 import torch
@@ -11,6 +12,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.actor import LearnerWorker
 from learner.batch import TrainBatch, average_metrics
+from policy.config import PolicyConfig
 from sync.placement import wait_placement
 
 
@@ -25,12 +27,14 @@ def _shards(n: int, world: int) -> list[torch.Tensor]:
 
 
 class LearnerGroup:
-    def __init__(self, policy_cfg: dict, learner_cfg: dict, algo_cfg: dict, sft_cfg: dict, seed: int,
-                 custom_resource: str | None = None) -> None:
-        w = learner_cfg["num_workers"]
-        bundle = {"CPU": learner_cfg["num_cpus_per_worker"]}
-        if learner_cfg["num_gpus_per_worker"]:
-            bundle["GPU"] = learner_cfg["num_gpus_per_worker"]
+    def __init__(self, policy_cfg: PolicyConfig, learner_cfg: Any, algo_cfg: Any, sft_cfg: Any, seed: int,
+                 custom_resource: str | None = None, sde_steps: int = 8) -> None:
+        """The run config's frozen ``model`` / ``learner`` / ``algorithm`` / ``sft`` sections (see
+        ``LearnerWorker``); ``sde_steps``: ``rollout.sde.steps``."""
+        w = learner_cfg.num_workers
+        bundle = {"CPU": learner_cfg.num_cpus_per_worker}
+        if learner_cfg.num_gpus_per_worker:
+            bundle["GPU"] = learner_cfg.num_gpus_per_worker
         if custom_resource:
             bundle[custom_resource] = 1
         self.pg = placement_group([bundle] * w, strategy="PACK")
@@ -41,7 +45,7 @@ class LearnerGroup:
             cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)).remote(
                 i, w, addr, port, policy_cfg, learner_cfg, algo_cfg, sft_cfg, seed,
-                max(1, int(bundle["CPU"])))
+                max(1, int(bundle["CPU"])), sde_steps)
             for i in range(w)
         ]
 

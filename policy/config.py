@@ -64,7 +64,7 @@ JANUS_TINY_KEYS = ("text", "vision", "vq")  # overrides of policy.janus_tiny.TIN
 class PolicyConfig(BaseModel):
     """The ``model`` section. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     arch: Literal["unified", "janus"] = "unified"
     janus_path: str | None = None  # a local JanusForConditionalGeneration directory (with its tokenizer)

@@ -19,7 +19,7 @@ from policy.trajectory import ImageSegment, Trajectory
 from rollout.engine import SamplingSettings, TextEngine, TextRequest
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutSettings:
     group_size: int = 4
     max_new_tokens: int = 16

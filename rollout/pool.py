@@ -15,8 +15,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from policy.config import PolicyConfig
 from policy.trajectory import Trajectory
 from rollout.fleet_health import FleetHealth, WorkerState
+from rollout.interleaved import RolloutSettings
 from rollout.worker import RolloutWorker
 from sync.placement import wait_placement
 
@@ -26,12 +28,12 @@ WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 @dataclass
 class PoolSpec:
-    policy_cfg: dict
-    settings: dict
+    policy_cfg: PolicyConfig  # the run's frozen ``model`` section
+    settings: RolloutSettings
     engine: str = "hf"
     engine_kwargs: dict | None = None
     sync_backend: str = "object_store"
-    recipe: str = "interleaved"  # the rollout kind (rollout.registry), from the run's recipe
+    rollout_kind: str = "interleaved"  # rollout.registry's kind, from the run's recipe
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     custom_resource: str | None = None
@@ -62,7 +64,7 @@ class RolloutPool:
         return ray.remote(RolloutWorker).options(
             num_cpus=s.num_cpus, num_gpus=s.num_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0),
-        ).remote(worker_id, s.policy_cfg, s.settings, s.engine, s.engine_kwargs, s.sync_backend, s.recipe,
+        ).remote(worker_id, s.policy_cfg, s.settings, s.engine, s.engine_kwargs, s.sync_backend, s.rollout_kind,
                  max(1, int(s.num_cpus)), s.num_gpus)
 
     def _add(self) -> int:

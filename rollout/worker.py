@@ -27,20 +27,20 @@ class RolloutWorker:
     and sampling runs there; the noise still comes from the CPU generator of ``generate``'s seed, and the
     trajectories it returns hold CPU tensors. A Janus policy goes to the GPU whenever there is one."""
 
-    def __init__(self, worker_id: int, policy_cfg: dict, settings: dict, engine: str = "hf",
-                 engine_kwargs: dict | None = None, sync_backend: str = "object_store", recipe: str = "interleaved",
-                 num_threads: int = 1, num_gpus: float = 0.0) -> None:
+    def __init__(self, worker_id: int, policy_cfg: PolicyConfig, settings: RolloutSettings, engine: str = "hf",
+                 engine_kwargs: dict | None = None, sync_backend: str = "object_store",
+                 rollout_kind: str = "interleaved", num_threads: int = 1, num_gpus: float = 0.0) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.worker_id = worker_id
-        cfg = PolicyConfig.model_validate(policy_cfg)
+        cfg = policy_cfg
         self.policy = build_policy(cfg)
         if torch.cuda.is_available() and (num_gpus > 0 or self.policy.arch == "janus"):
             self.policy.to("cuda")  # rollout.num_gpus_per_worker > 0: Ray gave this actor its GPU
         self.engine = make_engine(engine, self.policy, **(engine_kwargs or {}))
-        self.settings = RolloutSettings(**settings)
+        self.settings = settings
         self.receiver = make_receiver(sync_backend)
-        self.recipe = recipe
-        self.rollout = get_rollout(recipe, cfg.arch)
+        self.rollout_kind = rollout_kind
+        self.rollout = get_rollout(rollout_kind, cfg.arch)
         self.policy_version = -1
 
     def update_weights(self, handle: WeightHandle, timeout_s: float = 60.0) -> int:

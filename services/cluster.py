@@ -54,9 +54,9 @@ def worker_pool(cfg: RunConfig, n: int) -> RolloutPool:
     """A pool of ``n`` rollout workers for ``cfg`` (each in its own placement group)."""
     r = cfg.rollout
     spec = PoolSpec(
-        policy_cfg=cfg.model.model_dump(), settings=vars(rollout_settings(cfg)), engine=r.engine,
+        policy_cfg=cfg.model, settings=rollout_settings(cfg), engine=r.engine,
         engine_kwargs=r.vllm.model_dump() if r.engine == "vllm" else None, sync_backend=cfg.learner.sync.backend,
-        recipe=get_recipe(cfg.recipe).rollout, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
+        rollout_kind=get_recipe(cfg.recipe).rollout, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
         custom_resource=cfg.cluster.rollout_resource if cfg.cluster.use_custom_resources else None,
         sync_timeout_s=cfg.learner.sync.timeout_s)
     return RolloutPool(spec, n)

@@ -42,7 +42,6 @@ __all__ = [
     "RewardComponent",
     "ServeConfig",
     "LearnerConfig",
-    "LoraConfig",
     "SyncConfig",
     "AlgorithmConfig",
     "SFTConfig",
@@ -79,7 +78,9 @@ SHAPES_QUESTION_TYPES = ("color", "shape", "count", "position")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section: unknown keys are errors; frozen, so an actor's section cannot change under it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------------------------- task
@@ -141,7 +142,6 @@ class SDEConfig(_Section):
     window_position: Literal["fixed", "random"] = "random"
     window_start: NonNegInt = 0
     noise_level: NonNegFloat = 0.7
-    cfg_scale: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 1.0
 
     @model_validator(mode="after")
     def _window(self) -> SDEConfig:
@@ -267,25 +267,10 @@ def check_reward_names(names: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ learner
-class LoraConfig(_Section):
-    enabled: bool = False
-    r: PosInt = 8
-    alpha: PosFloat = 16
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
 class SyncConfig(_Section):
-    backend: Literal["object_store", "nccl"] = "object_store"
+    backend: Literal["object_store"] = "object_store"  # the collective (nccl) backend: sync/nccl.py, not yet built by the driver
     bucket_mb: PosFloat = 32
     timeout_s: PosFloat = 120
-
-    @field_validator("backend")
-    @classmethod
-    def _wired(cls, v: str) -> str:
-        if v == "nccl":  # sync.nccl exists (tested over gloo); the driver does not build its group yet
-            raise ValueError("nccl: the driver does not set up the collective group yet (rank 0 = learner, "
-                             "ranks 1..N = rollout workers, rebuilt on every pool change); use object_store")
-        return v
 
 
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
@@ -303,15 +288,12 @@ class LearnerConfig(_Section):
     train_lm: bool = True
     train_generator: bool = True
     lm_lr_scale: NonNegFloat = 1.0  # stage 2: the LM and bridge learn at lr x this (0: GvU's scorer held)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     num_cpus_per_worker: NonNegFloat = 1.0
     num_gpus_per_worker: NonNegFloat = 0.0
 
     @model_validator(mode="after")
     def _something_trains(self) -> LearnerConfig:
-        if self.lora.enabled:
-            raise ConfigError("learner.lora.enabled", "LoRA is not available in this build (full fine-tuning only)")
         if not (self.train_lm or self.train_generator):
             raise ConfigError(
                 "learner.train_lm", "train_lm and train_generator are both false: nothing to train"

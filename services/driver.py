@@ -112,8 +112,8 @@ class Run:
         self.sampler_before_prefetch: dict | None = None  # async: the sampler state before the prefetch
         L = cfg.learner
         self.learner = LearnerGroup(
-            cfg.model.model_dump(), L.model_dump(), cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed,
-            cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None)
+            cfg.model, L, cfg.algorithm, cfg.sft, cfg.seed,
+            cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None, cfg.rollout.sde.steps)
         self.learner.call_all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
         self.reward = start_reward(cfg)  # reward.backend: actor | serve (services/reward_backend.py)
         self.pool = worker_pool(cfg, cfg.rollout.num_workers)

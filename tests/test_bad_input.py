@@ -26,7 +26,7 @@ def _vl_dir(tmp_path: Path) -> Path:
 
 
 def _commands(tmp_path: Path) -> dict[str, list[str]]:
-    cfg = str(ROOT / "configs" / "clear_tiny.yaml")
+    cfg = str(ROOT / "services" / "default.yaml")
     return {
         "train": ["train"],
         "eval": ["eval", "--config", cfg, "--checkpoint", str(tmp_path)],
@@ -61,5 +61,5 @@ def test_unsupported_lm_dir_exits_2_before_ray(tmp_path: Path, command: str) -> 
 
 
 def test_eval_missing_checkpoint_exits_2(tmp_path: Path) -> None:
-    res = _cli("eval", "--config", str(ROOT / "configs" / "clear_tiny.yaml"), "--checkpoint", str(tmp_path / "no"))
+    res = _cli("eval", "--config", str(ROOT / "services" / "default.yaml"), "--checkpoint", str(tmp_path / "no"))
     assert res.returncode == 2 and res.stderr.startswith("config error: --checkpoint: path does not exist")

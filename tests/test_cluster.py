@@ -109,7 +109,7 @@ def test_submit_job_scale_and_mlflow(ray_head, tmp_path):
     cmd = [str(BIN / "unigrpo"), "submit", "--address", ray_head["dashboard"], "--wait"]
     for s in sets:
         cmd += ["--set", s]
-    cmd += ["--config", str(ROOT / "configs" / "clear_tiny.yaml")]
+    cmd += ["--config", str(ROOT / "services" / "default.yaml")]
     sub = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     run_id = None

@@ -88,7 +88,7 @@ def _check_cpu_trajectories(trajs, version: int, need_image: bool = True) -> Non
 
 def _worker(cfg) -> RolloutWorker:
     r = cfg.rollout
-    w = RolloutWorker(0, cfg.model.model_dump(), vars(SETTINGS), num_gpus=r.num_gpus_per_worker)
+    w = RolloutWorker(0, cfg.model, SETTINGS, num_gpus=r.num_gpus_per_worker)
     _make_gen_likely(w.policy)
     w.policy_version = 0  # the weights it was built with (the learner builds the same ones)
     return w
@@ -112,8 +112,8 @@ def _learner(cfg):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(actor, "build_policy", edited_policy)
-        lw = LearnerWorker(0, 1, "127.0.0.1", _free_port(), cfg.model.model_dump(), cfg.learner.model_dump(),
-                           cfg.algorithm.model_dump(), cfg.sft.model_dump(), cfg.seed)
+        lw = LearnerWorker(0, 1, "127.0.0.1", _free_port(), cfg.model, cfg.learner, cfg.algorithm, cfg.sft,
+                           cfg.seed)
     lw.set_sampling(SETTINGS.temperature, SETTINGS.sde_noise_level)
     return lw
 
@@ -158,7 +158,7 @@ def test_policy_on_cuda_matches_cpu(cfg):
     gpu = build_policy(cfg.model.model_dump()).to(DEV)
     for p in (cpu, gpu):
         _make_gen_likely(p)
-    worker = RolloutWorker(0, cfg.model.model_dump(), vars(SETTINGS), num_gpus=0)  # a CPU rollout to score
+    worker = RolloutWorker(0, cfg.model, SETTINGS, num_gpus=0)  # a CPU rollout to score
     _make_gen_likely(worker.policy)
     worker.policy_version = 0
     batch = collate(worker.generate(_requests(2), seed=3), torch.zeros(8), cpu.token_ids["pad"])
@@ -219,7 +219,7 @@ def test_rollout_worker_on_cuda_nucleus_and_greedy(worker):
 def test_uae_gvu_rollouts_on_cuda(cfg, recipe):
     """The other recipes' rollouts on a GPU worker: CPU trajectories (and meta tensors) whose behaviour
     log-probs the policy recomputes on the GPU."""
-    w = RolloutWorker(0, cfg.model.model_dump(), vars(SETTINGS), recipe=get_recipe(recipe).rollout, num_gpus=1)
+    w = RolloutWorker(0, cfg.model, SETTINGS, rollout_kind=get_recipe(recipe).rollout, num_gpus=1)
     w.policy_version = 0
     trajs = w.generate(_requests(2), seed=5)
     _check_cpu_trajectories(trajs, 0)

@@ -42,12 +42,11 @@ def test_learner_and_rollout_actors_share_one_gpu():
     learner = pool = None
     try:
         cfg = load_config(None, ["learner.num_gpus_per_worker=0.5", "rollout.num_gpus_per_worker=0.25"])
-        settings = vars(RolloutSettings(group_size=4, max_new_tokens=12, max_images=1, sde_steps=8, sde_window=2,
+        settings = (RolloutSettings(group_size=4, max_new_tokens=12, max_images=1, sde_steps=8, sde_window=2,
                                         sde_noise_level=cfg.rollout.sde.noise_level))
-        learner = LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
-                               cfg.sft.model_dump(), cfg.seed, None)
+        learner = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None)
         learner.call_all("set_sampling", 1.0, cfg.rollout.sde.noise_level)
-        pool = RolloutPool(PoolSpec(policy_cfg=cfg.model.model_dump(), settings=settings, recipe="interleaved",
+        pool = RolloutPool(PoolSpec(policy_cfg=cfg.model, settings=settings, rollout_kind="interleaved",
                                     num_cpus=1, num_gpus=0.25), 2)
         actors = [learner.workers[0]] + [m.actor for m in pool.members.values()]
         placements = ray.get([a.__ray_call__.remote(placement) for a in actors])

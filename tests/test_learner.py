@@ -36,8 +36,7 @@ def _trajectories(cfg):
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_one_step_trains_lm_and_generator_with_reference_kl(local_ray, zero_stage):
     cfg = load_config(None, ["algorithm.beta_text=0.05", "algorithm.beta_img=0.05", f"learner.zero_stage={zero_stage}"])
-    group = LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
-                         cfg.sft.model_dump(), cfg.seed)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
     try:
         group.call_all("snapshot_reference")
         before = group.call("weights_digest")
@@ -59,8 +58,7 @@ def test_stage_switch_fresh_optimizer_and_held_lm(local_ray):
     """``set_lr(lr, reset_state, lm_scale)`` at the SFT -> GRPO switch: the optimizer's moments are dropped,
     and with ``lm_scale`` 0 (``learner.lm_lr_scale``) a GRPO step moves the generator side only."""
     cfg = load_config(None)
-    group = LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
-                         cfg.sft.model_dump(), cfg.seed)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
     n_state = lambda: ray.get(group.workers[0].__ray_call__.remote(lambda self: len(getattr(self.optimizer, "optimizer", self.optimizer).state)))  # noqa: E731
     try:
         batch = _trajectories(cfg)
@@ -82,8 +80,7 @@ def test_one_rank_skips_the_identity_all_reduce(local_ray):
     turned off, and the step is the same as with it on (on one rank it is the identity)."""
     cfg = load_config(None)
     batch = _trajectories(cfg)
-    groups = [LearnerGroup(cfg.model.model_dump(), cfg.learner.model_dump(), cfg.algorithm.model_dump(),
-                           cfg.sft.model_dump(), cfg.seed) for _ in range(2)]
+    groups = [LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed) for _ in range(2)]
     state = lambda g: ray.get(g.workers[0].__ray_call__.remote(  # noqa: E731
         lambda self: {k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()}))
     try:
@@ -116,3 +113,20 @@ def test_train_batch_select_and_to():
     assert set(sub.seg_rows.tolist()) <= {0, 1} and sub.slot_latents.shape[0] == int(sub.slot_counts.sum())
     moved = batch.to("meta")
     assert all(getattr(moved, f.name).device.type == "meta" for f in fields(moved))
+
+
+def test_stage_one_samples_with_the_rollouts_sde_steps(local_ray):
+    """Stage 1's own generations use ``rollout.sde.steps`` (the SFT section has no steps of its own), and the
+    learner rank reads its typed sections by attribute: a key the schema lacks would raise here."""
+    from recipes import get_recipe
+    from services.driver import task_dataset
+
+    cfg = load_config(None, ["rollout.sde.steps=3", "rollout.sde.window=1", "task.train_size=8"])
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde.steps)
+    try:
+        assert group.call("__ray_call__", lambda self: self.sde_steps) == 3
+        examples = get_recipe("clear").sft_examples(list(task_dataset(cfg, "train"))[:4], generate_prob=1.0)
+        m = group.sft_step(examples)
+        assert m["sft/text_ce"] > 0
+    finally:
+        group.shutdown()
