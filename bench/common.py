@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # A larger Qwen2 than the tiny default (64 wide, 2 layers): 256 wide, 4 layers, about 3.4M parameters
-# with the 512-token vocabulary. One TRL GRPO step on it takes several seconds on this box, and each
+# with the 512-token vocabulary. One TRL GRPO step on it takes several seconds on a 2-core CPU, and each
 # benchmark still fits in ~3 minutes.
 MEDIUM_LM = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 768}

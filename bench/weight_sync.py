@@ -11,9 +11,9 @@ into 2 pre-allocated destination dicts in this process (the same bytes delivered
 Bandwidth = 2 x state-dict bytes / time; the ratio is sync bandwidth / copy bandwidth, steady state
 (median of the repetitions after the first, which touches every page for the first time).
 
-The cluster is started with ``RAY_SYSTEM_CONFIG`` (what ``services.driver.start_ray`` does);
-``--free-period-ms 1000`` runs it with Ray's default instead. "previous" variants publish as the backend
-did before this session (whole tensors as buffers, buckets put one after another). A put that lands on
+The cluster is started with ``RAY_SYSTEM_CONFIG`` (what ``services.cluster.start_ray`` does);
+``--free-period-ms 1000`` runs it with Ray's default instead. "previous" variants publish the simpler way
+(whole tensors as buffers, buckets put one after another). A put that lands on
 fresh object-store pages (> 10% of its pages faulted in by this process) is counted.
 
     python -m bench.weight_sync [--reps 7] [--buckets 8,32,128,512] [--free-period-ms 100]

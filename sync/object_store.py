@@ -6,7 +6,7 @@ the weights once (parameters -> object store) instead of twice (parameters -> fl
 store), and a receiver reads every tensor as a zero-copy view. The bucket layout (``BucketMeta``) is the
 same as the collective backends' (``buckets.bucketize``); a flat uint8 buffer per bucket is accepted too.
 
-Where the time goes, and what is done about it (``docs/benchmarks.md``, "Weight sync, third session"):
+Where the time goes, and what is done about it (``docs/benchmarks.md``, "bench.weight_sync"):
 
 * Ray copies every out-of-band buffer larger than 1 MiB with 6 threads it spawns for that one buffer, so a
   bucket of a hundred 4-16 MiB tensors paid a hundred rounds of thread start + join. When there are at
@@ -16,7 +16,7 @@ Where the time goes, and what is done about it (``docs/benchmarks.md``, "Weight 
   Pickle 5 lays a tensor's chunks out back to back, so the receiver re-joins them into one zero-copy view
   (it checks the addresses, and copies only if a Ray version ever lays them out otherwise).
 * A put lands in object-store pages that are resident only if an earlier version's space is reused; fresh
-  shared-memory pages cost a page fault each on first touch (0.2-3 s per 392 MiB on the 2-core box). The
+  shared-memory pages cost a page fault each on first touch (0.2-3 s per 392 MiB on a 2-core CPU machine). The
   publisher releases its predecessors *before* writing the new version (``keep_last`` counts the new one),
   and clusters started by this project set ``RAY_SYSTEM_CONFIG``: Ray otherwise deletes out-of-scope
   objects from the store only once a second (``free_objects_period_milliseconds``), and a put that comes

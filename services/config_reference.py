@@ -1,0 +1,437 @@
+"""The configuration reference, rendered from the schema: one markdown table per section of ``RunConfig``.
+
+Each row is a field: its dotted path, type (with its bounds), default and description. The description is
+the field's ``Field(description=...)`` when it has one, else its entry in :data:`FIELD_DOCS` below, else
+the comment beside the field (or the comment lines right above it) in its source file
+(``services/config.py``, ``policy/config.py``). Sections are found by
+walking ``RunConfig``: a field whose type is a config model is a section, a list of config models is a
+section of its items (``reward.components[]``).
+
+    python -m services.config_reference                 # print the reference (markdown)
+    python -m services.config_reference --write README.md   # replace the README's marked block with it
+
+The README holds the output between :data:`START` and :data:`END`; ``tests/test_docs.py`` fails when it
+differs from what :func:`render_reference` gives for the schema as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import inspect
+import io
+import json
+import sys
+import tokenize
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from services.config import RunConfig
+
+START = "<!-- config-reference:start -->"
+END = "<!-- config-reference:end -->"
+
+# One line per section, keyed by its path ("" = the top level).
+SECTION_DOCS: dict[str, str] = {
+    "": "The run's identity.",
+    "model": "What the policy is built from (`policy/config.py`). A null `*_path` builds that part tiny, "
+             "random-init from config (no download).",
+    "task": "Where prompts come from (`tasks/`): the synthetic degraded shapes VQA, or a JSONL / TSV file.",
+    "rollout": "The rollout worker pool (`rollout/`): sampling, resources, the SDE sampler, vLLM, autoscaling.",
+    "rollout.sde": "The stochastic flow-matching sampler (`policy/sde.py`): a window of SDE steps with "
+                   "log-probs, plain Euler elsewhere.",
+    "rollout.vllm": "The vLLM text engine (`rollout.engine: vllm`, GPU).",
+    "rollout.autoscale": "Pool size from the rollout / learn time split, checked between steps.",
+    "reward": "How trajectories are scored (`reward/`, `services/reward_backend.py`).",
+    "reward.components[]": "One weighted reward function (`reward/registry.py`); the total is the weighted sum.",
+    "reward.serve": "The Ray Serve reward app (`reward.backend: serve`, and `unigrpo serve reward`).",
+    "reward.serve.autoscaling": "Replica bounds of the Serve reward deployment.",
+    "learner": "The DeepSpeed learner ranks (`learner/`).",
+    "learner.sync": "Weight sync from the learner to the rollout workers (`sync/`).",
+    "algorithm": "Stage 2 (GRPO + Flow-GRPO): steps, sync / async, advantages and the policy losses.",
+    "sft": "Stage 1: supervised warm start before GRPO (CLEAR's generate-then-answer; GvU's captioning).",
+    "tracking": "MLflow (the driver alone logs).",
+    "checkpoint": "Atomic checkpoints and `--resume`.",
+    "cluster": "Ray: local or an existing cluster, and the resources actors ask for.",
+}
+
+# Descriptions written for the reference, keyed by field path; a field without an entry here is described by
+# the comment beside it in the source (``tests/test_docs.py`` fails when a field has neither).
+FIELD_DOCS: dict[str, str] = {
+    "run_name": "Names the run: checkpoints go to `<checkpoint.dir>/<run_name>/`, the control actor is "
+                "`unigrpo-control-<run_name>` (what `unigrpo scale --run` finds).",
+    "recipe": "A registered recipe (`recipes/`: `clear`, `uae`, `gvu`): it picks the rollout, the requests "
+              "built from task items, the stage-1 examples and the evaluation.",
+    "seed": "Seeds the sampler, rollouts and initialisation; a run is deterministic for a seed.",
+    # model
+    "model.arch": "`unified`: LM + flow generator + VAE + bridge (`UnifiedPolicy`); `janus`: one "
+                  "autoregressive model that generates images as VQ codes (`JanusPolicy`).",
+    "model.janus_tiny": "Overrides of the tiny Janus's sub-configs, keyed `text`, `vision`, `vq` "
+                        "(`policy/janus_tiny.py`); used when `janus_path` is null.",
+    "model.lm_path": "A local Hugging Face causal-LM directory (`*ForCausalLM`, "
+                     "`services/lm_support.py`); null builds the tiny Qwen2 LM.",
+    "model.lm_tiny": "Overrides of the tiny LM's `Qwen2Config` (`policy.config.TINY_LM`).",
+    "model.tokenizer_path": "A local tokenizer directory; null trains the tiny byte-level BPE in code.",
+    "model.generator_class": "The diffusers transformer class of the generator.",
+    "model.generator_path": "A local diffusers transformer directory; null builds the tiny DiT.",
+    "model.generator_tiny": "Overrides of the tiny generator's config (`policy.config.TINY_GENERATOR`).",
+    "model.vae_path": "A local diffusers VAE directory; null builds the tiny VAE.",
+    "model.vae_tiny": "Overrides of the tiny VAE's config (`policy.config.TINY_VAE`).",
+    "model.image_size": "Pixels per side of the images the policy encodes and generates (a multiple of 8).",
+    "model.cond_tokens": "How many of the LM's last hidden states condition the generator (through the "
+                         "connector).",
+    "model.bridge_patch": "Latent patch size of the Latent Representation Bridge: one context token per "
+                          "patch of a latent.",
+    "model.dtype": "Parameter dtype of the policy.",
+    "model.seed": "Seed of the random initialisation of tiny parts.",
+    "model.freeze_generator": "Freeze the generator (UAE's LM-only mode: it becomes part of the reward "
+                              "environment); needs `learner.train_generator: false`.",
+    # task
+    "task.name": "`shapes_vqa` (synthetic, generated in code), `jsonl` or `tsv` (VLMEvalKit-style); the "
+                 "file types need `task.path`.",
+    "task.path": "The JSONL / TSV file of prompts.",
+    "task.train_size": "Items in the synthetic training set.",
+    "task.eval_size": "Held-out items per evaluation set (clean and each severity).",
+    "task.image_size": "Pixels per side of the synthetic images.",
+    "task.degradations": "Degradations sampled for training images: the four basic ones or corruptions "
+                         "of the 16-type suite (`tasks/degrade.py`).",
+    "task.severities": "Severities sampled (1-3; suite intensity level s for suite corruptions).",
+    "task.degrade_prob": "Probability that a training image is degraded.",
+    "task.shuffle_choices": "Shuffle the multiple-choice options per item (the answer letter moves with "
+                            "them); off keeps the tiny default learnable in minutes.",
+    "task.question_types": "Question types to sample: a list (equal weights) or name -> weight. "
+                           "`shapes_vqa` knows color, shape, count, position.",
+    "task.on_bad_row": "A malformed row in a JSONL / TSV file: `stop` with an error naming it, or "
+                       "`skip` it and count it.",
+    # rollout
+    "rollout.engine": "Text engine: `hf` (transformers, CPU or GPU) or `vllm` (GPU).",
+    "rollout.num_workers": "Rollout workers at start (each its own actor and placement group).",
+    "rollout.prompts_per_step": "Prompts per GRPO step (B).",
+    "rollout.group_size": "Samples per prompt (G): the group an advantage is relative to.",
+    "rollout.max_new_tokens": "Token budget of one response.",
+    "rollout.temperature": "Sampling temperature.",
+    "rollout.top_p": "Nucleus sampling threshold (1: off).",
+    "rollout.max_images": "Images one response may generate (CLEAR's generation trigger; 0: text only).",
+    "rollout.num_cpus_per_worker": "CPUs each rollout worker asks Ray for (also its torch threads).",
+    "rollout.num_gpus_per_worker": "GPUs each rollout worker asks Ray for (fractions share a GPU).",
+    "rollout.sde.steps": "Denoising steps per image.",
+    "rollout.sde.window": "Stochastic (SDE) steps whose log-probs are recorded and trained.",
+    "rollout.sde.window_position": "Where the window sits: `fixed` at `window_start`, or `random` per image.",
+    "rollout.sde.window_start": "First window step when `window_position: fixed`.",
+    "rollout.sde.noise_level": "The SDE's noise scale `a` (`policy/sde.py`: `std_t = a * sqrt(sigma / "
+                               "(1 - sigma))`).",
+    "rollout.vllm.gpu_memory_utilization": "Share of the GPU's memory vLLM may take.",
+    "rollout.vllm.enforce_eager": "Run vLLM without CUDA graphs.",
+    "rollout.autoscale.enabled": "Resize the pool between steps from the time split (a manual "
+                                 "`unigrpo scale` turns it off for the rest of the run).",
+    "rollout.autoscale.min_workers": "Lower bound of the pool size.",
+    "rollout.autoscale.max_workers": "Upper bound of the pool size.",
+    "rollout.autoscale.target_rollout_fraction": "Target share of rollout in rollout + learn time: a worker "
+                                                 "is added above target + 0.1, removed below target - 0.1.",
+    # reward
+    "reward.backend": "`actor`: the run's reward actor; `serve`: the Ray Serve reward app "
+                      "(`unigrpo-reward-<run_name>`, no HTTP route).",
+    "reward.components": "The weighted reward functions; each is logged separately.",
+    "reward.num_cpus": "CPUs the reward actor asks Ray for.",
+    "reward.num_gpus": "GPUs the reward actor asks Ray for; a reward that scores with the policy (`gvu`) then "
+                       "runs it on the GPU.",
+    "reward.components[].name": "A built-in reward (`answer`, `format`, `clip_similarity`, "
+                                "`gvu`; `reward/names.py`) or `package.module:function`.",
+    "reward.components[].weight": "Its weight in the total reward.",
+    "reward.components[].kwargs": "Keyword arguments of the reward function (e.g. `clip_similarity`'s "
+                                  "backbones).",
+    "reward.serve.route_prefix": "HTTP route of `unigrpo serve reward` (`POST <prefix>/score`).",
+    "reward.serve.max_body_mb": "Largest request body the HTTP apps accept (larger: 413).",
+    "reward.serve.autoscaling.min_replicas": "Fewest replicas.",
+    "reward.serve.autoscaling.max_replicas": "Most replicas.",
+    # learner
+    "learner.num_workers": "Learner ranks (DeepSpeed data parallel; shards are whole groups).",
+    "learner.zero_stage": "DeepSpeed ZeRO stage.",
+    "learner.lr": "Stage-2 (GRPO) learning rate.",
+    "learner.weight_decay": "AdamW weight decay.",
+    "learner.betas": "AdamW betas.",
+    "learner.grad_clip": "Gradient-norm clip (0: off).",
+    "learner.mini_batches": "Optimizer steps per GRPO step (the batch split into this many).",
+    "learner.train_lm": "Train the understanding side (LM, bridge; Janus: its understanding encoder).",
+    "learner.train_generator": "Train the generation side (generator, connector; Janus: its image-code "
+                               "head).",
+    "learner.num_cpus_per_worker": "CPUs each learner rank asks Ray for (also its torch threads).",
+    "learner.num_gpus_per_worker": "GPUs each learner rank asks Ray for.",
+    "learner.sync.backend": "`object_store` (any topology). The collective backend (`sync/nccl.py`) is not "
+                            "built by the driver yet.",
+    "learner.sync.bucket_mb": "Weights travel in buckets of about this size.",
+    "learner.sync.timeout_s": "A weight sync that takes longer fails (it never hangs).",
+    # algorithm
+    "algorithm.steps": "GRPO steps (stage 2).",
+    "algorithm.mode": "`sync`, or `async`: step t+1's rollout overlaps step t's learning.",
+    "algorithm.max_staleness": "Async: oldest policy version (behind the learner's) a trajectory may come "
+                               "from; older ones are dropped and counted.",
+    "algorithm.adv_scale": "`std`: `(r - mean) / (std + eps)`; `none`: `r - mean` (Dr. GRPO).",
+    "algorithm.zero_variance": "Groups whose rewards are all equal: `drop` them, or train them at "
+                               "advantage `zero`.",
+    "algorithm.clip_low": "Text ratio clip below 1 (`1 - clip_low`).",
+    "algorithm.clip_high": "Text ratio clip above 1 (`1 + clip_high`).",
+    "algorithm.kl": "KL estimator of the text loss (`learner/losses.py`).",
+    "algorithm.beta_text": "KL weight of the text loss (0: no reference model).",
+    "algorithm.agg": "How token losses are aggregated over the batch.",
+    "algorithm.clip_img": "Image (Flow-GRPO) ratio clip: `[1 - clip_img, 1 + clip_img]`.",
+    "algorithm.beta_img": "KL weight of the image loss.",
+    "algorithm.eval_every": "Held-out evaluation every k GRPO steps (0: only before and after stage 2).",
+    "algorithm.lambda_img": "Weight of the image loss in `L_text + lambda_img * L_img`.",
+    # sft
+    "sft.enabled": "Run stage 1 before GRPO.",
+    "sft.steps": "Stage-1 optimizer steps.",
+    "sft.batch_size": "Examples per stage-1 step.",
+    "sft.lr": "Stage-1 learning rate.",
+    "sft.flow_weight": "Weight of the flow-matching loss.",
+    "sft.text_weight": "Weight of the text cross-entropy.",
+    # tracking / checkpoint / cluster
+    "tracking.uri": "MLflow tracking URI; null: `$MLFLOW_TRACKING_URI`, else `sqlite:///./mlflow.db`.",
+    "tracking.experiment": "MLflow experiment name.",
+    "tracking.log_images_every": "Log sample images every k GRPO steps (0: never).",
+    "checkpoint.dir": "Root directory of checkpoints (on a cluster: storage every node sees).",
+    "checkpoint.every": "Checkpoint every k GRPO steps (0: off).",
+    "checkpoint.keep": "Checkpoints kept (older ones are deleted).",
+    "cluster.address": "Ray address; null: `$RAY_ADDRESS`, else start a local Ray.",
+    "cluster.num_cpus": "CPUs of a local Ray (null: the machine's, or what the actors need if more).",
+    "cluster.rollout_resource": "Custom resource each rollout worker asks for "
+                                "(`use_custom_resources: true`; see deploy/README.md).",
+    "cluster.learner_resource": "Custom resource each learner rank asks for.",
+    "cluster.use_custom_resources": "Ask for the two custom resources above (KubeRay node groups).",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    type: str
+    default: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Section:
+    path: str  # "" for the top level
+    model: type[BaseModel]
+    rows: tuple[Row, ...]
+
+
+# ------------------------------------------------------------------------------------------- walking
+def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(config model, is_list) when ``annotation`` is a model or a list of models, else (None, False)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item, True
+    return None, False
+
+
+def iter_sections(model: type[BaseModel] = RunConfig, path: str = "") -> Iterator[Section]:
+    """Every section under ``model`` (itself first, then its sub-sections depth-first, in field order)."""
+    rows, subs = [], []
+    for name, field in model.model_fields.items():
+        sub, is_list = _model_of(field.annotation)
+        fpath = f"{path}.{name}" if path else name
+        if sub is not None and not is_list:
+            subs.append((sub, fpath))
+            continue
+        rows.append(Row(fpath, format_type(field.annotation, field.metadata), format_default(field),
+                        describe(model, name, fpath)))
+        if sub is not None:
+            subs.append((sub, f"{fpath}[]"))
+    yield Section(path, model, tuple(rows))
+    for sub, spath in subs:
+        yield from iter_sections(sub, spath)
+
+
+def field_paths(model: type[BaseModel] = RunConfig) -> list[str]:
+    """The dotted path of every leaf field (the rows of the reference)."""
+    return [row.path for section in iter_sections(model) for row in section.rows]
+
+
+# ------------------------------------------------------------------------------------- descriptions
+@functools.cache
+def _source_comments(model: type[BaseModel]) -> dict[str, str]:
+    """Field name -> the comment on the line(s) that define it in the class body (else the comment lines
+    right above it), for ``model`` and its bases."""
+    out: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
+            continue
+        try:
+            source = Path(inspect.getsourcefile(cls) or "").read_text(encoding="utf-8")
+        except (OSError, TypeError):
+            continue
+        source_lines = source.splitlines()
+        comments: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        for node in ast.walk(ast.parse(source)):
+            if not (isinstance(node, ast.ClassDef) and node.name == cls.__name__):
+                continue
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    lines = list(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
+                    if not any(i in comments for i in lines):  # else the comment lines right above it
+                        above = stmt.lineno - 1
+                        while above in comments and source_lines[above - 1].lstrip().startswith("#"):
+                            above -= 1
+                        lines = list(range(above + 1, stmt.lineno))
+                    text = " ".join(comments[i] for i in lines if i in comments)
+                    if text and not text.startswith(("noqa", "type:", "fmt:")):
+                        out[stmt.target.id] = text
+    return out
+
+
+def describe(model: type[BaseModel], name: str, path: str) -> str:
+    """The field's ``Field`` description, else its FIELD_DOCS entry, else the comment beside it in the source."""
+    field = model.model_fields[name]
+    text = field.description or FIELD_DOCS.get(path) or _source_comments(model).get(name, "")
+    return _sentence(text)
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split())
+    if text and text[0].islower():
+        text = text[0].upper() + text[1:]
+    if text and not text.endswith("."):
+        text += "."
+    return text
+
+
+# ------------------------------------------------------------------------------------- type / default
+def _bounds(metadata: list[Any]) -> str:
+    lo = hi = None
+    for m in metadata:
+        for attr, side in (("gt", "("), ("ge", "["), ("lt", ")"), ("le", "]")):
+            value = getattr(m, attr, None)
+            if value is not None:
+                if side in "([":
+                    lo = (side, value)
+                else:
+                    hi = (side, value)
+    if lo and hi:
+        return f" in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        return f" {'>' if lo[0] == '(' else '>='} {lo[1]}"
+    if hi:
+        return f" {'<' if hi[0] == ')' else '<='} {hi[1]}"
+    if any(getattr(m, "min_length", None) == 1 for m in metadata):
+        return " (non-empty)"
+    return ""
+
+
+def format_type(annotation: Any, metadata: list[Any] | None = None) -> str:
+    """A short, readable type: ``int > 0``, ``float in [0, 1]``, ``"hf" | "vllm"``, ``str | null``."""
+    metadata = list(metadata or [])
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        inner = [m for a in args[1:] for m in (a.metadata if isinstance(a, FieldInfo) else [a])]
+        return format_type(args[0], inner + metadata)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(format_type(a) for a in args) + _bounds(metadata)
+    if origin in (list, tuple, dict):
+        inner = ", ".join(format_type(a) for a in args if a is not Ellipsis)
+        return f"{origin.__name__}[{inner}]"
+    if isinstance(annotation, type):
+        return annotation.__name__ + _bounds(metadata)
+    return str(annotation).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def format_default(field: FieldInfo) -> str:
+    """The default as it would be written in YAML (JSON flow style for lists and mappings)."""
+    if field.is_required():
+        return "(required)"
+    value = _plain(field.get_default(call_default_factory=True))
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, (list, dict)):
+        return f"`{json.dumps(value, separators=(', ', ': '))}`"
+    return f"`{value}`"
+
+
+# ------------------------------------------------------------------------------------------- render
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_section(section: Section) -> str:
+    title = f"`{section.path}`" if section.path else "top level"
+    doc = SECTION_DOCS.get(section.path) or (inspect.getdoc(section.model) or "").split("\n")[0]
+    lines = [f"### {title}", ""]
+    if doc:
+        lines += [_sentence(doc), ""]
+    lines += ["| field | type | default | description |", "|---|---|---|---|"]
+    for row in section.rows:
+        lines.append(f"| `{row.path}` | `{_cell(row.type)}` | {_cell(row.default)} | {_cell(row.description)} |")
+    return "\n".join(lines)
+
+
+def render_reference(model: type[BaseModel] = RunConfig) -> str:
+    """The whole reference: one table per section, in the schema's order."""
+    head = ("Generated from the schema (`services/config.py`) by `python -m services.config_reference`; "
+            "do not edit by hand. Every model forbids unknown keys: a typo is an error naming its field path.")
+    return "\n\n".join([head, *(render_section(s) for s in iter_sections(model) if s.rows)]) + "\n"
+
+
+def readme_block(text: str) -> str:
+    """What a document holds between START and END (ValueError when the markers are missing)."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"markers {START} ... {END} not found")
+    return text[start + len(START):end].strip("\n") + "\n"
+
+
+def write_readme(path: str | Path) -> bool:
+    """Replace the block between the markers of ``path`` with the reference; True when it changed."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    readme_block(text)  # the markers must be there
+    start, end = text.find(START) + len(START), text.find(END)
+    new = text[:start] + "\n" + render_reference() + text[end:]
+    if new != text:
+        p.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", metavar="README", help="replace the marked block of this file instead of printing")
+    args = p.parse_args(argv)
+    if args.write:
+        changed = write_readme(args.write)
+        print(f"{args.write}: {'updated' if changed else 'already up to date'}")
+        return 0
+    sys.stdout.write(render_reference())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
