@@ -148,6 +148,11 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
     )
 
 
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show library warnings, log lines and progress bars (driver and Ray workers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unigrpo", description="RL (GRPO + Flow-GRPO) for unified multimodal models on Ray"
@@ -157,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run training (local Ray, or the cluster in RAY_ADDRESS)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint and MLflow run")
+    _add_verbose_arg(p)
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("submit", help="submit a training run as a Ray job")
@@ -178,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="where to write results")
     p.add_argument("--images", default=None, metavar="DIR",
                    help="reconstruction: a folder of images (default: the shapes eval split)")
+    _add_verbose_arg(p)
     p.set_defaults(handler=_cmd_eval)
 
     p = sub.add_parser("serve", help="Ray Serve HTTP app for the reward or the trained policy")
@@ -186,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="DIR")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    _add_verbose_arg(p)
     p.set_defaults(handler=_cmd_serve)
 
     p = sub.add_parser("degrade", help="write degraded copies of a folder of images")
@@ -222,9 +230,10 @@ def _shutdown_ray() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from services import stop
+    from services import console, stop
     from services.config import ConfigError, format_validation_error
 
+    console.configure(verbose=getattr(args, "verbose", False))  # library noise off unless --verbose
     stop.install()
     try:
         code = args.handler(args)

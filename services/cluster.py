@@ -16,6 +16,7 @@ from recipes import get_recipe
 from rollout.interleaved import RolloutSettings
 from rollout.pool import PoolSpec, RolloutPool
 from services.config import RunConfig
+from services.console import ray_runtime_env
 from sync import RAY_SYSTEM_CONFIG, WeightHandle, make_publisher
 
 
@@ -25,7 +26,8 @@ def start_ray(cfg: RunConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.cluster.resolved_address()
-    kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # runtime_env: each worker quiets library warnings / progress bars at start (services.console)
+    kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False, runtime_env=ray_runtime_env())
     if address:
         ray.init(address=address, **kw)
         return True

@@ -335,6 +335,9 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: Annotated[str, Field(min_length=1)] = "unigrpo"
     log_images_every: NonNegInt = 20
+    # The final policy directory at the end of a finished run: not logged, a run artifact ("policy/"), or
+    # that artifact registered as a new version of the model named after the run (real weights are GBs).
+    log_model: Literal["none", "artifact", "registered"] = "none"
 
     def resolved_uri(self, cwd: str | os.PathLike[str] | None = None) -> str:
         """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""

@@ -280,6 +280,9 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
         final = evaluate(run.pool, cfg, reward=run.reward)
         run.tracker.log_metrics(final, run.step)
         summary["final"] = final
+        if cfg.tracking.log_model != "none":  # the final policy: the last step's checkpoint (written if not yet)
+            done = run.ckpt_root / f"step-{run.step:06d}"
+            run.tracker.log_policy((done if (done / checkpoint.MARKER).exists() else run.save()) / "policy")
         _curves(run)
         _print_eval(summary)
         status = "FINISHED"

@@ -27,11 +27,14 @@ def init_ray(cfg: Any) -> bool:
 
     if ray.is_initialized():
         return False
+    from services.console import ray_runtime_env
+
     address = cfg.cluster.resolved_address() if cfg is not None else None
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=ray_runtime_env())
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus if cfg is not None else None, include_dashboard=False)
+        ray.init(num_cpus=cfg.cluster.num_cpus if cfg is not None else None, include_dashboard=False,
+                 runtime_env=ray_runtime_env())
     return True
 
 

@@ -1,5 +1,7 @@
 """MLflow tracking from the driver alone: one run per training (resumed runs continue it), the flattened
-config as params, per-step metrics, images and plots as artifacts."""
+config as params, per-step metrics, images and plots as artifacts, the driver node's system metrics
+(``system/*``: CPU, memory, disk, network; GPU with ``nvidia-ml-py`` and a GPU), and the final policy when
+``tracking.log_model`` asks for it."""
 
 from __future__ import annotations
 
@@ -9,17 +11,30 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from services.config import RunConfig, flatten, to_yaml
+
+# System metrics: a sample every 2 s, logged as the mean of 3 (a point per 6 s suits runs of minutes to
+# hours). MLflow's own environment variables win; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off.
+SYSTEM_METRICS_ENV = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2",
+                      "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "3"}
+POLICY_ARTIFACT = "policy"
 
 
 class Tracker:
     def __init__(self, cfg: RunConfig, run_id: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        for key, value in SYSTEM_METRICS_ENV.items():
+            os.environ.setdefault(key, value)
         self.uri = cfg.tracking.resolved_uri()
+        self.log_model = cfg.tracking.log_model
+        self.model_name = cfg.run_name
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(cfg.tracking.experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name)
+        system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name,
+                                    log_system_metrics=system)
         self.run_id = self.run.info.run_id
         if run_id is None:
             params = flatten(cfg)
@@ -41,6 +56,27 @@ class Tracker:
 
     def log_file(self, local: str | Path, artifact_dir: str | None = None) -> None:
         mlflow.log_artifact(str(local), artifact_dir)
+
+    def log_policy(self, policy_dir: str | Path) -> str | None:
+        """A saved policy directory per ``tracking.log_model``: nothing ("none"), the run artifact ``policy/``
+        ("artifact"), or that artifact registered as a new version of the model named after the run
+        ("registered", tagged on the run as ``policy_model``). Returns the artifact or ``models:/`` URI."""
+        if self.log_model == "none":
+            return None
+        mlflow.log_artifacts(str(policy_dir), POLICY_ARTIFACT)
+        source = mlflow.get_artifact_uri(POLICY_ARTIFACT)
+        if self.log_model == "artifact":
+            return source
+        client = mlflow.tracking.MlflowClient(self.uri)
+        try:
+            client.create_registered_model(self.model_name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(self.model_name, source=source, run_id=self.run_id)
+        uri = f"models:/{self.model_name}/{version.version}"
+        mlflow.set_tag("policy_model", uri)
+        return uri
 
     def history(self, key: str) -> list[tuple[int, float]]:
         client = mlflow.tracking.MlflowClient(self.uri)

@@ -32,7 +32,9 @@ def _cfg(tmp_path, name: str, *extra: str):
 
 def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = _cfg(tmp_path, "e2e", "algorithm.steps=2", "algorithm.eval_every=1")
+    # checkpoint.every=0: the final policy logged for the registry is a checkpoint written for it
+    cfg = _cfg(tmp_path, "e2e", "algorithm.steps=2", "algorithm.eval_every=1", "checkpoint.every=0",
+               "tracking.log_model=registered")
     summary = train(cfg)
     uri = cfg.tracking.resolved_uri()
     rid = summary["run_id"]
@@ -49,6 +51,15 @@ def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
     assert "config/resolved.yaml" in arts and "plots/reward_curve.png" in arts
     assert any(p.startswith("samples/") and p.endswith(".png") for p in arts)
     assert (tmp_path / "runs" / "e2e" / "reward_curve.png").stat().st_size > 1000
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert metric(uri, rid, key), key  # MLflow's system metrics of the driver node
+    final = checkpoint.latest(tmp_path / "ckpt" / "e2e")
+    assert final is not None and final.name == "step-000002"
+    logged = {a.path for d in ("policy", "policy/lm") for a in client.list_artifacts(rid, d)}
+    assert {"policy/config.json", "policy/lm"} <= logged and any(p.endswith(".safetensors") for p in logged)
+    version = client.get_model_version("e2e", "1")
+    assert version.run_id == rid and version.source.endswith("/policy")
+    assert client.get_run(rid).data.tags["policy_model"] == "models:/e2e/1"
 
 
 def test_weights_reach_workers_and_killed_worker_loses_no_group(tmp_path):
@@ -103,11 +114,12 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     ma = dict(metric(ua, full["run_id"], "reward/total/mean"))
     mb = dict(metric(ub, resumed["run_id"], "reward/total/mean"))
     assert resumed["run_id"] == checkpoint.load_state(b)["mlflow_run_id"]
+    assert not mlflow.tracking.MlflowClient(ua).list_artifacts(full["run_id"], "policy")  # log_model: none
     assert sorted(mb) == [1, 2, 3, 4]  # the resumed run continued the same MLflow run
     assert ma[4] == pytest.approx(mb[4], abs=1e-6)
     ra = mlflow.tracking.MlflowClient(ua).get_run(full["run_id"]).data.metrics  # latest value of each key
     rb = mlflow.tracking.MlflowClient(ub).get_run(resumed["run_id"]).data.metrics
-    timing = ("time/", "samples_per_s", "eval/", "learn/time_s", "autoscale/")
+    timing = ("time/", "samples_per_s", "eval/", "learn/time_s", "autoscale/", "system/")  # system: the machine
     compared = [k for k in ra if not k.startswith(timing) and not k.endswith("time_per_sample_s") and "sft/" not in k]
     assert len(compared) > 10
     for k in compared:
