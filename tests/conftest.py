@@ -32,11 +32,14 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_ray_outside_slow(request):
-    """A test not marked ``slow`` must not start Ray (the fast lane runs without a cluster)."""
+    """A test not marked ``slow`` must not start Ray (the fast lane runs without a cluster); a cluster that a
+    module fixture of slow tests started before it is not its doing."""
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
     yield
     ray = sys.modules.get("ray")
-    if request.node.get_closest_marker("slow") is None and ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if (request.node.get_closest_marker("slow") is None and not before and ray is not None
+            and ray.is_initialized()):
         pytest.fail(f"{request.node.nodeid} starts Ray but is not marked slow", pytrace=False)
 
 

@@ -120,7 +120,7 @@ def test_dead_reward_actor_stops_run_then_resume_finishes(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path, "rfail", "algorithm.steps=5", "rollout.num_workers=1")
     orig = control.RunSupervisor.before_step
-    _kill_before_step(monkeypatch, 3, lambda run: [run.reward])  # after the step-2 checkpoint, before step 4 scores
+    _kill_before_step(monkeypatch, 3, lambda run: [run.reward.actor])  # after the step-2 checkpoint, before step 4 scores
     with pytest.raises(SystemExit) as e:
         train(cfg)
     msg = str(e.value.code)
