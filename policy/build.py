@@ -1,7 +1,9 @@
 """Build or load the sub-models of the policy: tokenizer, LM, VAE, generator.
 
 Tiny models come from the config (random init, no download); real ones from local directories
-(``local_files_only``: never the network).
+(``local_files_only``: never the network). ``generator_path`` is a transformer directory or a diffusers
+pipeline directory (``policy.pipeline``): then the transformer, the VAE (unless ``vae_path`` is set) and the
+scheduler come from its subfolders.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from transformers import (
 )
 
 from policy.config import PolicyConfig
+from policy.pipeline import FlowSchedule, PipelineDir, check_generator_dir
 from policy.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,10 +79,23 @@ def build_lm(cfg: PolicyConfig, vocab_size: int) -> PreTrainedModel:
     return lm
 
 
+def pipeline_of(cfg: PolicyConfig) -> PipelineDir | None:
+    """The checked pipeline directory ``generator_path`` names, or None (a transformer directory or tiny)."""
+    return check_generator_dir(cfg.generator_path, cfg.generator_class) if cfg.generator_path else None
+
+
+def build_schedule(cfg: PolicyConfig) -> FlowSchedule | None:
+    """The pipeline scheduler's sigma schedule, or None (no scheduler: ``policy.sde.flow_sigmas``)."""
+    pipe = pipeline_of(cfg)
+    return pipe.schedule if pipe is not None else None
+
+
 def build_vae(cfg: PolicyConfig) -> AutoencoderKL:
-    """Frozen AutoencoderKL (requires_grad False, eval)."""
-    if cfg.vae_path:
-        vae = AutoencoderKL.from_pretrained(cfg.vae_path, torch_dtype=torch_dtype(cfg), local_files_only=True)
+    """Frozen AutoencoderKL (requires_grad False, eval): ``vae_path``, else the pipeline's ``vae/``, else tiny."""
+    pipe = pipeline_of(cfg)
+    path = cfg.vae_path or (str(pipe.vae) if pipe is not None else None)
+    if path:
+        vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch_dtype(cfg), local_files_only=True)
     else:
         _check_keys("vae_tiny", cfg.vae_tiny, _init_params(AutoencoderKL), "AutoencoderKL")
         vae = _cast(AutoencoderKL(**cfg.vae_tiny_config()), torch_dtype(cfg))
@@ -103,10 +119,13 @@ def generator_cls(cfg: PolicyConfig) -> type:
 
 
 def build_generator(cfg: PolicyConfig, latent_channels: int, latent_side: int) -> torch.nn.Module:
-    """The diffusion transformer named by ``generator_class`` (from ``generator_path`` or tiny)."""
+    """The diffusion transformer named by ``generator_class`` (from ``generator_path``, its ``transformer/``
+    when that is a pipeline directory, or tiny)."""
     cls = generator_cls(cfg)
+    pipe = pipeline_of(cfg)
     if cfg.generator_path:
-        gen = cls.from_pretrained(cfg.generator_path, torch_dtype=torch_dtype(cfg), local_files_only=True)
+        path = str(pipe.transformer) if pipe is not None else cfg.generator_path
+        gen = cls.from_pretrained(path, torch_dtype=torch_dtype(cfg), local_files_only=True)
     else:
         _check_keys("generator_tiny", cfg.generator_tiny, _init_params(cls), cfg.generator_class)
         gen = _cast(cls(**cfg.generator_tiny_config(latent_channels, latent_side)), torch_dtype(cfg))

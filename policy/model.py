@@ -2,7 +2,8 @@
 
 LM (understanding, text) + generator (flow-matching DiT) + frozen VAE, joined by two small trainable
 heads: the Latent Representation Bridge (latent -> LM tokens at ``<img>`` placeholders) and the
-connector (LM hidden states -> generator conditioning). See docs/CONTRACTS.md "policy/".
+connector (LM hidden states -> generator conditioning). The sampler's sigmas are the pipeline scheduler's
+(``sigmas``) when the generator comes from a diffusers pipeline directory. See docs/CONTRACTS.md "policy/".
 """
 
 from __future__ import annotations
@@ -17,11 +18,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policy.bridge import Connector, LatentBridge, positions_from_mask
-from policy.build import build_generator, build_lm, build_tokenizer, build_vae, latent_geometry, torch_dtype
+from policy.build import (
+    build_generator,
+    build_lm,
+    build_schedule,
+    build_tokenizer,
+    build_vae,
+    latent_geometry,
+    torch_dtype,
+)
 from policy.config import PolicyConfig
+from policy.pipeline import SCHEDULER_CONFIG, FlowSchedule
+from policy.sde import flow_sigmas
 from policy.tokenizer import special_token_ids
 
 HEADS_FILE = "heads.safetensors"
+SCHEDULER_DIR = "scheduler"
 CONFIG_FILE = "config.json"
 FORMAT = "unigrpo-policy/1"
 
@@ -31,9 +43,11 @@ class UnifiedPolicy(nn.Module):
 
     arch = "unified"  # PolicyConfig.arch (policy.factory.build_policy builds this class for it)
 
-    def __init__(self, cfg: PolicyConfig, tokenizer, lm: nn.Module, generator: nn.Module, vae: nn.Module):
+    def __init__(self, cfg: PolicyConfig, tokenizer, lm: nn.Module, generator: nn.Module, vae: nn.Module,
+                 schedule: FlowSchedule | None = None):
         super().__init__()
         self.cfg = cfg
+        self.schedule = schedule  # the pipeline scheduler's sigmas; None: policy.sde.flow_sigmas
         self.tokenizer = tokenizer
         self.lm = lm
         self.generator = generator
@@ -63,10 +77,11 @@ class UnifiedPolicy(nn.Module):
             vae = build_vae(cfg)
             channels, side = latent_geometry(cfg, vae)
             generator = build_generator(cfg, channels, side)
-            return cls(cfg, tokenizer, lm, generator, vae)
+            return cls(cfg, tokenizer, lm, generator, vae, build_schedule(cfg))
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """config.json + tokenizer/ + lm/ + generator/ + vae/ + heads.safetensors (safetensors only)."""
+        """config.json + tokenizer/ + lm/ + generator/ + vae/ + heads.safetensors (safetensors only), and
+        scheduler/scheduler_config.json when the policy has a pipeline scheduler."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(d / "tokenizer")
@@ -87,6 +102,9 @@ class UnifiedPolicy(nn.Module):
             "n_image_tokens": self.n_image_tokens,
             "token_ids": self.token_ids,
         }
+        if self.schedule is not None:
+            (d / SCHEDULER_DIR).mkdir(exist_ok=True)
+            (d / SCHEDULER_DIR / SCHEDULER_CONFIG).write_text(json.dumps(self.schedule.to_config(), indent=2))
         (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
     @classmethod
@@ -104,6 +122,9 @@ class UnifiedPolicy(nn.Module):
         }
         cfg = PolicyConfig(**{**meta["policy"], **paths})
         policy = cls.from_config(cfg)
+        sched = d / SCHEDULER_DIR / SCHEDULER_CONFIG
+        if sched.is_file():
+            policy.schedule = FlowSchedule.from_config(json.loads(sched.read_text()), str(sched))
         heads = load_file(str(d / HEADS_FILE))
         result = policy.load_state_dict(heads, strict=False)
         missing = [k for k in result.missing_keys if k.startswith(("bridge.", "connector."))]
@@ -124,6 +145,19 @@ class UnifiedPolicy(nn.Module):
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.bridge.latent_channels, self.bridge.latent_side, self.bridge.latent_side)
+
+    @property
+    def image_seq_len(self) -> int:
+        """Generator tokens of one latent: (latent side / patch size)^2 (the schedule's resolution input)."""
+        patch = int(self.generator.config.get("patch_size") or 1)
+        return (self.bridge.latent_side // patch) ** 2
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The sampler's K + 1 sigmas from 1 to 0 for ``steps`` steps: the pipeline scheduler's
+        (``policy.sde.scheduler_sigmas``, its shift), else the unshifted ``policy.sde.flow_sigmas``."""
+        if self.schedule is None:
+            return flow_sigmas(steps)
+        return self.schedule.sigmas(steps, self.image_seq_len)
 
     @property
     def device(self) -> torch.device:

@@ -97,6 +97,37 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
+def scheduler_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000, mu: float | None = None,
+                     time_shift_type: str = "exponential", shift_terminal: float | None = None) -> torch.Tensor:
+    """K+1 float32 sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(K, mu=mu)``:
+
+    f(s)       = shift*s / (1 + (shift-1)*s)                static shift (f = identity when mu is given)
+    s_max      = f(1),  s_min = f(1/N)                      N = num_train_timesteps, in float32 as diffusers
+    t_k        = s_max + (s_min - s_max) * k/(K-1)          k = 0..K-1 (t_0 = s_max when K = 1)
+    sigma_k    = f(t_k)                                     static
+               = e^mu / (e^mu + (1/t_k - 1))                dynamic, exponential time shift
+               = mu / (mu + (1/t_k - 1))                    dynamic, linear time shift
+    terminal T: sigma_k = 1 - (1 - sigma_k) * (1 - T) / (1 - sigma_{K-1})
+    sigma_K    = 0
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    one = torch.tensor([1.0, 1.0 / num_train_timesteps], dtype=torch.float32)  # train sigmas' ends, float32
+    ends = one if mu is not None else shift * one / (1 + (shift - 1) * one)
+    t = torch.linspace(float(ends[0]), float(ends[1]), steps, dtype=torch.float64)
+    if mu is None:
+        s = shift * t / (1 + (shift - 1) * t)
+    elif time_shift_type == "exponential":
+        s = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    elif time_shift_type == "linear":
+        s = mu / (mu + (1 / t - 1))
+    else:
+        raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+    if shift_terminal:
+        s = 1 - (1 - s) / ((1 - s[-1]) / (1 - shift_terminal))
+    return torch.cat([s.to(torch.float32), torch.zeros(1)])
+
+
 def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise drawn on the generator's device (the rollout's CPU generator), then moved to

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from policy.config import PolicyConfig
+from policy.pipeline import PipelineDirError, check_generator_dir
 from recipes import RECIPES, get_recipe
 from reward.names import KNOWN_REWARDS, unknown_reward
 from services.lm_support import check_lm_dir
@@ -444,6 +445,11 @@ class RunConfig(_Section):
                 raise ConfigError(f"model.{name}", f"path does not exist: {value}")
             if name == "lm_path":
                 check_lm_dir(where)
+            if name == "generator_path":
+                try:
+                    check_generator_dir(where, self.model.generator_class)
+                except PipelineDirError as e:
+                    raise ConfigError(e.field, e.message) from None
         where = local(self.task.path) if self.task.path else None
         if where is not None and not where.exists():
             raise ConfigError("task.path", f"path does not exist: {self.task.path}")

@@ -81,9 +81,13 @@ FIELD_DOCS: dict[str, str] = {
     "model.lm_tiny": "Overrides of the tiny LM's `Qwen2Config` (`policy.config.TINY_LM`).",
     "model.tokenizer_path": "A local tokenizer directory; null trains the tiny byte-level BPE in code.",
     "model.generator_class": "The diffusers transformer class of the generator.",
-    "model.generator_path": "A local diffusers transformer directory; null builds the tiny DiT.",
+    "model.generator_path": "A local diffusers transformer directory, or a diffusers pipeline directory "
+                            "(`model_index.json`; SD3 / SD3.5): its `transformer/`, `vae/` and `scheduler/` "
+                            "load and the scheduler's sigmas (its `shift`) drive the sampler; null builds the "
+                            "tiny DiT (unshifted sigmas).",
     "model.generator_tiny": "Overrides of the tiny generator's config (`policy.config.TINY_GENERATOR`).",
-    "model.vae_path": "A local diffusers VAE directory; null builds the tiny VAE.",
+    "model.vae_path": "A local diffusers VAE directory; null takes the pipeline's `vae/` when "
+                      "`generator_path` is a pipeline directory, else builds the tiny VAE.",
     "model.vae_tiny": "Overrides of the tiny VAE's config (`policy.config.TINY_VAE`).",
     "model.image_size": "Pixels per side of the images the policy encodes and generates (a multiple of 8).",
     "model.cond_tokens": "How many of the LM's last hidden states condition the generator (through the "
