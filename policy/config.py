@@ -73,7 +73,7 @@ class PolicyConfig(BaseModel):
     lm_tiny: dict[str, Any] = Field(default_factory=dict)
     tokenizer_path: str | None = None
     generator_class: str = "SD3Transformer2DModel"
-    generator_path: str | None = None
+    generator_path: str | None = None  # a transformer directory or a diffusers pipeline (policy/pipeline.py)
     generator_tiny: dict[str, Any] = Field(default_factory=dict)
     vae_path: str | None = None
     vae_tiny: dict[str, Any] = Field(default_factory=dict)
@@ -136,8 +136,7 @@ class PolicyConfig(BaseModel):
             lm_path=f"{root}/Qwen2.5-7B-Instruct",
             tokenizer_path=f"{root}/Qwen2.5-7B-Instruct",
             generator_class="SD3Transformer2DModel",
-            generator_path=f"{sd}/transformer",
-            vae_path=f"{sd}/vae",
+            generator_path=sd,  # a diffusers pipeline directory: transformer/, vae/, scheduler/ (shift 3.0)
             image_size=512,  # 16 x 64 x 64 latent
             cond_tokens=256,
             bridge_patch=4,  # 256 image tokens per slot

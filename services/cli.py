@@ -67,6 +67,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from services.config import to_yaml
 
     cfg = _load(args, check_paths=args.check_paths)
+    if args.estimate:
+        from services.estimate import estimate_text
+
+        try:
+            sys.stdout.write(estimate_text(cfg, f"{cfg.run_name} (recipe {cfg.recipe}, model.arch {cfg.model.arch})"))
+        except ValueError as e:
+            _die(EXIT_CONFIG, str(e))
+        return EXIT_OK
     sys.stdout.write(to_yaml(cfg))
     return EXIT_OK
 
@@ -208,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config and print it resolved, as YAML")
     _add_config_args(p)
     p.add_argument("--check-paths", action="store_true", help="also check that model / data paths exist")
+    p.add_argument("--estimate", action="store_true",
+                   help="print parameter counts and the learner's memory per rank instead (meta device, no weights)")
     p.set_defaults(handler=_cmd_check_config)
     return parser
 

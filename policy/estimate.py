@@ -1,0 +1,303 @@
+"""Parameter counts and a per-rank learner memory estimate of a ``model`` section, without weights.
+
+Every part is built at full size on the meta device (shapes, no storage, no initialisation cost) from its
+``config.json``: the configured directory's when it is on this machine, else the published config of a known
+architecture (``policy.known_archs``, matched on the directory's name), else the tiny config. Nothing is read
+but JSON files; nothing is downloaded.
+
+Per learner rank (R ranks, ZeRO stage Z, w bytes per parameter of ``model.dtype``; P all parameters, T the
+trainable ones; AdamW):
+
+    weights      w * P (+ buffers)        / R under Z = 3 (DeepSpeed partitions every parameter it manages)
+    gradients    w * T                    / R under Z >= 2
+    optimizer    (8 + 4 [bf16: fp32 master weights]) * T      / R under Z >= 1   (m and v in fp32)
+    reference    w * P                    when a KL term is on (a plain frozen copy per rank)
+    activations  LM:  L * s * b * h * (34 without checkpointing, 2 with) + [checkpointing] 34 * s * b * h,
+                      times w / 2, plus the fp32 logits 4 * s * b * V          (Korthikanti et al. 2022, flash
+                 DiT: the same with s = image + condition tokens, b = rows * window       attention: no s^2 term)
+
+Offloaded optimizer states (and, under Z = 3, parameters) move from the GPU to host memory. The activation
+line is an order of magnitude, not a bound: it assumes ``b`` sequences of ``s`` tokens per micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policy.config import PolicyConfig
+from policy.known_archs import KNOWN, known_config, known_key
+from policy.pipeline import MODEL_INDEX
+
+BYTES = {"float32": 4, "bfloat16": 2}
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Part:
+    """One sub-model: its parameter count, whether it trains, and where its config came from."""
+
+    name: str
+    params: int
+    trainable: bool
+    source: str
+    layers: int = 0  # for the activation estimate: transformer depth, width, vocabulary, tokens per row
+    width: int = 0
+    vocab: int = 0
+    tokens: int = 0
+    rows_factor: int = 1
+    buffers: int = 0  # persistent buffers (weights that are not parameters, e.g. SD3's positional embedding)
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The learner settings the estimate depends on (``services.cli`` fills them from the run config)."""
+
+    ranks: int = 1
+    zero_stage: int = 0
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    kl_reference: bool = False
+    rows_per_rank: int = 1  # trajectories per rank per micro-batch
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parts: list[Part]
+    settings: MemorySettings
+    lines: dict[str, float] = field(default_factory=dict)  # bytes per rank, by item
+    host: float = 0.0  # bytes per rank offloaded to host memory
+
+    @property
+    def total_params(self) -> int:
+        return sum(p.params for p in self.parts)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.params for p in self.parts if p.trainable)
+
+    @property
+    def gpu_bytes(self) -> float:
+        return sum(self.lines.values())
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _config_of(path: str, sub: str | None, file: str = "config.json") -> tuple[dict[str, Any] | None, str]:
+    """(config dict, where it came from) of a directory (or its subfolder), else of the known-architecture table."""
+    d = Path(path).expanduser() / (sub or "")
+    found = _read(d / file)
+    if found is not None:
+        return found, str(d / file)
+    key = known_key(path, sub)
+    return (None, "") if key is None else (KNOWN[key], f"published config of {key} (policy.known_archs)")
+
+
+def _unknown(field_: str, path: str) -> ValueError:
+    return ValueError(f"{field_}: {path} is not on this machine and its architecture is not in "
+                      "policy.known_archs; put its config.json there to estimate it")
+
+
+def _meta():
+    return torch.device("meta")
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _buffers(module: torch.nn.Module) -> int:
+    """Elements of the persistent buffers (those ``state_dict`` saves)."""
+    state = set(module.state_dict())
+    return sum(b.numel() for n, b in module.named_buffers() if n in state)
+
+
+def _diffusers_model(cls_name: str, config: dict[str, Any]) -> torch.nn.Module:
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    with _meta():
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _lm_model(config: dict[str, Any]) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    conf = dict(config)
+    c = AutoConfig.for_model(conf.pop("model_type"), **conf)
+    vl = any(a.endswith("ForConditionalGeneration") for a in config.get("architectures") or [])
+    with _meta():
+        return (AutoModelForImageTextToText if vl else AutoModelForCausalLM).from_config(c)
+
+
+# ------------------------------------------------------------------------------------------------ parts
+def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
+    from policy.bridge import Connector, LatentBridge
+    from policy.tokenizer import build_tiny_tokenizer
+
+    # LM
+    if cfg.lm_path:
+        lm_conf, lm_src = _config_of(cfg.lm_path, None)
+        if lm_conf is None:
+            raise _unknown("model.lm_path", cfg.lm_path)
+    else:
+        lm_conf = {"model_type": "qwen2", **cfg.lm_tiny_config(), "vocab_size": len(build_tiny_tokenizer())}
+        lm_src = "tiny (model.lm_tiny)"
+    lm = _lm_model(lm_conf)
+    text = lm.config.get_text_config()
+    hidden = int(text.hidden_size)
+    # generator (a pipeline directory's transformer/, a transformer directory, or tiny) and VAE
+    pipe = cfg.generator_path is not None and (
+        (Path(cfg.generator_path).expanduser() / MODEL_INDEX).is_file() or known_config(cfg.generator_path, "vae"))
+    if cfg.vae_path or pipe:
+        vae_conf, vae_src = _config_of(cfg.vae_path, None) if cfg.vae_path else _config_of(cfg.generator_path, "vae")
+        if vae_conf is None:
+            raise _unknown("model.vae_path", cfg.vae_path or f"{cfg.generator_path}/vae")
+    else:
+        vae_conf, vae_src = cfg.vae_tiny_config(), "tiny (model.vae_tiny)"
+    vae = _diffusers_model("AutoencoderKL", vae_conf)
+    channels = int(vae.config.latent_channels)
+    side = cfg.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.generator_path:
+        gen_conf, gen_src = _config_of(cfg.generator_path, "transformer" if pipe else None)
+        if gen_conf is None:
+            raise _unknown("model.generator_path", cfg.generator_path)
+    else:
+        gen_conf, gen_src = cfg.generator_tiny_config(channels, side), "tiny (model.generator_tiny)"
+    gen = _diffusers_model(cfg.generator_class, gen_conf)
+    g = gen.config
+    with _meta():
+        bridge, connector = LatentBridge(channels, side, cfg.bridge_patch, hidden), Connector(
+            hidden, g.joint_attention_dim, g.pooled_projection_dim)
+    gen_train = train_gen and not cfg.freeze_generator
+    image_tokens = (side // int(g.get("patch_size") or 1)) ** 2 + cfg.cond_tokens
+    gen_width = int(g.num_attention_heads) * int(g.attention_head_dim)
+    return [
+        Part("lm", _count(lm), train_lm, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
+             text_tokens + 2 * bridge.n_tokens),
+        Part("bridge", _count(bridge), train_lm, "model.bridge_patch"),
+        Part("generator", _count(gen), gen_train, gen_src, int(g.num_layers), gen_width, 0, image_tokens, window,
+             _buffers(gen)),
+        Part("connector", _count(connector), gen_train, "model.cond_tokens"),
+        Part("vae", _count(vae), False, vae_src),
+    ]
+
+
+def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int) -> list[Part]:
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    if cfg.janus_path:
+        conf, src = _config_of(cfg.janus_path, None)
+        if conf is None:
+            raise _unknown("model.janus_path", cfg.janus_path)
+        jc = JanusConfig(**{k: v for k, v in conf.items() if k not in ("model_type", "architectures")})
+    else:
+        from policy.janus_tiny import tiny_janus_config
+        from policy.tokenizer import build_tiny_tokenizer, special_token_ids
+
+        tok = build_tiny_tokenizer()
+        t = cfg.janus_tiny
+        jc = tiny_janus_config(len(tok), special_token_ids(tok)["img"], t.get("text"), t.get("vision"), t.get("vq"))
+        src = "tiny (model.janus_tiny)"
+    with _meta():
+        model = JanusForConditionalGeneration(jc)
+    m, text = model.model, jc.text_config
+    lm = _count(m.language_model) + (0 if jc.tie_word_embeddings else _count(model.lm_head))
+    n_codes = int(jc.vq_config.num_patches) ** 2
+    return [
+        Part("janus.lm", lm, train_lm, src, int(text.num_hidden_layers), int(text.hidden_size),
+             int(text.vocab_size), text_tokens + n_codes),
+        Part("janus.vision", _count(m.vision_model) + _count(m.aligner), train_lm, src),
+        Part("janus.generation", sum(_count(x) for x in (m.generation_embeddings, m.generation_aligner,
+                                                        m.generation_head)), train_gen, src),
+        Part("janus.vq", _count(m.vqmodel), False, src),
+    ]
+
+
+def model_parts(cfg: PolicyConfig, train_lm: bool = True, train_generator: bool = True, text_tokens: int = 128,
+                window: int = 1) -> list[Part]:
+    """The parts of ``cfg``'s policy at full size (meta device). ``text_tokens``: text per trajectory (prompt +
+    response) for the activation estimate; ``window``: SDE steps per image the learner recomputes."""
+    if cfg.arch == "janus":
+        return _janus_parts(cfg, train_lm, train_generator, text_tokens)
+    return _unified_parts(cfg, train_lm, train_generator, text_tokens, window)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def _activations(p: Part, s: MemorySettings, w: int) -> float:
+    if not (p.trainable and p.layers):
+        return 0.0
+    rows = s.rows_per_rank * p.rows_factor
+    sbh = p.tokens * rows * p.width
+    per_layer = (2 if s.gradient_checkpointing else 34) * w / 2
+    act = p.layers * sbh * per_layer + (34 * w / 2 * sbh if s.gradient_checkpointing else 0)
+    return act + 4.0 * p.tokens * rows * p.vocab
+
+
+def estimate_memory(parts: list[Part], s: MemorySettings) -> Estimate:
+    """Bytes per learner rank by item (see the module docstring) for these parts and settings."""
+    w = BYTES[s.dtype]
+    total = sum(p.params + p.buffers for p in parts)
+    trainable = sum(p.params for p in parts if p.trainable)
+    r = max(1, s.ranks)
+    weights = w * total / (r if s.zero_stage >= 3 else 1)
+    grads = w * trainable / (r if s.zero_stage >= 2 else 1)
+    optim = (8 + (4 if w == 2 else 0)) * trainable / (r if s.zero_stage >= 1 else 1)
+    host = 0.0
+    if s.offload_optimizer:
+        host, optim = host + optim, 0.0
+    if s.offload_params and s.zero_stage >= 3:
+        host, weights = host + weights, 0.0
+    lines = {"weights": weights, "gradients": grads, "optimizer": optim,
+             "reference": w * total if s.kl_reference else 0.0,
+             "activations": sum(_activations(p, s, w) for p in parts)}
+    return Estimate(parts, s, lines, host)
+
+
+# ------------------------------------------------------------------------------------------------ table
+def _si(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def format_estimate(e: Estimate, title: str = "") -> str:
+    """The parts table and the per-rank memory lines, as plain text (one run's ``check-config --estimate``)."""
+    s = e.settings
+    rows = [("part", "params", "trains", "config from")]
+    rows += [(p.name, _si(p.params), "yes" if p.trainable else "no", p.source) for p in e.parts]
+    rows.append(("total", _si(e.total_params), _si(e.trainable_params), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    out = [title] if title else []
+    out += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    out.append("")
+    out.append(f"learner memory per rank: {s.ranks} rank(s), ZeRO {s.zero_stage}, {s.dtype}"
+               f"{' + fp32 master weights' if s.dtype == 'bfloat16' else ''}, gradient checkpointing "
+               f"{'on' if s.gradient_checkpointing else 'off'}, offload: optimizer "
+               f"{'on' if s.offload_optimizer else 'off'}, parameters {'on' if s.offload_params else 'off'}; "
+               f"LoRA: off (full-model training); {s.rows_per_rank} trajectory(ies) per micro-batch")
+    for k, v in e.lines.items():
+        out.append(f"  {k:<12} {v / GIB:8.2f} GiB")
+    out.append(f"  {'total GPU':<12} {e.gpu_bytes / GIB:8.2f} GiB")
+    if e.host:
+        out.append(f"  {'host (offload)':<12} {e.host / GIB:6.2f} GiB")
+    return "\n".join(out) + "\n"
+
+
+def rows_per_rank(batch: int, ranks: int, mini_batches: int) -> int:
+    """Trajectories one rank holds in one micro-batch: ceil(batch / (ranks * mini_batches))."""
+    return max(1, math.ceil(batch / (max(1, ranks) * max(1, mini_batches))))
+
+
+__all__ = ["Estimate", "MemorySettings", "Part", "estimate_memory", "format_estimate", "model_parts", "rows_per_rank"]

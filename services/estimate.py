@@ -1,0 +1,34 @@
+"""``unigrpo check-config --estimate``: the run config's model at full size on the meta device (no weights) and
+the learner's memory per rank for its ZeRO stage, dtype, gradient checkpointing and offload settings
+(``policy.estimate`` has the formulas)."""
+
+from __future__ import annotations
+
+from services.config import RunConfig
+
+PROMPT_TOKENS = 64  # text of a prompt (question, description) besides its image slots, for the activation line
+
+
+def memory_settings(cfg: RunConfig):
+    """The learner settings of ``cfg`` as ``policy.estimate.MemorySettings``. Learner fields this schema does
+    not have (gradient checkpointing, offload) count as off."""
+    from policy.estimate import MemorySettings, rows_per_rank
+
+    le, a, r = cfg.learner, cfg.algorithm, cfg.rollout
+    return MemorySettings(
+        ranks=le.num_workers, zero_stage=le.zero_stage, dtype=cfg.model.dtype,
+        gradient_checkpointing=bool(getattr(le, "gradient_checkpointing", False)),
+        offload_optimizer=bool(getattr(le, "offload_optimizer", False)),
+        offload_params=bool(getattr(le, "offload_params", False)),
+        kl_reference=bool(a.beta_text or a.beta_img),
+        rows_per_rank=rows_per_rank(r.prompts_per_step * r.group_size, le.num_workers, le.mini_batches))
+
+
+def estimate_text(cfg: RunConfig, title: str = "") -> str:
+    """The parts table and the per-rank memory lines of ``cfg``."""
+    from policy.estimate import estimate_memory, format_estimate, model_parts
+
+    le = cfg.learner
+    parts = model_parts(cfg.model, le.train_lm, le.train_generator, PROMPT_TOKENS + cfg.rollout.max_new_tokens,
+                        cfg.rollout.sde.window)
+    return format_estimate(estimate_memory(parts, memory_settings(cfg)), title)
