@@ -79,6 +79,7 @@ class LocalStep:
 
     def __call__(self) -> None:
         from learner.batch import collate
+        from learner.sharding import shard_batch
         from recipes.clear import clear_request
         from services.driver import assemble
 
@@ -87,7 +88,7 @@ class LocalStep:
         totals, comps = self.reward.score_values(trajs)
         kept, adv, _ = assemble(trajs, totals, comps, self.cfg, self.version)
         if kept:
-            self.learner.train_step(collate(kept, adv, self.pad_id))
+            self.learner.train_step(shard_batch(collate(kept, adv, self.pad_id), self.cfg.learner.mini_batches, 1)[0])
         self._sync()
         self.step_i += 1
 

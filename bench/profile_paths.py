@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.common import text_task
     from bench.overhead import LocalStep
     from learner.batch import collate
+    from learner.sharding import shard_batch
     from recipes.clear import clear_request
     from services.driver import assemble
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.what == "rollout":
             local.worker.generate(reqs, 1)
         else:
-            local.learner.train_step(batch)
+            local.learner.train_step(shard_batch(batch, cfg.learner.mini_batches, 1)[0])
 
     once()
     if args.plain:

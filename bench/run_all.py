@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-BENCHES = ["vs_trl", "overhead", "weight_sync", "logprob_recording", "async_vs_sync", "scaling"]
+BENCHES = ["vs_trl", "overhead", "weight_sync", "logprob_recording", "async_vs_sync", "scaling", "learner_ranks"]
 
 
 def main(argv: list[str] | None = None) -> int:

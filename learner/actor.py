@@ -10,16 +10,19 @@ checkpoints.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from learner.batch import TrainBatch, average_metrics
 from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
-from learner.sft import sft_batch
+from learner.sft import sft_shard
+from learner.sharding import RankShard
 from policy.config import PolicyConfig
 from policy.factory import Policy, build_policy
 from sync import make_publisher
@@ -31,6 +34,9 @@ def _cpu_deepspeed_without_jit() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+REFERENCE_FILE = "kl_reference.safetensors"
 
 
 class LearnerWorker:
@@ -109,11 +115,18 @@ class LearnerWorker:
     def snapshot_reference(self) -> None:
         """Freeze a plain (not DeepSpeed-managed) copy of the current policy as the KL reference, only
         when a KL term is on. Built from the config, then loaded with the (gathered) current weights."""
-        if self.settings.beta_text or self.settings.beta_img:
-            reference = build_policy(self.policy.cfg)
+        if self._kl_on:
             with self._gathered():
-                reference.load_trainable({k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()})
-            self.reference = reference.to(self.policy.device).eval().requires_grad_(False)
+                self._set_reference({k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()})
+
+    @property
+    def _kl_on(self) -> bool:
+        return bool(self.settings.beta_text or self.settings.beta_img)
+
+    def _set_reference(self, trainable: dict[str, torch.Tensor]) -> None:
+        reference = build_policy(self.policy.cfg)
+        reference.load_trainable(trainable)
+        self.reference = reference.to(self.policy.device).eval().requires_grad_(False)
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -130,6 +143,12 @@ class LearnerWorker:
     def _step(self, loss: torch.Tensor) -> dict[str, float]:
         """Backward, gradient clipping and one optimizer step; the gradient norm before clipping."""
         self.engine.backward(loss)
+        if self.cfg.zero_stage == 0:
+            # a sub-module this mini-batch did not use has no gradient; ZeRO's flat partitions (and the
+            # data-parallel all-reduce) treat it as zero, so AdamW's moments move it the same on every W
+            for p in self._trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         norm = None
         if self._clip_here:
             clip = self.cfg.grad_clip
@@ -138,44 +157,40 @@ class LearnerWorker:
         norm = self.engine.get_global_grad_norm() if norm is None else norm
         return {} if norm is None else {"grad_norm": float(norm)}
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """GRPO + Flow-GRPO on this rank's shard: recompute old log-probs, then a step per mini-batch.
-        With one mini-batch the old log-probs are the training forward's own values, detached (the
-        ratio is 1 at the only update), which saves a full forward pass."""
+    def train_step(self, shard: RankShard) -> dict[str, float]:
+        """GRPO + Flow-GRPO on this rank's shard (``learner.sharding``): recompute old log-probs, then one
+        optimizer step per mini-batch, every rank in lock-step. With one mini-batch the old log-probs are
+        the training forward's own values, detached (the ratio is 1 at the only update), which saves a
+        full forward pass."""
         t0 = time.perf_counter()
         self.engine.train()
         s = self.settings
-        batch = batch.to(self.policy.device)  # trajectories arrive on the CPU
-        n = batch.input_ids.shape[0]
-        chunks = torch.arange(n, device=batch.input_ids.device).chunk(max(1, min(self.cfg.mini_batches, n)))
-        old = None
-        if len(chunks) > 1:
-            with torch.no_grad():
-                old = policy_outputs(self.policy, batch, s.temperature, s.noise_level, self.shared_prefix)
+        mbs = [mb.to(self.policy.device) for mb in shard.minibatches]  # trajectories arrive on the CPU
+        outputs = lambda policy, mb: policy_outputs(policy, mb, s.temperature, s.noise_level, self.shared_prefix)  # noqa: E731
         with torch.no_grad():
-            ref = None if self.reference is None else policy_outputs(self.reference, batch, s.temperature,
-                                                                     s.noise_level, self.shared_prefix)
-        rows = []
-        for idx in chunks:
-            mb = batch if len(chunks) == 1 else batch.select(idx)
-            out = policy_outputs(self.policy, mb, s.temperature, s.noise_level, self.shared_prefix)
-            mb_old = _detached(out) if old is None else _select_outputs(old, batch, idx)
-            mb_ref = None if ref is None else _select_outputs(ref, batch, idx)
-            loss, m = grpo_loss(out, mb_old, mb, s, mb_ref)
+            olds = [outputs(self.policy, mb) for mb in mbs] if len(mbs) > 1 else None
+            refs = [None if self.reference is None else outputs(self.reference, mb) for mb in mbs]
+        rows, gaps = [], []
+        for i, mb in enumerate(mbs):
+            out = outputs(self.policy, mb)
+            old = _detached(out) if olds is None else olds[i]
+            loss, m = grpo_loss(out, old, mb, s, refs[i], shard.counts[i], shard.world_size)
             m.update(self._step(loss))
             rows.append(m)
-        metrics = _behaviour_gap(batch, mb_old if old is None else old)  # one chunk: its outputs are the old ones
+            gaps.append(_behaviour_gap(mb, old))
+        metrics = {k: max(g[k] for g in gaps if k in g) for k in set().union(*gaps)}
         metrics.update(average_metrics(rows))
         self.steps_done += 1
         metrics["learn/time_s"] = time.perf_counter() - t0
         return metrics
 
     def sft_step(self, examples: list[dict]) -> dict[str, float]:
-        """Stage 1 on raw examples (see ``learner.sft``): text cross-entropy + flow matching + bridge."""
+        """Stage 1 on the global batch of raw examples (see ``learner.sft``), this rank's share: text
+        cross-entropy + flow matching + bridge."""
         self.engine.train()
-        batch = sft_batch(self.policy, examples, self.sde_steps, self.sft_generator).to(self.policy.device)
-        loss, m = sft_loss(self.policy, batch, self.sft_cfg.text_weight, self.sft_cfg.flow_weight,
-                           self.sft_generator)
+        shard = sft_shard(self.policy, examples, self.sde_steps, self.sft_generator, self.rank, self.world_size)
+        shard.batch = shard.batch.to(self.policy.device)
+        loss, m = sft_loss(self.policy, shard, self.sft_cfg.text_weight, self.sft_cfg.flow_weight, self.world_size)
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})
         return m
 
@@ -210,11 +225,13 @@ class LearnerWorker:
                                     client_state={"version": self.version, "steps_done": self.steps_done})
         if self.rank == 0:
             torch_state = {"sft_generator": self.sft_generator.get_state().tolist()}
-            (d / "learner_rng.json").write_text(__import__("json").dumps(torch_state))
+            (d / "learner_rng.json").write_text(json.dumps(torch_state))
+            if self.reference is not None:  # the KL reference's trainable part (the rest is the base model's)
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.reference.trainable_state_dict().items()},
+                          str(d / REFERENCE_FILE))
 
     def load(self, directory: str) -> int:
-        import json
-
+        """Engine, optimizer, counters, stage-1 RNG and the KL reference from a checkpoint of ``save``."""
         d = Path(directory)
         _, client = self.engine.load_checkpoint(str(d / "deepspeed"), tag="state", load_module_strict=False)
         if client is None:
@@ -222,7 +239,26 @@ class LearnerWorker:
         self.version, self.steps_done = int(client["version"]), int(client["steps_done"])
         rng = json.loads((d / "learner_rng.json").read_text())
         self.sft_generator.set_state(torch.tensor(rng["sft_generator"], dtype=torch.uint8))
+        if (d / REFERENCE_FILE).exists():
+            self._set_reference(load_file(str(d / REFERENCE_FILE)))
+        elif self._kl_on:
+            raise RuntimeError(f"checkpoint {d} has no {REFERENCE_FILE}, but algorithm.beta_text / beta_img > 0 "
+                               "need the KL reference it was trained against")
         return self.version
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The full trainable weights on the CPU (gathered under ZeRO-3), every rank alike."""
+        with self._gathered():
+            return {k: v.detach().cpu().clone() for k, v in self.policy.trainable_state_dict().items()}
+
+    def memory_report(self) -> dict[str, float]:
+        """This rank's share of the parameters (its ZeRO-3 partition, else all of them) in MiB, and its
+        process's peak resident memory in MiB."""
+        import resource
+
+        mib = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+                  for p in self.policy.parameters()) / 2**20
+        return {"param_mib": mib, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def weights_digest(self) -> dict[str, float]:
         """Parameter sums, to check that workers hold the learner's weights."""
@@ -231,20 +267,16 @@ class LearnerWorker:
 
 
 def _behaviour_gap(batch: TrainBatch, old: PolicyOutputs) -> dict[str, float]:
-    """How far the rollout's behaviour log-probs are from the learner's recomputation (should be ~0)."""
-    m = batch.loss_mask
+    """How far the rollout's behaviour log-probs are from the learner's recomputation (should be ~0);
+    padding rows (weight 0) do not count."""
+    m = batch.loss_mask & (batch.row_weight[:, None] > 0)
     out = {"learn/logp_gap_text": float((old.logp - batch.behaviour_logp)[m].abs().max()) if m.any() else 0.0}
-    if old.img_logp is not None:
-        out["learn/logp_gap_image"] = float((old.img_logp - batch.seg_log_probs).abs().max())
+    real = batch.seg_weight > 0
+    if old.img_logp is not None and bool(real.any()):
+        out["learn/logp_gap_image"] = float((old.img_logp - batch.seg_log_probs)[real].abs().max())
     return out
 
 
 def _detached(o: PolicyOutputs) -> PolicyOutputs:
     d = lambda t: None if t is None else t.detach()  # noqa: E731
     return PolicyOutputs(d(o.logp), d(o.entropy), d(o.img_logp), d(o.img_mean), d(o.img_std))
-
-
-def _select_outputs(o: PolicyOutputs, batch: TrainBatch, rows: torch.Tensor) -> PolicyOutputs:
-    seg = torch.isin(batch.seg_rows, rows)
-    pick = lambda t: None if t is None else t[seg]  # noqa: E731
-    return PolicyOutputs(o.logp[rows], o.entropy[rows], pick(o.img_logp), pick(o.img_mean), pick(o.img_std))

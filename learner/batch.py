@@ -28,6 +28,13 @@ class TrainBatch:
     seg_sigma_nexts: torch.Tensor
     seg_log_probs: torch.Tensor  # (S, W) behaviour log-probs
     seg_final: torch.Tensor  # (S, C, h, w)
+    row_group: torch.Tensor  # (B,) long: the prompt group of each row (0, 1, ... in order of appearance)
+    row_weight: torch.Tensor  # (B,) 1 for a trajectory, 0 for a rank's padding row
+    seg_weight: torch.Tensor  # (S,) 1 for an image segment, 0 for a padding row's
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
 
     @property
     def num_segments(self) -> int:
@@ -47,14 +54,33 @@ class TrainBatch:
         new_index = torch.full_like(keep_row, -1, dtype=torch.long)
         new_index[rows] = torch.arange(rows.numel(), device=rows.device)
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts"):
+        for name in _ROW_FIELDS:
             kw[name] = kw[name][rows]
         kw["slot_latents"] = self.slot_latents[slot_keep]
-        for name in ("seg_cond_end", "seg_latents", "seg_next_latents", "seg_sigmas", "seg_sigma_nexts",
-                     "seg_log_probs", "seg_final"):
+        for name in _SEG_FIELDS:
             kw[name] = kw[name][seg_keep]
         kw["seg_rows"] = new_index[self.seg_rows[seg_keep]]
         return TrainBatch(**kw)
+
+    def padding_rows(self, rows: torch.Tensor) -> TrainBatch:
+        """The given rows as zero-weight padding: they run through every sub-module, add nothing to a loss."""
+        sub = self.select(rows)
+        sub.row_weight, sub.seg_weight = torch.zeros_like(sub.row_weight), torch.zeros_like(sub.seg_weight)
+        return sub
+
+
+_ROW_FIELDS = ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts", "row_group",
+               "row_weight")
+_SEG_FIELDS = ("seg_cond_end", "seg_latents", "seg_next_latents", "seg_sigmas", "seg_sigma_nexts", "seg_log_probs",
+               "seg_final", "seg_weight")
+
+
+def concat(batches: list[TrainBatch]) -> TrainBatch:
+    """Rows of several batches of one token width, in order (slots and segments follow their rows)."""
+    offsets = torch.tensor([0] + [b.num_rows for b in batches[:-1]]).cumsum(0).tolist()
+    kw = {name: torch.cat([getattr(b, name) for b in batches]) for name in (*_ROW_FIELDS, *_SEG_FIELDS, "slot_latents")}
+    kw["seg_rows"] = torch.cat([b.seg_rows + off for b, off in zip(batches, offsets)])
+    return TrainBatch(**kw)
 
 
 def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> TrainBatch:
@@ -71,6 +97,7 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         ids[i, :n], attn[i, :n] = tr.input_ids, 1
         lmask[i, :n], blogp[i, :n] = tr.loss_mask, tr.behaviour_logp
     segs = [(i, s) for i, tr in enumerate(trajs) for s in tr.images]
+    first_seen: dict[str, int] = {}
     latent_shape = trajs[0].slot_latents.shape[1:]
     if segs:
         stack = lambda name: torch.stack([getattr(s, name) for _, s in segs])  # noqa: E731
@@ -89,6 +116,8 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         slot_counts=torch.tensor([tr.slot_latents.shape[0] for tr in trajs], dtype=torch.long),
         seg_rows=torch.tensor([i for i, _ in segs], dtype=torch.long),
         seg_cond_end=torch.tensor([s.cond_end for _, s in segs], dtype=torch.long), **seg,
+        row_group=torch.tensor([first_seen.setdefault(tr.prompt_id, len(first_seen)) for tr in trajs], dtype=torch.long),
+        row_weight=torch.ones(b), seg_weight=torch.ones(len(segs)),
     )
 
 

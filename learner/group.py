@@ -6,24 +6,22 @@ import socket
 from typing import Any
 
 import ray
-import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.actor import LearnerWorker
 from learner.batch import TrainBatch, average_metrics
+from learner.sharding import shard_batch
 from policy.config import PolicyConfig
 from sync.placement import wait_placement
 
 
-def _free_port() -> int:
+def _rendezvous_address(world_size: int) -> tuple[str, int]:
+    """Run on rank 0's node: the address the ranks meet at (loopback for one rank) and a free port."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _shards(n: int, world: int) -> list[torch.Tensor]:
-    return [idx for idx in torch.arange(n).chunk(world)] + [torch.arange(0)] * max(0, world - n)
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ("127.0.0.1" if world_size == 1 else ray.util.get_node_ip_address()), port
 
 
 class LearnerGroup:
@@ -37,9 +35,13 @@ class LearnerGroup:
             bundle["GPU"] = learner_cfg.num_gpus_per_worker
         if custom_resource:
             bundle[custom_resource] = 1
+        self.mini_batches = learner_cfg.mini_batches
         self.pg = placement_group([bundle] * w, strategy="PACK")
         wait_placement(self.pg, bundle)
-        addr, port = "127.0.0.1" if w == 1 else ray.util.get_node_ip_address(), _free_port()
+        self.timeout_s = learner_cfg.call_timeout_s
+        on_rank0 = PlacementGroupSchedulingStrategy(self.pg, 0)
+        addr, port = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=on_rank0)
+                             .remote(w), timeout=self.timeout_s)
         cls = ray.remote(LearnerWorker)
         self.workers = [
             cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
@@ -49,19 +51,27 @@ class LearnerGroup:
             for i in range(w)
         ]
 
+    def _gather(self, refs: list, method: str) -> list:
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"learner {method}: no answer from every rank within learner.call_timeout_s = "
+                               f"{self.timeout_s:g} s") from None
+
     def call_all(self, method: str, *args) -> list:
         """Every rank runs ``method(*args)``; their answers in rank order."""
-        return ray.get([getattr(wk, method).remote(*args) for wk in self.workers])
-
-    def _sharded(self, method: str, items, select) -> list[dict]:
-        shards = _shards(len(items) if isinstance(items, list) else items.input_ids.shape[0], len(self.workers))
-        return ray.get([getattr(wk, method).remote(select(items, idx)) for wk, idx in zip(self.workers, shards)])
+        return self._gather([getattr(wk, method).remote(*args) for wk in self.workers], method)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return average_metrics(self._sharded("train_step", batch, lambda b, idx: b.select(idx)))
+        """One GRPO step on the whole batch: whole groups per rank, the same optimizer steps on every rank
+        (``learner.sharding``); the metrics averaged over ranks."""
+        shards = shard_batch(batch, self.mini_batches, len(self.workers))
+        return average_metrics(self._gather([wk.train_step.remote(sh) for wk, sh in zip(self.workers, shards)],
+                                            "train_step"))
 
     def sft_step(self, examples: list[dict]) -> dict[str, float]:
-        return average_metrics(self._sharded("sft_step", examples, lambda e, idx: [e[i] for i in idx.tolist()]))
+        """One stage-1 step on the whole (global) batch of examples; every rank takes its share."""
+        return average_metrics(self.call_all("sft_step", examples))
 
     def publish(self, bump: bool = True):
         return self.call_all("publish", bump)[0]

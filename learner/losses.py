@@ -38,24 +38,34 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kl: str = "k3") -> to
     return KL_ESTIMATORS[kl](d).clamp(-KL_CLAMP, KL_CLAMP)
 
 
-# Aggregations of a (B, T) per-token loss under a (B, T) mask.
-def _token_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (x * m).sum() / m.sum().clamp(min=1)  # sum_bt x m / sum_bt m
+# Aggregations of a (B, T) per-token loss under a (B, T) mask (row weights folded in). ``denom``: the
+# global count the sum is divided by (NeMo-RL's global normalisation: every rank and mini-batch divides by
+# the whole mini-batch's count, so W ranks' summed shares are one rank's loss); None: this batch's own.
+def _token_mean(x: torch.Tensor, m: torch.Tensor, denom: float | None = None) -> torch.Tensor:
+    return (x * m).sum() / (m.sum().clamp(min=1) if denom is None else denom)  # sum_bt x m / sum_bt m
 
 
-def _seq_mean_token_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return ((x * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()  # mean_b (sum_t x m / sum_t m)
+def _seq_mean_token_mean(x: torch.Tensor, m: torch.Tensor, denom: float | None = None) -> torch.Tensor:
+    per_seq = (x * m).sum(-1) / m.sum(-1).clamp(min=1)  # mean_b (sum_t x m / sum_t m)
+    return per_seq.mean() if denom is None else per_seq.sum() / denom
 
 
-def _seq_mean_token_sum_norm(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (x * m).sum() / (m.shape[0] * m.shape[1])  # Dr. GRPO: sum_bt x m / (B * T_max)
+def _seq_mean_token_sum_norm(x: torch.Tensor, m: torch.Tensor, denom: float | None = None) -> torch.Tensor:
+    return (x * m).sum() / (m.shape[0] * m.shape[1] if denom is None else denom)  # Dr. GRPO: / (B * T_max)
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "token-mean": _token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }
+
+
+def aggregation_denominator(agg: str, tokens: int, sequences: int, width: int) -> float:
+    """The global count ``agg`` divides by: tokens (token-mean), sequences (seq-mean-token-mean) or
+    sequences x padded width (seq-mean-token-sum-norm)."""
+    return float(max(1, {"token-mean": tokens, "seq-mean-token-mean": sequences,
+                         "seq-mean-token-sum-norm": sequences * width}[agg]))
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -99,11 +109,15 @@ def text_policy_loss(
     beta: float = 0.0,
     kl: str = "k3",
     agg: str = "token-mean",
+    row_weight: torch.Tensor | None = None,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO on tokens. logp / old_logp / mask (B, T); advantages (B,), one per sequence.
 
     L_text = agg( max(-rho_t A, -clip(rho_t, 1-eps_low, 1+eps_high) A) + beta KL_t ),
-    rho_t = exp(logp_t - logp_old_t), KL_t from ``kl`` in {k1, k2, k3} against ``ref_logp``.
+    rho_t = exp(logp_t - logp_old_t), KL_t from ``kl`` in {k1, k2, k3} against ``ref_logp``;
+    ``row_weight`` (B,) scales each row's mask (0: a padding row), ``denominator`` replaces the
+    aggregation's own count (``aggregation_denominator`` over the global mini-batch).
     """
     if logp.dim() != 2:
         raise ValueError(f"logp must be (batch, tokens), got shape {tuple(logp.shape)}")
@@ -115,8 +129,8 @@ def text_policy_loss(
         raise ValueError(f"mask must have shape {(b, t)}, got {tuple(mask.shape)}")
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {sorted(AGGREGATIONS)}, got {agg!r}")
-    m = mask.to(logp.dtype)
-    sel = mask.bool()
+    m = mask.to(logp.dtype) if row_weight is None else mask.to(logp.dtype) * row_weight[:, None].to(logp.dtype)
+    sel = m > 0
     per_token, ratio, low, high = clipped_surrogate(logp, old_logp.detach(), advantages[:, None], clip_low, clip_high)
     metrics: dict[str, float] = {}
     if ref_logp is not None and beta != 0.0:
@@ -124,7 +138,7 @@ def text_policy_loss(
         kl_t = kl_penalty(logp, ref_logp.detach(), kl)
         per_token = per_token + beta * kl_t
         metrics["kl_ref"] = _token_mean(kl_t.detach(), m).item()
-    loss = AGGREGATIONS[agg](per_token, m)
+    loss = AGGREGATIONS[agg](per_token, m, denominator)
     n = m.sum().clamp(min=1)
     with torch.no_grad():
         d = (logp - old_logp).detach()
@@ -148,13 +162,16 @@ def image_policy_loss(
     mean: torch.Tensor | None = None,
     ref_mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-GRPO on denoising steps. log_prob / old_log_prob (B, K); advantages (B,).
 
-    L_img = mean_{b,k} max(-rho_k A, -clip(rho_k, 1-eps, 1+eps) A)
-            + beta * mean_{b,k} mean_latent((mean_k - mean_ref_k)^2) / (2 std_k^2),
+    L_img = sum_{b,k} w_b [ max(-rho_k A, -clip(rho_k, 1-eps, 1+eps) A)
+                            + beta * mean_latent((mean_k - mean_ref_k)^2) / (2 std_k^2) ] / D,
     rho_k = exp(log_prob_k - log_prob_old_k); ``mean`` / ``ref_mean`` (B, K, ...) and ``std`` (B, K) are the
-    SDE step's mean and standard deviation under the policy and the reference.
+    SDE step's mean and standard deviation under the policy and the reference; ``weight`` w (B,) is 1 per
+    image (0: a padding row's) and the denominator D is B * K (the mean) unless given.
     """
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (batch, steps), got shape {tuple(log_prob.shape)}")
@@ -163,7 +180,9 @@ def image_policy_loss(
     _check("old_log_prob", old_log_prob, (b, k))
     _check("advantages", advantages, (b,))
     per_step, ratio, low, high = clipped_surrogate(log_prob, old_log_prob.detach(), advantages[:, None], clip, clip)
-    loss = per_step.mean()
+    w = torch.ones(b, dtype=log_prob.dtype, device=log_prob.device) if weight is None else weight.to(log_prob.dtype)
+    d = float(b * k) if denominator is None else denominator
+    loss = (w[:, None] * per_step).sum() / d
     metrics: dict[str, float] = {}
     if beta != 0.0:
         if mean is None or ref_mean is None or std is None:
@@ -174,15 +193,15 @@ def image_policy_loss(
                 f"{tuple(mean.shape)}, {tuple(ref_mean.shape)}, {tuple(std.shape)}"
             )
         sq = ((mean - ref_mean.detach()) ** 2).flatten(2).mean(-1)
-        kl = (sq / (2 * std.detach() ** 2)).mean()
-        loss = loss + beta * kl
-        metrics["kl_ref"] = kl.item()
-    sel = torch.ones_like(ratio, dtype=torch.bool)
+        kl_steps = w[:, None] * sq / (2 * std.detach() ** 2)
+        loss = loss + beta * kl_steps.sum() / d
+        metrics["kl_ref"] = kl_steps.sum().item() / max(1.0, float(w.sum()) * k)
+    sel = (w[:, None] > 0).expand_as(ratio)
     with torch.no_grad():
-        n = float(b * k)
+        n = max(1.0, float(sel.sum()))
         metrics.update(
-            clipfrac=(low | high).sum().item() / n,
-            approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
+            clipfrac=((low | high) & sel).sum().item() / n,
+            approx_kl=(0.5 * (log_prob - old_log_prob) ** 2)[sel].sum().item() / n,
             **_ratio_stats(ratio, sel),
         )
     return loss, metrics

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from learner.batch import TrainBatch
-from learner.losses import image_policy_loss, text_policy_loss, total_loss
+from learner.losses import aggregation_denominator, image_policy_loss, text_policy_loss, total_loss
+from learner.sft import SFTShard
+from learner.sharding import GlobalCounts
 from policy.prompting import mask_unsampleable
 from policy.sde import window_log_probs
 from policy.shared_prefix import lm_hidden_shared_prefix, plan_shared_prefix, takes_block_mask
@@ -97,56 +99,71 @@ def policy_outputs(policy, batch: TrainBatch, temperature: float, noise_level: f
 
 
 def grpo_loss(
-    out: PolicyOutputs, old: PolicyOutputs, batch: TrainBatch, s: GRPOSettings, ref: PolicyOutputs | None = None
+    out: PolicyOutputs, old: PolicyOutputs, batch: TrainBatch, s: GRPOSettings, ref: PolicyOutputs | None = None,
+    counts: GlobalCounts | None = None, world_size: int = 1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = L_text(tokens, A) + lambda_img * (S/B) * L_img(denoising steps, A[row of the image]): one
-    advantage; the image term is averaged per trajectory (S images in a batch of B trajectories)."""
+    """One rank's share of a global mini-batch's loss, times the world size W:
+
+        L_r = W * [ L_text,r + lambda_img * sum_{s,k} w_s l_{s,k} / (K * B) ],
+
+    L_text,r: the text policy loss summed over this rank's rows and divided by the global mini-batch's
+    count (``counts``: tokens for token-mean, sequences for the seq-mean modes); l_{s,k} the Flow-GRPO
+    term of image segment s's step k under its row's advantage, w_s its weight, B the global mini-batch's
+    trajectories (the image term is averaged per trajectory: a batch where few samples generated gives
+    those few images their share of the batch). DeepSpeed averages gradients over the W ranks, so the
+    step follows grad of sum_r L_r / W: one rank's loss on the whole mini-batch. ``counts`` None: this
+    batch alone is the mini-batch (W = 1)."""
+    if counts is None:
+        counts = GlobalCounts(int(batch.loss_mask.sum()), batch.num_rows, int(batch.input_ids.shape[1]))
     text, tm = text_policy_loss(
         out.logp, old.logp, batch.advantages, batch.loss_mask,
         ref_logp=None if ref is None else ref.logp, clip_low=s.clip_low, clip_high=s.clip_high,
-        beta=s.beta_text, kl=s.kl, agg=s.agg,
+        beta=s.beta_text, kl=s.kl, agg=s.agg, row_weight=batch.row_weight,
+        denominator=aggregation_denominator(s.agg, counts.tokens, counts.sequences, counts.width),
     )
     metrics = {f"text/{k}": v for k, v in tm.items()}
-    mask = batch.loss_mask.float()
+    mask = batch.loss_mask.float() * batch.row_weight[:, None]
     metrics["text/entropy"] = ((out.entropy * mask).sum() / mask.sum().clamp(min=1)).item()
-    metrics["text/loss"] = text.item()
     image = None
     if out.img_logp is not None:
         image, im = image_policy_loss(
             out.img_logp, old.img_logp, batch.advantages[batch.seg_rows], clip=s.clip_img, beta=s.beta_img,
             mean=out.img_mean, ref_mean=None if ref is None else ref.img_mean, std=out.img_std,
+            weight=batch.seg_weight, denominator=float(out.img_logp.shape[1] * max(1, counts.sequences)),
         )
         metrics.update({f"image/{k}": v for k, v in im.items()})
-        metrics["image/loss"] = image.item()
-        # per trajectory, not per image: a batch where few samples generated gives those few images the
-        # weight of their share of the batch, not the weight of the whole text loss
-        image = image * (batch.num_segments / batch.input_ids.shape[0])
-    loss = total_loss(text, image, s.lambda_img)
+        metrics["image/loss"] = world_size * image.item()
+    loss = world_size * total_loss(text, image, s.lambda_img)
+    metrics["text/loss"] = world_size * text.item()
     metrics["loss"] = loss.item()
     return loss, metrics
 
 
 def sft_loss(
-    policy, batch: TrainBatch, text_weight: float = 1.0, flow_weight: float = 1.0, generator: torch.Generator | None = None
+    policy, shard: SFTShard, text_weight: float = 1.0, flow_weight: float = 1.0, world_size: int = 1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Stage 1: text cross-entropy on the target tokens + flow matching that restores each image
-    segment's target latent (``seg_final``) from noise, conditioned on the context before it.
+    segment's target latent (``seg_final``) from noise, conditioned on the context before it; this rank's
+    share of the global batch's loss, times the world size W (DeepSpeed averages gradients over ranks):
 
-    Flow matching: x_s = (1 - s) x_0 + s eps,  v* = eps - x_0,  L_fm = mean ||v(x_s, s) - v*||^2.
+        x_s = (1 - s) x_0 + s eps,  v* = eps - x_0,
+        L_r = W * [ text_weight * sum_{rows of r} w CE / N_tokens
+                    + flow_weight * sum_{images of r} w mean_latent ||v(x_s, s) - v*||^2 / N_images ].
     """
+    batch = shard.batch
     logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents)
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    mask = batch.loss_mask[:, 1:].float()
-    ce = -(logp * mask).sum() / mask.sum().clamp(min=1)
+    mask = batch.loss_mask[:, 1:].float() * batch.row_weight[:, None]
+    ce = -world_size * (logp * mask).sum() / max(1, shard.tokens)
     loss = text_weight * ce
     metrics = {"sft/text_ce": ce.item()}
     if batch.num_segments:
-        x0 = batch.seg_final
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # drawn on the CPU generator, then moved
-        s = torch.rand(x0.shape[0], generator=generator).to(x0.device)
+        x0, dev = batch.seg_final, batch.seg_final.device
+        eps, s = shard.flow_noise.to(dev), shard.flow_times.to(dev)
         xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
         enc, pooled = _conditioning(policy, hidden, batch, 1)
-        fm = F.mse_loss(policy.velocity(xs, s, enc, pooled), eps - x0)
+        err = (policy.velocity(xs, s, enc, pooled) - (eps - x0)).pow(2).flatten(1).mean(-1)
+        fm = world_size * (batch.seg_weight * err).sum() / max(1, shard.images)
         loss = loss + flow_weight * fm
         metrics["sft/flow_mse"] = fm.item()
     with torch.no_grad():

@@ -10,10 +10,13 @@ model learns when generation is worth it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from learner.batch import TrainBatch, collate
+from learner.sharding import padding_donors, split_evenly
 from policy.prompting import encode_prompt, encode_target
 from policy.sde import flow_sigmas, sample_ode
 from policy.trajectory import ImageSegment, Trajectory
@@ -23,56 +26,93 @@ def _pixels(images: list[np.ndarray]) -> torch.Tensor:
     return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
+@dataclass
+class SFTShard:
+    """One rank's part of a stage-1 step over a global batch of examples."""
+
+    batch: TrainBatch  # this rank's examples (and a zero-weight padding one where needed)
+    flow_noise: torch.Tensor  # (S, C, h, w): eps of each image segment's flow-matching target
+    flow_times: torch.Tensor  # (S,): its time s
+    tokens: int  # target tokens of the global batch
+    images: int  # image targets of the global batch
+
+
 @torch.no_grad()
 def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tensor, steps: int,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """Latents the policy generates (ODE) from each context (ending in <gen>) with one input image each."""
+                    noise: torch.Tensor) -> torch.Tensor:
+    """Latents the policy generates (ODE from ``noise``) from each context (ending in <gen>) with one input
+    image each."""
     width = max(len(c) for c in contexts)
     ids = torch.full((len(contexts), width), policy.token_ids["pad"], dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, c in enumerate(contexts):
         ids[i, : len(c)], attn[i, : len(c)] = torch.tensor(c), 1
-    dev = policy.device  # noise is drawn on the CPU (the generator's device), then moved
+    dev = policy.device
     _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), input_latents.to(dev))
     enc, pooled = policy.condition(hidden, torch.tensor([len(c) for c in contexts]))
-    noise = torch.randn((len(contexts), *policy.latent_shape), generator=generator).to(dev)
-    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise, flow_sigmas(steps)).cpu()
+    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise.to(dev), flow_sigmas(steps)).cpu()
+
+
+def _rank_rows(examples: list[dict], rank: int, world: int) -> tuple[list[int], list[int]]:
+    """(this rank's example indices, its zero-weight padding ones): an even split, padded
+    (``learner.sharding.padding_donors``) so every sub-module runs on every rank."""
+    rows = split_evenly(list(range(len(examples))), world)[rank]
+    gen = [i for i, e in enumerate(examples) if e["generate"]]
+    shown = [i for i, e in enumerate(examples) if e.get("image") is not None]
+    return rows, padding_donors(list(range(len(examples))), [gen, shown], rows)
 
 
 @torch.no_grad()
-def sft_batch(policy, examples: list[dict], steps: int = 8, generator: torch.Generator | None = None) -> TrainBatch:
-    """examples: {text, image (H,W,3 uint8) or None, clean_image, answer, generate: bool}.
+def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Generator | None = None,
+              rank: int = 0, world: int = 1) -> SFTShard:
+    """examples: {text, image (H,W,3 uint8) or None, clean_image, answer, generate: bool}, the global batch.
 
     ``image: None`` gives a text-only prompt (no image slot): with ``generate`` the generator learns to make
-    ``clean_image`` from the text alone (GvU's text -> image warm start)."""
+    ``clean_image`` from the text alone (GvU's text -> image warm start). Noise is drawn for the whole
+    batch on every rank (the same draws whatever the world size) and each rank keeps its rows'."""
     tok, n = policy.tokenizer, policy.n_image_tokens
-    clean = policy.encode_image(_pixels([e["clean_image"] for e in examples])).cpu()  # the batch is built on the CPU
-    with_image = [e.get("image") is not None for e in examples]
-    shown = [e["image"] for e, w in zip(examples, with_image) if w]
+    gen_all = [i for i, e in enumerate(examples) if e["generate"]]
+    shape = (len(gen_all), *policy.latent_shape)
+    ode_noise = torch.randn(shape, generator=generator) if gen_all else None
+    eps = torch.randn(shape, generator=generator) if gen_all else torch.zeros(shape)
+    times = torch.rand(len(gen_all), generator=generator) if gen_all else torch.zeros(0)
+    tokens = sum(sum(encode_target(tok, e["answer"], n, e["generate"])[1]) for e in examples)
+    rows, padding = _rank_rows(examples, rank, world)
+    picked = rows + padding
+    local = [examples[i] for i in picked]
+    clean = policy.encode_image(_pixels([e["clean_image"] for e in local])).cpu()  # the batch is built on the CPU
+    with_image = [e.get("image") is not None for e in local]
+    shown = [e["image"] for e, w in zip(local, with_image) if w]
     enc = policy.encode_image(_pixels(shown)).cpu() if shown else clean[:0]
-    pos = [sum(with_image[:i]) for i in range(len(examples))]
+    pos = [sum(with_image[:i]) for i in range(len(local))]
     inputs = [enc[pos[i] : pos[i] + 1] if w else clean[:0] for i, w in enumerate(with_image)]  # (0 or 1, C,h,w)
-    prompts = [encode_prompt(tok, e["text"], n, with_image=w) for e, w in zip(examples, with_image)]
-    gen_rows = [i for i, e in enumerate(examples) if e["generate"]]
+    prompts = [encode_prompt(tok, e["text"], n, with_image=w) for e, w in zip(local, with_image)]
+    gen_local = [j for j, i in enumerate(picked) if examples[i]["generate"]]
+    noise_row = {j: gen_all.index(picked[j]) for j in gen_local}
     own = {}
-    if gen_rows:
-        made = own_generations(policy, [prompts[i] + [policy.token_ids["gen"]] for i in gen_rows],
-                               torch.cat([inputs[i] for i in gen_rows]), steps, generator)
-        own = {i: made[j : j + 1] for j, i in enumerate(gen_rows)}
+    if gen_local:
+        made = own_generations(policy, [prompts[j] + [policy.token_ids["gen"]] for j in gen_local],
+                               torch.cat([inputs[j] for j in gen_local]), steps,
+                               ode_noise[[noise_row[j] for j in gen_local]])
+        own = {j: made[k : k + 1] for k, j in enumerate(gen_local)}
     trajs = []
-    for i, e in enumerate(examples):
+    for j, e in enumerate(local):
         target, mask = encode_target(tok, e["answer"], n, e["generate"])
-        ids = torch.tensor(prompts[i] + target, dtype=torch.long)
-        slots, images = inputs[i], []
+        ids = torch.tensor(prompts[j] + target, dtype=torch.long)
+        slots, images = inputs[j], []
         if e["generate"]:
-            slots = torch.cat([slots, own[i]])
+            slots = torch.cat([slots, own[j]])
             empty = clean.new_zeros((0, *clean.shape[1:]))
-            images = [ImageSegment(cond_end=len(prompts[i]) + 1, latents=empty, next_latents=empty,
+            images = [ImageSegment(cond_end=len(prompts[j]) + 1, latents=empty, next_latents=empty,
                                    sigmas=torch.zeros(0), sigma_nexts=torch.zeros(0), log_probs=torch.zeros(0),
-                                   final_latent=clean[i])]  # the flow-matching target
+                                   final_latent=clean[j])]  # the flow-matching target
         trajs.append(Trajectory(
-            prompt_id=str(i), group_index=0, input_ids=ids, prompt_len=len(prompts[i]),
-            loss_mask=torch.tensor([False] * len(prompts[i]) + mask), behaviour_logp=torch.zeros(len(ids)),
+            prompt_id=str(picked[j]), group_index=0, input_ids=ids, prompt_len=len(prompts[j]),
+            loss_mask=torch.tensor([False] * len(prompts[j]) + mask), behaviour_logp=torch.zeros(len(ids)),
             slot_latents=slots, images=images,
         ))
-    return collate(trajs, torch.zeros(len(trajs)), policy.token_ids["pad"])
+    batch = collate(trajs, torch.zeros(len(trajs)), policy.token_ids["pad"])
+    batch.row_weight[len(rows):] = 0.0
+    batch.seg_weight = batch.row_weight[batch.seg_rows].clone()
+    keep = [noise_row[j] for j in gen_local]
+    return SFTShard(batch, eps[keep], times[keep], int(tokens), len(gen_all))

@@ -1,7 +1,7 @@
 """What a recipe is: one frozen :class:`Recipe` that says everything the service does differently per recipe.
 
 - ``request`` turns a task item into a rollout request (``Recipe.requests`` maps a batch, in order);
-- ``sft`` builds the stage-1 examples ``learner.sft.sft_batch`` takes (None: the recipe has no stage 1);
+- ``sft`` builds the stage-1 examples ``learner.sft.sft_shard`` takes (None: the recipe has no stage 1);
 - ``rollout`` names the rollout kind the workers run (``rollout.registry.get_rollout(kind, arch)``);
 - ``rewards`` are the default reward components (``reward.components`` entries);
 - ``evaluation`` is how a run is evaluated (``services.evaluate``): ``accuracy`` (answer accuracy, clean and
@@ -50,7 +50,7 @@ class Recipe:
         return [self.request(it, image_size) for it in items]
 
     def sft_examples(self, items: Sequence[PromptItem], generate_prob: float = 1.0) -> list[dict]:
-        """Stage-1 examples (``learner.sft.sft_batch``); ValueError when the recipe has no stage 1."""
+        """Stage-1 examples (``learner.sft.sft_shard``); ValueError when the recipe has no stage 1."""
         if self.sft is None:
             raise ValueError(f"recipe {self.name!r} has no stage-1 SFT")
         return self.sft(items, generate_prob)

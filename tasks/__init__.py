@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .degrade import CORRUPTIONS, DEGRADATIONS, LEVELS, apply_degradation, degrade, degrade_folder
+from .degrade import CORRUPTIONS, DEFAULT_DEGRADATIONS, LEVELS, apply_degradation, degrade, degrade_folder
 from .items import PromptItem, format_prompt
 from .loaders import JsonlDataset, RowError, TsvDataset
 from .sampler import PromptSampler
@@ -47,7 +47,7 @@ def build_dataset(name: str, **kwargs: Any) -> Any:
 __all__ = [
     "CORRUPTIONS",
     "DATASETS",
-    "DEGRADATIONS",
+    "DEFAULT_DEGRADATIONS",
     "LEVELS",
     "JsonlDataset",
     "PromptItem",

@@ -1,12 +1,10 @@
 """Image degradations, numpy + Pillow only.
 
-Two families:
-
-* ``DEGRADATIONS``: the default task's four (blur, noise, jpeg, lowlight) at severities 1, 2, 3;
-  ``apply_degradation(image, type, severity, seed, index)``.
-* ``CORRUPTIONS``: an MMD-Bench-style suite (as used by CLEAR) of 16 corruptions in 4 categories
-  (capture, transmission, environment, post-processing) at intensities in (0, 1], evaluated at
-  ``LEVELS = (0.23, 0.45, 0.9)``; ``degrade(image, type, intensity, seed, index)``.
+One vocabulary: ``CORRUPTIONS``, an MMD-Bench-style suite (as used by CLEAR) of 16 corruptions in 4
+categories (capture, transmission, environment, post-processing) at intensities in (0, 1], evaluated at
+``LEVELS = (0.23, 0.45, 0.9)``: ``degrade(image, type, intensity, seed, index)``, or by severity 1-3
+(intensity ``LEVELS[severity - 1]``): ``apply_degradation(image, type, severity, seed, index)``. The
+default task draws from ``DEFAULT_DEGRADATIONS`` (defocus blur, Gaussian noise, JPEG, low light).
 
 Every function takes and returns an (H, W, 3) uint8 array and draws its randomness from a numpy
 Generator seeded from (seed, image index, corruption name), so a result is a pure function of those.
@@ -31,7 +29,6 @@ CATEGORIES = ("capture", "transmission", "environment", "post_processing")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 CorruptionFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
-DegradationFn = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -124,6 +121,11 @@ def _jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8).copy()
 
 
+def _at_levels(intensity: float, values: tuple[float, float, float], at_zero: float, at_one: float) -> float:
+    """Piecewise-linear in intensity through ``values`` at ``LEVELS`` (and the two end points)."""
+    return float(np.interp(intensity, (0.0, *LEVELS, 1.0), (at_zero, *values, at_one)))
+
+
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -157,15 +159,15 @@ def motion_blur(img: np.ndarray, intensity: float, rng: np.random.Generator) -> 
 
 
 def gaussian_noise(img: np.ndarray, intensity: float, rng: np.random.Generator) -> np.ndarray:
-    """Sensor noise: additive zero-mean Gaussian noise, std 255 * (0.02 + 0.28 * intensity)."""
-    sigma = 255.0 * (0.02 + 0.28 * intensity)
+    """Sensor noise: additive zero-mean Gaussian noise, std 12 / 25 / 45 (of 255) at the three levels."""
+    sigma = _at_levels(intensity, (12.0, 25.0, 45.0), 0.0, 50.0)
     return _u8(_f(img) + rng.normal(0.0, sigma, size=img.shape).astype(np.float32))
 
 
 def low_light(img: np.ndarray, intensity: float, rng: np.random.Generator) -> np.ndarray:
-    """Underexposure: gamma darkening and gain loss with a little read noise."""
-    x = _f(img) / 255.0
-    x = x ** (1.0 + 1.5 * intensity) * (1.0 - 0.75 * intensity)
+    """Underexposure: (gamma, gain) (1.3, 0.7) / (1.7, 0.5) / (2.2, 0.3) at the levels, slight read noise."""
+    gamma, gain = _at_levels(intensity, (1.3, 1.7, 2.2), 1.0, 2.4), _at_levels(intensity, (0.7, 0.5, 0.3), 1.0, 0.25)
+    x = (_f(img) / 255.0) ** gamma * gain
     x = x + rng.normal(0.0, 0.01 * intensity, size=img.shape).astype(np.float32)
     return _u8(x * 255.0)
 
@@ -174,8 +176,8 @@ def low_light(img: np.ndarray, intensity: float, rng: np.random.Generator) -> np
 
 
 def jpeg_compression(img: np.ndarray, intensity: float, rng: np.random.Generator) -> np.ndarray:
-    """Lossy JPEG round trip at quality 50 - 48 * intensity."""
-    return _jpeg_roundtrip(img, int(round(50 - 48 * intensity)))
+    """Lossy JPEG round trip at quality 30 / 15 / 6 at the three levels."""
+    return _jpeg_roundtrip(img, int(round(_at_levels(intensity, (30.0, 15.0, 6.0), 50.0, 4.0))))
 
 
 def pixelate(img: np.ndarray, intensity: float, rng: np.random.Generator) -> np.ndarray:
@@ -355,67 +357,28 @@ def corruptions_in(category: str) -> list[str]:
 
 
 def degrade(image: np.ndarray, type: str, intensity: float, seed: int = 0, index: int = 0) -> np.ndarray:
-    """Apply one suite corruption (or a default degradation name) at ``intensity`` in (0, 1].
+    """Apply one suite corruption at ``intensity`` in (0, 1].
 
     Deterministic: the result depends only on (image, type, intensity, seed, index).
     """
-    if type not in CORRUPTIONS and type not in DEGRADATIONS:
-        raise ValueError(f"unknown corruption {type!r}; known: {sorted(CORRUPTIONS) + sorted(DEGRADATIONS)}")
+    if type not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {type!r}; known: {sorted(CORRUPTIONS)}")
     intensity = float(intensity)
     if not 0.0 < intensity <= 1.0:
         raise ValueError(f"intensity must be in (0, 1], got {intensity}")
-    img = as_rgb_uint8(image)
-    rng = make_rng(seed, index, type)
-    if type in CORRUPTIONS:
-        return CORRUPTIONS[type][1](img, intensity, rng)
-    severity = min(SEVERITY_TO_INTENSITY, key=lambda s: abs(SEVERITY_TO_INTENSITY[s] - intensity))
-    return DEGRADATIONS[type](img, severity, rng)
+    return CORRUPTIONS[type][1](as_rgb_uint8(image), intensity, make_rng(seed, index, type))
 
 
-# ----------------------------------------------------------------------------- the default four
-
-_BLUR_SIGMA = {1: 0.6, 2: 1.1, 3: 1.8}  # px at 32 px, scaled with the image side
-_NOISE_STD = {1: 12.0, 2: 25.0, 3: 45.0}
-_JPEG_QUALITY = {1: 30, 2: 15, 3: 6}
-_LOWLIGHT = {1: (1.3, 0.7), 2: (1.7, 0.5), 3: (2.2, 0.3)}  # (gamma, gain)
-
-
-def blur(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian blur, sigma 0.6 / 1.1 / 1.8 px per 32 px of image side."""
-    return _u8(_gaussian_blur(_f(img), _BLUR_SIGMA[severity] * max(1.0, _side(img) / 32)))
-
-
-def noise(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Additive Gaussian noise, std 12 / 25 / 45 (of 255)."""
-    return _u8(_f(img) + rng.normal(0.0, _NOISE_STD[severity], size=img.shape).astype(np.float32))
-
-
-def jpeg(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """JPEG round trip at quality 30 / 15 / 6."""
-    return _jpeg_roundtrip(img, _JPEG_QUALITY[severity])
-
-
-def lowlight(img: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Gamma darkening and gain loss: (gamma, gain) = (1.3, 0.7) / (1.7, 0.5) / (2.2, 0.3)."""
-    gamma, gain = _LOWLIGHT[severity]
-    return _u8(255.0 * gain * (_f(img) / 255.0) ** gamma)
-
-
-DEGRADATIONS: dict[str, DegradationFn] = {"blur": blur, "noise": noise, "jpeg": jpeg, "lowlight": lowlight}
+DEFAULT_DEGRADATIONS: tuple[str, ...] = ("defocus_blur", "gaussian_noise", "jpeg_compression", "low_light")
 
 
 def apply_degradation(
     image: np.ndarray, type: str, severity: int, seed: int = 0, index: int = 0
 ) -> np.ndarray:
-    """Apply a default degradation (or a suite corruption at ``LEVELS[severity - 1]``) at severity 1-3."""
+    """Apply a suite corruption at severity 1-3 (intensity ``LEVELS[severity - 1]``)."""
     if severity not in SEVERITY_TO_INTENSITY:
         raise ValueError(f"severity must be 1, 2 or 3, got {severity!r}")
-    img = as_rgb_uint8(image)
-    if type in DEGRADATIONS:
-        return DEGRADATIONS[type](img, int(severity), make_rng(seed, index, type))
-    if type in CORRUPTIONS:
-        return degrade(img, type, SEVERITY_TO_INTENSITY[int(severity)], seed, index)
-    raise ValueError(f"unknown degradation {type!r}; known: {sorted(DEGRADATIONS) + sorted(CORRUPTIONS)}")
+    return degrade(image, type, SEVERITY_TO_INTENSITY[int(severity)], seed, index)
 
 
 # ----------------------------------------------------------------------------- folders

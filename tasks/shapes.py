@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .degrade import CORRUPTIONS, DEGRADATIONS, apply_degradation, make_rng
+from .degrade import CORRUPTIONS, DEFAULT_DEGRADATIONS, apply_degradation, make_rng
 from .items import PromptItem, choice_letters
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -34,7 +34,6 @@ COUNTS: tuple[str, ...] = ("1", "2", "3", "4")
 BACKGROUND: tuple[int, int, int] = (96, 96, 96)
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "position")
 DEFAULT_QUESTION_TYPES: dict[str, float] = {"color": 0.55, "shape": 0.15, "count": 0.15, "position": 0.15}
-DEFAULT_DEGRADATIONS: tuple[str, ...] = ("blur", "noise", "jpeg", "lowlight")
 EVAL_FRACTION = 0.2
 _SPLIT_STREAM = {"train": 0, "eval": 1}
 _SUPERSAMPLE = 4
@@ -90,8 +89,8 @@ class ShapesVQA:
 
     ``image`` is the (possibly) degraded image; ``meta`` holds ``clean_image``, ``degradation`` (a name,
     or "none"), ``severity`` (1-3, 0 when clean), ``question_type``, ``answer_text``, ``objects``,
-    ``split`` and ``index``. ``degradations`` may name the default four (blur, noise, jpeg, lowlight) or
-    any suite corruption of ``tasks.degrade.CORRUPTIONS`` (severity s -> intensity LEVELS[s - 1]).
+    ``split`` and ``index``. ``degradations`` names corruptions of ``tasks.degrade.CORRUPTIONS`` (default:
+    ``DEFAULT_DEGRADATIONS``; severity s -> intensity LEVELS[s - 1]).
     """
 
     def __init__(
@@ -113,10 +112,10 @@ class ShapesVQA:
         if int(image_size) < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         degradations = list(degradations or [])
-        bad = [d for d in degradations if d not in DEGRADATIONS and d not in CORRUPTIONS]
+        bad = [d for d in degradations if d not in CORRUPTIONS]
         if bad:
             raise ValueError(
-                f"unknown degradations {bad}; known: {sorted(DEGRADATIONS) + sorted(CORRUPTIONS)}"
+                f"unknown degradations {bad}; known: {sorted(CORRUPTIONS)}"
             )
         severities = [int(s) for s in severities]
         if not severities or any(s not in (1, 2, 3) for s in severities):

@@ -19,6 +19,7 @@ import torch
 
 from learner.batch import collate
 from learner.objective import _conditioning, policy_outputs
+from learner.sharding import shard_batch
 from policy.factory import build_policy
 from policy.sde import draw_normal, flow_sigmas, sample_latents, window_log_probs, window_starts
 from recipes import get_recipe
@@ -247,7 +248,7 @@ def test_learner_train_step_on_cuda_and_weights_into_worker(worker, learner):
     _check_cpu_trajectories(trajs, 0)
     batch = collate(trajs, torch.tensor(ADVANTAGES * 4), learner.policy.token_ids["pad"])
     before = learner.weights_digest()
-    m, step_s = _timed(learner.train_step, batch)
+    m, step_s = _timed(learner.train_step, shard_batch(batch, learner.cfg.mini_batches, 1)[0])
     after = learner.weights_digest()
     gap_text, gap_img = _gaps(m)
     report(test="train_step", loss=m["loss"], logp_gap_text=gap_text, logp_gap_image=gap_img,
@@ -263,8 +264,8 @@ def test_learner_train_step_on_cuda_and_weights_into_worker(worker, learner):
     trajs2 = worker.generate(_requests(), seed=2, expected_version=1)
     _check_cpu_trajectories(trajs2, 1)
     # the worker's behaviour log-probs under the new weights are what the learner recomputes
-    m2, step2_s = _timed(learner.train_step, collate(trajs2, torch.tensor(ADVANTAGES * 4),
-                                                     learner.policy.token_ids["pad"]))
+    m2, step2_s = _timed(learner.train_step, shard_batch(collate(trajs2, torch.tensor(ADVANTAGES * 4),
+                                                                 learner.policy.token_ids["pad"]), 1, 1)[0])
     gap_text2, gap_img2 = _gaps(m2)
     report(test="train_step_after_sync", loss=m2["loss"], logp_gap_text=gap_text2, logp_gap_image=gap_img2,
            train_step_s=step2_s)
@@ -332,7 +333,7 @@ def test_bf16_zero2_rollout_and_train_step():
     batch = collate(trajs, torch.tensor(ADVANTAGES * 4), learner.policy.token_ids["pad"])
     assert batch.loss_mask.any() and batch.num_segments > 0
     before = learner.weights_digest()
-    m, step_s = _timed(learner.train_step, batch)
+    m, step_s = _timed(learner.train_step, shard_batch(batch, learner.cfg.mini_batches, 1)[0])
     after = learner.weights_digest()
     gap_text, gap_img = _gaps(m)
     report(test="bf16_zero2_train_step", loss=m["loss"], logp_gap_text=gap_text, logp_gap_image=gap_img,
@@ -357,7 +358,7 @@ def test_zero3_kl_reference_minibatches_iterations_and_checkpoint(tmp_path):
         _check_cpu_trajectories(trajs, it, need_image=it == 0)  # later steps may learn not to generate
         batch = collate(trajs, torch.tensor(ADVANTAGES * 4), learner.policy.token_ids["pad"])
         before = learner.weights_digest()
-        m = learner.train_step(batch)
+        m = learner.train_step(shard_batch(batch, learner.cfg.mini_batches, 1)[0])
         after = learner.weights_digest()
         gap_text, gap_img = _gaps(m)
         report(test=f"zero3_kl_iteration{it}", loss=m["loss"], kl_text=m["text/kl_ref"],

@@ -92,13 +92,20 @@ def test_weights_reach_workers_and_killed_worker_loses_no_group(tmp_path):
         run.shutdown()
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+DISTRIBUTED_KL = ("learner.num_workers=2", "learner.zero_stage=3", "algorithm.beta_text=0.05",
+                  "algorithm.beta_img=0.05")
+
+
+@pytest.mark.parametrize("variant", [(), DISTRIBUTED_KL], ids=["one-rank", "two-ranks-zero3-kl"])
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, variant):
+    """Resume equals the uninterrupted run: weights, sampler, RNG, MLflow run; with two ZeRO-3 ranks and
+    KL terms on too (the KL reference comes back from the checkpoint)."""
     monkeypatch.chdir(tmp_path)
-    full = train(_cfg(tmp_path / "a", "full", "algorithm.steps=4"))
+    full = train(_cfg(tmp_path / "a", "full", "algorithm.steps=4", *variant))
     ray.shutdown()
-    train(_cfg(tmp_path / "b", "split", "algorithm.steps=2"))
+    train(_cfg(tmp_path / "b", "split", "algorithm.steps=2", *variant))
     ray.shutdown()
-    resumed_cfg = _cfg(tmp_path / "b", "split", "algorithm.steps=4")
+    resumed_cfg = _cfg(tmp_path / "b", "split", "algorithm.steps=4", *variant)
     resumed = train(resumed_cfg, resume=True)
     assert resumed["steps"] == 4
     a = checkpoint.latest(tmp_path / "a" / "ckpt" / "full")
@@ -122,6 +129,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     timing = ("time/", "samples_per_s", "eval/", "learn/time_s", "autoscale/", "system/")  # system: the machine
     compared = [k for k in ra if not k.startswith(timing) and not k.endswith("time_per_sample_s") and "sft/" not in k]
     assert len(compared) > 10
+    if variant:
+        assert rb["text/kl_ref"] > 0 and (b / "kl_reference.safetensors").exists()
     for k in compared:
         assert ra[k] == pytest.approx(rb[k], abs=1e-5), k
 

@@ -149,7 +149,7 @@ def test_learner_outputs_match_with_and_without_sharing(policy: UnifiedPolicy) -
                        torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                        torch.zeros((0, 1, *policy.latent_shape)), torch.zeros((0, 1, *policy.latent_shape)),
                        torch.zeros((0, 1)), torch.zeros((0, 1)), torch.zeros((0, 1)),
-                       torch.zeros((0, *policy.latent_shape)))
+                       torch.zeros((0, *policy.latent_shape)), torch.arange(b), torch.ones(b), torch.zeros(0))
     with torch.no_grad():
         a = policy_outputs(policy, batch, 1.0, 0.7, shared_prefix=False)
         s = policy_outputs(policy, batch, 1.0, 0.7, shared_prefix=True)
