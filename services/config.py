@@ -46,6 +46,8 @@ __all__ = [
     "SyncConfig",
     "AlgorithmConfig",
     "SFTConfig",
+    "VAEFitConfig",
+    "EvaluationConfig",
     "TrackingConfig",
     "CheckpointConfig",
     "ClusterConfig",
@@ -66,10 +68,8 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Prob = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-# The default task's four degradations (severity 1-3) and the degradation suite's corruptions
-# (tasks.degrade.DEGRADATIONS / CORRUPTIONS; severity s -> suite intensity level s).
+# The degradation suite's corruptions (tasks.degrade.CORRUPTIONS; severity s -> intensity LEVELS[s - 1]).
 Degradation = Literal[
-    "blur", "noise", "jpeg", "lowlight",
     "defocus_blur", "motion_blur", "gaussian_noise", "low_light",
     "jpeg_compression", "pixelate", "packet_loss", "quantization",
     "fog", "rain", "snow", "shadow_glare",
@@ -91,7 +91,7 @@ class TaskConfig(_Section):
     train_size: PosInt = 20000
     eval_size: PosInt = 400
     image_size: PosInt = 32
-    degradations: list[Degradation] = Field(default_factory=lambda: ["blur", "noise", "jpeg", "lowlight"])
+    degradations: list[Degradation] = Field(default_factory=lambda: ["defocus_blur", "gaussian_noise", "jpeg_compression", "low_light"])
     severities: list[Annotated[int, Field(ge=1, le=3)]] = Field(default_factory=lambda: [1, 2, 3])
     degrade_prob: Prob = 0.75
     # A list (equal weights) or name -> sampling weight. shapes_vqa knows color, shape, count, position.
@@ -188,6 +188,8 @@ class RolloutConfig(_Section):
     max_images: NonNegInt = 1
     num_cpus_per_worker: NonNegFloat = 1.0
     num_gpus_per_worker: NonNegFloat = 0.0
+    call_timeout_s: PosFloat = 300  # a rollout call answers within this, or its worker is declared dead
+    start_timeout_s: PosFloat = 600  # a new / restarted worker is built and holds weights within this
     sde: SDEConfig = Field(default_factory=SDEConfig)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
@@ -292,6 +294,7 @@ class LearnerConfig(_Section):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     num_cpus_per_worker: NonNegFloat = 1.0
     num_gpus_per_worker: NonNegFloat = 0.0
+    call_timeout_s: PosFloat = 1800  # the longest the driver waits on a learner call (a step, a save)
 
     @model_validator(mode="after")
     def _something_trains(self) -> LearnerConfig:
@@ -329,6 +332,39 @@ class SFTConfig(_Section):
     text_weight: NonNegFloat = 1.0
     generate_prob: Prob = 0.5  # CLEAR: share of degraded images whose target is generate-then-answer
     reset_optimizer: bool = True  # stage 2 starts with a fresh optimizer state (moments), at learner.lr
+
+
+class VAEFitConfig(_Section):
+    """The tiny VAE fitted to the task's clean images before stage 1 (``services/vae_fit.py``)."""
+
+    enabled: bool = True
+    images: PosInt = 2400
+    eval_images: PosInt = 256
+    epochs: PosInt = 2
+    batch_size: PosInt = 32
+    lr: PosFloat = 2e-3
+    kl_weight: NonNegFloat = 1e-6
+
+
+EvalMode = Literal["greedy", "sampled", "forced", "forbidden"]
+EVAL_MODES: tuple[str, ...] = ("greedy", "sampled", "forced", "forbidden")
+
+
+class EvaluationConfig(_Section):
+    """The held-out report (``services/evaluate.py``) before and after stage 2 and in ``unigrpo eval``."""
+
+    severities: list[Annotated[int, Field(ge=1, le=3)]] = Field(default_factory=lambda: [1, 2, 3])
+    modes: list[EvalMode] = Field(default_factory=lambda: list(EVAL_MODES))
+    bootstrap_samples: PosInt = 10_000
+
+    @field_validator("severities", "modes")
+    @classmethod
+    def _not_empty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("at least one entry is needed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate entries in {v}")
+        return v
 
 
 # ------------------------------------------------------------------------------- tracking / ckpt / ray
@@ -384,6 +420,8 @@ class RunConfig(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    vae_fit: VAEFitConfig = Field(default_factory=VAEFitConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -397,23 +435,22 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
-        batch = self.rollout.prompts_per_step * self.rollout.group_size
-        if self.learner.mini_batches > batch:
+        if self.learner.mini_batches > self.rollout.prompts_per_step:
             raise ConfigError(
                 "learner.mini_batches",
-                f"{self.learner.mini_batches} mini-batches > {batch} trajectories per step "
-                "(rollout.prompts_per_step * rollout.group_size)",
+                f"{self.learner.mini_batches} mini-batches > {self.rollout.prompts_per_step} prompt groups per "
+                "step (rollout.prompts_per_step): a mini-batch is whole groups",
             )
         if getattr(self.model, "freeze_generator", False) and self.learner.train_generator:
             raise ConfigError("learner.train_generator", "must be false when model.freeze_generator is true")
-        if self.rollout.autoscale.enabled and not (
+        if not (  # the pool's size bounds: the autoscaler and `unigrpo scale` stay within them
             self.rollout.autoscale.min_workers
             <= self.rollout.num_workers
             <= self.rollout.autoscale.max_workers
         ):
             raise ConfigError(
                 "rollout.num_workers",
-                f"{self.rollout.num_workers} is outside autoscale bounds "
+                f"{self.rollout.num_workers} is outside the pool size bounds (rollout.autoscale) "
                 f"[{self.rollout.autoscale.min_workers}, {self.rollout.autoscale.max_workers}]",
             )
         problem = get_recipe(self.recipe).first_problem(self)  # recipe x model.arch limits (recipes/)

@@ -49,7 +49,8 @@ SECTION_DOCS: dict[str, str] = {
     "rollout.sde": "The stochastic flow-matching sampler (`policy/sde.py`): a window of SDE steps with "
                    "log-probs, plain Euler elsewhere.",
     "rollout.vllm": "The vLLM text engine (`rollout.engine: vllm`, GPU).",
-    "rollout.autoscale": "Pool size from the rollout / learn time split, checked between steps.",
+    "rollout.autoscale": "The pool size bounds, and the optional policy that resizes the pool from the "
+                         "rollout / learn time split between steps.",
     "reward": "How trajectories are scored (`reward/`, `services/reward_backend.py`).",
     "reward.components[]": "One weighted reward function (`reward/registry.py`); the total is the weighted sum.",
     "reward.serve": "The Ray Serve reward app (`reward.backend: serve`, and `unigrpo serve reward`).",
@@ -59,6 +60,11 @@ SECTION_DOCS: dict[str, str] = {
     "algorithm": "Stage 2 (GRPO + Flow-GRPO): steps, sync / async, advantages and the policy losses.",
     "sft": "Stage 1: supervised warm start before GRPO (CLEAR's generate-then-answer; GvU's captioning).",
     "tracking": "MLflow (the driver alone logs).",
+    "vae_fit": "The tiny VAE fitted to the task's clean images before stage 1 (`services/vae_fit.py`): "
+               "applies when `model.vae_path` is null on `model.arch: unified` with `task.name: shapes_vqa`; "
+               "cached under `<checkpoint.dir>/tiny-vae/<key>/`, then every actor loads it.",
+    "evaluation": "The held-out report (`services/evaluate.py`) before and after stage 2 and in `unigrpo eval`: "
+                  "per set, accuracy per generation mode, trigger rate, restoration PSNR / SSIM, paired tests.",
     "checkpoint": "Atomic checkpoints and `--resume`.",
     "cluster": "Ray: local or an existing cluster, and the resources actors ask for.",
 }
@@ -105,9 +111,9 @@ FIELD_DOCS: dict[str, str] = {
     "task.train_size": "Items in the synthetic training set.",
     "task.eval_size": "Held-out items per evaluation set (clean and each severity).",
     "task.image_size": "Pixels per side of the synthetic images.",
-    "task.degradations": "Degradations sampled for training images: the four basic ones or corruptions "
-                         "of the 16-type suite (`tasks/degrade.py`).",
-    "task.severities": "Severities sampled (1-3; suite intensity level s for suite corruptions).",
+    "task.degradations": "Corruptions of the 16-type suite (`tasks/degrade.py`) sampled for training "
+                         "images.",
+    "task.severities": "Severities sampled (1-3: the suite's intensity levels 0.23, 0.45, 0.9).",
     "task.degrade_prob": "Probability that a training image is degraded.",
     "task.shuffle_choices": "Shuffle the multiple-choice options per item (the answer letter moves with "
                             "them); off keeps the tiny default learnable in minutes.",
@@ -126,6 +132,12 @@ FIELD_DOCS: dict[str, str] = {
     "rollout.max_images": "Images one response may generate (CLEAR's generation trigger; 0: text only).",
     "rollout.num_cpus_per_worker": "CPUs each rollout worker asks Ray for (also its torch threads).",
     "rollout.num_gpus_per_worker": "GPUs each rollout worker asks Ray for (fractions share a GPU).",
+    "rollout.call_timeout_s": "Every wait on a rollout call (a chunk of prompts, a decode, a drain) ends "
+                              "within this; a worker that does not answer is declared dead, killed and "
+                              "replaced, and its prompts are re-queued with their seeds.",
+    "rollout.start_timeout_s": "A new or restarted worker has built its model and loaded the current weights "
+                               "within this, else it is declared dead and restarted (3 tries). A placement "
+                               "that cannot be met waits without limit (`pool/pending`); it is no error.",
     "rollout.sde.steps": "Denoising steps per image.",
     "rollout.sde.window": "Stochastic (SDE) steps whose log-probs are recorded and trained.",
     "rollout.sde.window_position": "Where the window sits: `fixed` at `window_start`, or `random` per image.",
@@ -136,8 +148,10 @@ FIELD_DOCS: dict[str, str] = {
     "rollout.vllm.enforce_eager": "Run vLLM without CUDA graphs.",
     "rollout.autoscale.enabled": "Resize the pool between steps from the time split (a manual "
                                  "`unigrpo scale` turns it off for the rest of the run).",
-    "rollout.autoscale.min_workers": "Lower bound of the pool size.",
-    "rollout.autoscale.max_workers": "Upper bound of the pool size.",
+    "rollout.autoscale.min_workers": "Lower bound of the pool size (`rollout.num_workers`, the autoscaler and "
+                                     "`unigrpo scale`, whose request is clamped to the bounds).",
+    "rollout.autoscale.max_workers": "Upper bound of the pool size (`rollout.num_workers`, the autoscaler and "
+                                     "`unigrpo scale`, whose request is clamped to the bounds).",
     "rollout.autoscale.target_rollout_fraction": "Target share of rollout in rollout + learn time: a worker "
                                                  "is added above target + 0.1, removed below target - 0.1.",
     # reward
@@ -163,12 +177,14 @@ FIELD_DOCS: dict[str, str] = {
     "learner.weight_decay": "AdamW weight decay.",
     "learner.betas": "AdamW betas.",
     "learner.grad_clip": "Gradient-norm clip (0: off).",
-    "learner.mini_batches": "Optimizer steps per GRPO step (the batch split into this many).",
+    "learner.mini_batches": "Optimizer steps per GRPO step: the batch cut into this many mini-batches of "
+                            "whole prompt groups (at most `rollout.prompts_per_step`).",
     "learner.train_lm": "Train the understanding side (LM, bridge; Janus: its understanding encoder).",
     "learner.train_generator": "Train the generation side (generator, connector; Janus: its image-code "
                                "head).",
     "learner.num_cpus_per_worker": "CPUs each learner rank asks Ray for (also its torch threads).",
     "learner.num_gpus_per_worker": "GPUs each learner rank asks Ray for.",
+    "learner.call_timeout_s": "The longest the driver waits on a learner call (a step, a save, a publish).",
     "learner.sync.backend": "`object_store` (any topology). The collective backend (`sync/nccl.py`) is not "
                             "built by the driver yet.",
     "learner.sync.bucket_mb": "Weights travel in buckets of about this size.",
@@ -197,6 +213,24 @@ FIELD_DOCS: dict[str, str] = {
     "sft.lr": "Stage-1 learning rate.",
     "sft.flow_weight": "Weight of the flow-matching loss.",
     "sft.text_weight": "Weight of the text cross-entropy.",
+    # vae_fit
+    "vae_fit.enabled": "Fit the tiny VAE before stage 1 (false: the random-init VAE; latents then decode "
+                       "to noise).",
+    "vae_fit.images": "Clean training images it is fitted on (at most `task.train_size`).",
+    "vae_fit.eval_images": "Held-out clean images (at most `task.eval_size`) whose reconstruction PSNR / SSIM "
+                           "is printed and logged (`vae_fit/psnr_db`, `vae_fit/ssim`).",
+    "vae_fit.epochs": "Passes over the images (steps = epochs x images / batch_size).",
+    "vae_fit.batch_size": "Images per fit step.",
+    "vae_fit.lr": "Peak Adam learning rate (one-cycle schedule).",
+    "vae_fit.kl_weight": "Weight of the KL term beside the reconstruction MSE.",
+    # evaluation
+    "evaluation.severities": "Degraded held-out sets beside clean, `task.eval_size` images each; the evals "
+                             "every `algorithm.eval_every` steps use the highest one (greedy only).",
+    "evaluation.modes": "`greedy` / `sampled`: as the model chooses (temperature 0 / `rollout.temperature`); "
+                        "`forced`: every response opens with `<gen>` (and restoration is measured); "
+                        "`forbidden`: `<gen>` is never sampled.",
+    "evaluation.bootstrap_samples": "Paired-bootstrap resamples of the stage-1 vs stage-2 comparison (seeded by "
+                                    "`seed`; the exact McNemar test needs none).",
     # tracking / checkpoint / cluster
     "tracking.uri": "MLflow tracking URI; null: `$MLFLOW_TRACKING_URI`, else `sqlite:///./mlflow.db`.",
     "tracking.experiment": "MLflow experiment name.",
