@@ -25,7 +25,8 @@ same policy.
 
 Special tokens: ``token_ids["img"]`` is the model's ``image_token_id`` (understanding placeholder); with a
 real Janus tokenizer ``img_start`` / ``img_end`` are its ``boi_token`` / ``eoi_token`` (``<begin_of_image>``,
-``<end_of_image>``), so prompts follow Janus's own image layout.
+``<end_of_image>``), so prompts follow Janus's own image layout. Prompts are Janus-Pro conversations
+(``policy.janus_chat``): the checkpoint's chat template, else Janus-Pro's format written in code.
 
 The VQ model is frozen (Janus keeps it in eval); everything else is trainable. ``from_config`` builds one
 from the run's ``model`` section (``arch: janus``; see ``policy.factory.build_policy``).
@@ -45,6 +46,7 @@ from torch import nn
 from policy.bridge import positions_from_mask
 from policy.build import build_tokenizer, torch_dtype
 from policy.config import PolicyConfig
+from policy.janus_chat import DEFAULT_IMAGE_TOKEN, JANUS_PRO_SYSTEM_PROMPT, chat_ids, chat_template_of
 from policy.janus_tiny import TINY_TEXT, TINY_VISION, TINY_VQ, tiny_janus_config
 from policy.model import copy_named_tensors, tensor_sums
 from policy.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
@@ -58,7 +60,8 @@ class JanusPolicy(nn.Module):
     arch = "janus"  # PolicyConfig.arch
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_mean: Iterable[float] = (0.5, 0.5, 0.5),
-                 image_std: Iterable[float] = (0.5, 0.5, 0.5), cfg: PolicyConfig | None = None) -> None:
+                 image_std: Iterable[float] = (0.5, 0.5, 0.5), cfg: PolicyConfig | None = None,
+                 chat_template: str | None = None) -> None:
         super().__init__()
         self.model = model  # JanusForConditionalGeneration
         self.tokenizer = tokenizer
@@ -71,6 +74,7 @@ class JanusPolicy(nn.Module):
                 self.token_ids[key] = int(tokenizer.convert_tokens_to_ids(text))
         self.image_offset = int(model.config.text_config.vocab_size)
         self.image_mean, self.image_std = [float(x) for x in image_mean], [float(x) for x in image_std]
+        self.chat_template = chat_template or chat_template_of(tokenizer)
         self.model.model.vqmodel.requires_grad_(False)
         self.eval()
 
@@ -120,7 +124,8 @@ class JanusPolicy(nn.Module):
             model.config.text_config.vocab_size = len(tok)
         pre = Path(path) / PREPROCESSOR_FILE
         norm = json.loads(pre.read_text()) if pre.is_file() else {}
-        return cls(model, tok, norm.get("image_mean") or (0.5,) * 3, norm.get("image_std") or (0.5,) * 3)
+        return cls(model, tok, norm.get("image_mean") or (0.5,) * 3, norm.get("image_std") or (0.5,) * 3,
+                   chat_template=chat_template_of(tok, tokenizer_path or path))
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A plain Hugging Face Janus directory (safetensors + tokenizer + image mean / std) that
@@ -128,6 +133,7 @@ class JanusPolicy(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(d)
+        self.tokenizer.chat_template = self.chat_template  # saved as chat_template.jinja, read back as its own
         self.tokenizer.save_pretrained(d)
         (d / PREPROCESSOR_FILE).write_text(json.dumps({"image_mean": self.image_mean, "image_std": self.image_std}))
 
@@ -187,10 +193,23 @@ class JanusPolicy(nn.Module):
         mean, std = (x.new_tensor(v).view(1, -1, 1, 1) for v in (self.image_mean, self.image_std))
         return (x - mean) / std
 
+    def _chat(self, text: str, image_slot: list[int] | None = None, system: str | None = None) -> list[int]:
+        image_token = getattr(self.tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
+        return chat_ids(self.tokenizer, self.chat_template, text, image_slot=image_slot, image_token=image_token,
+                        system=system)
+
     def generation_prompt(self, text: str) -> list[int]:
-        """Prompt ids of text -> image: "\\n" text "\\n" <img_start> (Janus's begin-of-image)."""
-        body = self.tokenizer.encode("\n" + text + "\n", add_special_tokens=False)
-        return body + [self.token_ids["img_start"]]
+        """Prompt ids of text -> image, Janus-Pro's generation conversation:
+        "<|User|>: " text "\\n\\n<|Assistant|>:" <img_start> (its begin-of-image; no system prompt)."""
+        return self._chat(text) + [self.token_ids["img_start"]]
+
+    def understanding_prompt(self, text: str, system: str | None = JANUS_PRO_SYSTEM_PROMPT) -> list[int]:
+        """Prompt ids of image + question -> answer, Janus-Pro's understanding conversation: system "\\n\\n"
+        "<|User|>: " <img_start> <img>*n <img_end> "\\n" text "\\n\\n<|Assistant|>:"; the answer follows
+        with a leading space. ``pixel_values`` fill the ``n_understanding_tokens`` placeholders."""
+        t = self.token_ids
+        slot = [t["img_start"], *[t["img"]] * self.n_understanding_tokens, t["img_end"]]
+        return self._chat(text, image_slot=slot, system=system)
 
     # ---- LM -------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,9 @@ Janus (``model.arch: janus``): the image is the trajectory's VQ codes c (``meta[
 are decoded by the frozen VQ decoder, x = D(c) in [0,1], and read by Janus's understanding path:
 
     pixel_values = (resize(x, SigLIP size) - mean) / std
-    sequence     = <begin_of_image> <image_placeholder>*n_features <end_of_image> "\\n" instruction "\\n" d
+    sequence     = Janus-Pro's understanding conversation (``JanusPolicy.understanding_prompt``):
+                   system "\\n\\n<|User|>: " <begin_of_image> <image_placeholder>*n <end_of_image> "\\n"
+                   instruction "\\n\\n<|Assistant|>:" " " d     (d is the assistant's answer)
     r(c, d)      = exp( (1/m) sum_j log p_theta(d_j | SigLIP(pixel_values), instruction, d_<j) )
 
 (``JanusPolicy.understanding_pixels`` / ``token_logprobs(ids, mask, pixel_values)``), so the reward scores
@@ -75,14 +77,18 @@ class GvUState:
 def _sequences(policy, descriptions: Sequence[str], instruction: str, answer_tags: bool = False
                ) -> tuple[list[list[int]], list[int]]:
     """Token rows [image slot, instruction, (<answer>), description] and where each description starts.
-    The slot holds the bridge's tokens (unified) or Janus's understanding-feature placeholders."""
-    n_slot = policy.n_understanding_tokens if policy.arch == "janus" else policy.n_image_tokens
-    prefix = encode_prompt(policy.tokenizer, instruction, n_slot, with_image=True)
+    The slot holds the bridge's tokens (unified) or Janus's understanding-feature placeholders; Janus's rows are
+    its chat conversation, the description the assistant's answer (after a space)."""
+    janus = policy.arch == "janus"
+    if janus:
+        prefix = policy.understanding_prompt(instruction)
+    else:
+        prefix = encode_prompt(policy.tokenizer, instruction, policy.n_image_tokens, with_image=True)
     if answer_tags:  # the policy's own response format: the description is scored after <answer>
         prefix = prefix + [policy.token_ids["answer_start"]]
     rows, starts = [], []
     for d in descriptions:
-        desc = policy.tokenizer.encode(d, add_special_tokens=False)
+        desc = policy.tokenizer.encode(" " + d if janus else d, add_special_tokens=False)
         rows.append(prefix + desc)
         starts.append(len(prefix))
     return rows, starts
