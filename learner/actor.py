@@ -25,7 +25,7 @@ from learner.sft import sft_shard
 from learner.sharding import RankShard
 from policy.config import PolicyConfig
 from policy.factory import Policy, build_policy
-from sync import make_publisher
+from sync import free_port, make_publisher, transport
 
 
 def _cpu_deepspeed_without_jit() -> None:
@@ -92,7 +92,7 @@ class LearnerWorker:
             self.engine.enable_backward_allreduce = False
         self.shared_prefix = learner_cfg.shared_prefix
         self.settings = GRPOSettings.from_dict(algo_cfg.model_dump())
-        self.publisher = make_publisher(learner_cfg.sync.backend, bucket_mb=learner_cfg.sync.bucket_mb)
+        self.publisher = make_publisher(transport(learner_cfg.sync.backend, self.cuda), bucket_mb=learner_cfg.sync.bucket_mb)
         self.reference: Policy | None = None
         self.version = 0
         self.steps_done = 0
@@ -214,6 +214,21 @@ class LearnerWorker:
                 return None
             state = {k: v.detach().cpu() for k, v in self.policy.trainable_state_dict().items()}
             return self.publisher.publish(self.version, state.items())
+
+    def sync_rendezvous(self) -> tuple[str, int]:
+        """This rank's node address and a free port there: where a collective weight group meets."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_sync_group(self, addr: str, port: int, world_size: int, rank: int, name: str, timeout_s: float) -> None:
+        """Rank 0 joins the collective weight group as its publisher (``sync.group``)."""
+        self.publisher.init_group(addr, port, world_size, rank, name, timeout_s)
+
+    def finish_publish(self, timeout_s: float) -> None:
+        """Collective backends: wait until every receiver has the last published version."""
+        if hasattr(self.publisher, "wait"):
+            self.publisher.wait(timeout_s)
 
     def save(self, directory: str) -> None:
         """Weights as safetensors (rank 0), optimizer and engine state through DeepSpeed (all ranks)."""

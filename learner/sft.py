@@ -18,7 +18,7 @@ import torch
 from learner.batch import TrainBatch, collate
 from learner.sharding import padding_donors, split_evenly
 from policy.prompting import encode_prompt, encode_target
-from policy.sde import flow_sigmas, sample_ode
+from policy.sde import sample_ode
 from policy.trajectory import ImageSegment, Trajectory
 
 
@@ -50,7 +50,7 @@ def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tens
     dev = policy.device
     _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), input_latents.to(dev))
     enc, pooled = policy.condition(hidden, torch.tensor([len(c) for c in contexts]))
-    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise.to(dev), flow_sigmas(steps)).cpu()
+    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise.to(dev), policy.sigmas(steps)).cpu()
 
 
 def _rank_rows(examples: list[dict], rank: int, world: int) -> tuple[list[int], list[int]]:

@@ -83,6 +83,14 @@ class RewardActor:
         self.n_synced_tensors = n
         return self.policy_version
 
+    def join_sync_group(self, addr: str, port: int, world_size: int, rank: int, name: str, timeout_s: float) -> None:
+        """Join the driver's collective weight group (``sync.group``) as receiver ``rank``."""
+        from sync import make_receiver, transport
+
+        backend = transport("nccl", self.policy is not None and self.policy.device.type == "cuda")
+        self._receivers.setdefault(backend, make_receiver(backend)).init_group(addr, port, world_size, rank, name,
+                                                                               timeout_s)
+
     def version(self) -> int:
         return self.policy_version
 

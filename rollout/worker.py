@@ -17,7 +17,7 @@ from policy.trajectory import Trajectory
 from rollout.engine import HFTextEngine, TextEngine
 from rollout.interleaved import RolloutSettings
 from rollout.registry import get_rollout
-from sync import WeightHandle, make_receiver
+from sync import WeightHandle, make_receiver, transport
 
 
 class RolloutWorker:
@@ -38,7 +38,7 @@ class RolloutWorker:
             self.policy.to("cuda")  # rollout.num_gpus_per_worker > 0: Ray gave this actor its GPU
         self.engine = make_engine(engine, self.policy, **(engine_kwargs or {}))
         self.settings = settings
-        self.receiver = make_receiver(sync_backend)
+        self.receiver = make_receiver(transport(sync_backend, self.policy.device.type == "cuda"))
         self.rollout_kind = rollout_kind
         self.rollout = get_rollout(rollout_kind, cfg.arch)
         self.policy_version = -1
@@ -50,6 +50,10 @@ class RolloutWorker:
         self.policy_version = handle.version
         self.last_sync_s = time.perf_counter() - t0
         return self.policy_version
+
+    def join_sync_group(self, addr: str, port: int, world_size: int, rank: int, name: str, timeout_s: float) -> None:
+        """Join the driver's collective weight group (``sync.group``) as receiver ``rank``."""
+        self.receiver.init_group(addr, port, world_size, rank, name, timeout_s)
 
     def generate(self, requests: list[dict], seed: int, overrides: dict | None = None,
                  expected_version: int | None = None) -> list[Trajectory]:

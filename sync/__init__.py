@@ -28,7 +28,7 @@ __all__ = [
     "WeightHandle", "WeightPublisher", "WeightReceiver",
     "WeightSyncError", "WeightSyncTimeout", "WeightSyncLost",
     "ObjectStorePublisher", "ObjectStoreReceiver", "RAY_SYSTEM_CONFIG", "NcclPublisher", "NcclReceiver", "free_port",
-    "PUBLISHERS", "RECEIVERS", "BACKENDS", "make_publisher", "make_receiver",
+    "PUBLISHERS", "RECEIVERS", "BACKENDS", "make_publisher", "make_receiver", "transport",
 ]
 
 PUBLISHERS: dict[str, Callable[..., WeightPublisher]] = {
@@ -49,6 +49,14 @@ def _lookup(table: dict[str, Callable[..., Any]], backend: str) -> Callable[...,
         return table[backend]
     except KeyError:
         raise ValueError(f"unknown weight-sync backend {backend!r}; known: {', '.join(table)}") from None
+
+
+def transport(backend: str, on_cuda: bool) -> str:
+    """The transport a configured backend (``learner.sync.backend``) takes in a process: ``nccl`` is the
+    collective group, over NCCL where the tensors are on a GPU and over gloo on the CPU."""
+    if backend == "nccl":
+        return "nccl" if on_cuda else "gloo"
+    return backend
 
 
 def make_publisher(backend: str = "object_store", **kw: Any) -> WeightPublisher:

@@ -96,6 +96,7 @@ class _Collective:
         self._store: Any = None
         self.rank: int | None = None
         self.world_size: int | None = None
+        self.group_name: str | None = None
 
     def init_group(self, master_addr: str, master_port: int, world_size: int, rank: int,
                    group_name: str = "unigrpo_weights", timeout_s: float = 120.0) -> None:
@@ -104,7 +105,7 @@ class _Collective:
         self._group, self._store = new_group(master_addr, master_port, world_size, rank,
                                              dist_backend=self.dist_backend, group_name=group_name,
                                              timeout_s=timeout_s)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.group_name = rank, world_size, group_name
 
     def _require_group(self) -> Any:
         if self._group is None:
@@ -138,6 +139,7 @@ class NcclPublisher(_Collective, WeightPublisher):
         if rank != 0:
             raise ValueError("the publisher is rank 0 of the weight group")
         super().init_group(master_addr, master_port, world_size, 0, group_name, timeout_s)
+        self.last_version = None  # a new membership: its first broadcast may repeat the version the old one had
 
     def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightHandle:
         group = self._require_group()
@@ -149,7 +151,7 @@ class NcclPublisher(_Collective, WeightPublisher):
         handle = WeightHandle(
             version=version, backend=self.backend, buckets=tuple(b.meta for b in buckets),
             total_bytes=sum(b.nbytes for b in buckets),
-            group={"world_size": self.world_size, "dist_backend": self.dist_backend},
+            group={"world_size": self.world_size, "dist_backend": self.dist_backend, "name": self.group_name},
         )
         # Buffers stay referenced until wait(): the async ops read them.
         self._pending = [(_broadcast(group, b.buffer), b.buffer) for b in buckets]
@@ -187,6 +189,9 @@ class NcclReceiver(_Collective, WeightReceiver):
         if handle.group.get("world_size") not in (None, self.world_size):
             raise WeightSyncError(f"handle of version {handle.version} is for a group of "
                                   f"{handle.group['world_size']} ranks, this one has {self.world_size}")
+        if handle.group.get("name") not in (None, self.group_name):
+            raise WeightSyncError(f"handle of version {handle.version} is for group {handle.group['name']!r}, "
+                                  f"this receiver is in {self.group_name!r}")
         if self.stream:
             return self._stream(group, handle, timeout_s)
         buffers = [self._recv(group, handle, i, m, timeout_s) for i, m in enumerate(handle.buckets)]

@@ -1,0 +1,91 @@
+"""The collective weight group (``learner.sync.backend: nccl``; gloo on CPU, the same code) on real Ray
+actors: the learner's rank 0 broadcasts, rollout workers receive; the group is rebuilt when its
+membership changes; a member killed during a broadcast fails that sync within the timeout, never a hang."""
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from learner.group import LearnerGroup
+from rollout.interleaved import RolloutSettings
+from rollout.worker import RolloutWorker
+from services.config import load_config
+from sync import WeightSyncTimeout
+from sync.group import CollectiveGroup, GroupBuildError, GroupMember
+
+TIMEOUT_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def sync_ray():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _worker(cfg, wid):
+    return ray.remote(RolloutWorker).options(num_cpus=0.5).remote(
+        wid, cfg.model, RolloutSettings(group_size=2, max_new_tokens=4), "hf", None, "nccl")
+
+
+def _sync(learner, group, workers):
+    """One broadcast to ``workers`` (the group's members); the version they hold."""
+    handle = learner.publish()
+    loads = [w.update_weights.remote(handle, TIMEOUT_S) for w in workers]
+    done = learner.workers[0].finish_publish.remote(TIMEOUT_S)
+    versions = ray.get(loads, timeout=3 * TIMEOUT_S)
+    ray.get(done, timeout=3 * TIMEOUT_S)
+    assert handle.backend == "gloo" and handle.group["name"] == f"unigrpo_weights_{group.epoch}"
+    return versions, handle.version
+
+
+def test_group_broadcasts_rebuilds_and_survives_a_killed_member(sync_ray):
+    cfg = load_config(None, ["learner.sync.backend=nccl"])
+    learner = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
+    workers = {i: _worker(cfg, i) for i in range(3)}
+    try:
+        ray.get([w.weights_digest.remote() for w in workers.values()], timeout=300)  # every actor is up
+        learner.call("weights_digest")
+        group = CollectiveGroup(learner.workers[0], TIMEOUT_S)
+        members = lambda ids: [GroupMember(("rollout", i), workers[i]) for i in ids]  # noqa: E731
+        assert group.ensure(members([0, 1])) and not group.ensure(members([0, 1]))
+        versions, v = _sync(learner, group, [workers[0], workers[1]])
+        assert versions == [v, v] == [1, 1]
+        digest = learner.call("weights_digest")
+        assert all(ray.get(workers[i].weights_digest.remote(), timeout=30) == digest for i in (0, 1))
+
+        # the pool grows: a new membership, a new group; the newcomer gets the current weights
+        assert group.ensure(members([0, 1, 2])) and group.epoch == 2
+        versions, v = _sync(learner, group, list(workers.values()))
+        assert versions == [2, 2, 2]
+
+        # a member dies after the broadcast is posted: the publisher's wait fails within the timeout
+        pid = ray.get(workers[1].__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        handle = learner.publish()
+        os.kill(pid, signal.SIGKILL)
+        live = [workers[0].update_weights.remote(handle, TIMEOUT_S), workers[2].update_weights.remote(handle, TIMEOUT_S)]
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncTimeout):
+            ray.get(learner.workers[0].finish_publish.remote(TIMEOUT_S), timeout=4 * TIMEOUT_S)
+        assert time.monotonic() - t0 < 3 * TIMEOUT_S
+        ray.wait(live, num_returns=2, timeout=3 * TIMEOUT_S)  # each returns or fails by its own timeout
+        group.invalidate()
+
+        # a build that includes the dead member names it as lost (the others only waited for it)
+        with pytest.raises(GroupBuildError) as err:
+            group.ensure(members([0, 1, 2]))
+        assert err.value.lost == {("rollout", 1)}
+
+        # the run goes on without it: a new group, every live member at the learner's version
+        assert group.ensure(members([0, 2]))
+        versions, v = _sync(learner, group, [workers[0], workers[2]])
+        assert versions == [v, v] and v == handle.version + 1
+        digest = learner.call("weights_digest")
+        assert all(ray.get(workers[i].weights_digest.remote(), timeout=30) == digest for i in (0, 2))
+    finally:
+        learner.shutdown()
+        for w in workers.values():
+            ray.kill(w)
