@@ -160,6 +160,10 @@ def test_rollouts_learner_step_and_checkpoint_reload(local_ray, sd3_dir, tmp_pat
                                                                         sde_steps=4, sde_window=2), 1,
                     torch.Generator().manual_seed(0))
     assert len(trajs) == 4 and any(t.generated_image for t in trajs)
+    sig = policy.sigmas(4)
+    for seg in (s for t in trajs for s in t.images):  # the rollout's windows are on the scheduler's schedule
+        assert all(bool(torch.isclose(sig, x).any()) for x in seg.sigmas)
+        assert all(bool(torch.isclose(sig, x).any()) for x in seg.sigma_nexts)
     group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde.steps)
     try:
         before = group.call("weights_digest")
