@@ -12,6 +12,12 @@ restart (``call_failed`` while RESTARTING) goes back to DEAD. ``call_failed`` on
 worker keeps its state (several in-flight calls fail together; a worker being removed is not restarted)
 but is counted. REMOVED is final (the id may be added again as a new worker).
 Anything else raises :class:`InvalidTransition`.
+
+Reports are attributed to one actor *instance*: every worker record carries ``instance``, a fleet-wide
+number that ``add_worker`` and ``restart_started`` give out afresh (a restarted worker is a new process).
+An event reported with ``instance=`` that is not the record's current one (or any report about a REMOVED
+worker) comes from an actor that was already replaced or removed: it changes nothing and is counted in
+``late_reports``, so a late error from a dead predecessor never marks its fresh successor DEAD.
 """
 
 from __future__ import annotations
@@ -80,19 +86,28 @@ class WorkerRecord:
     worker_id: Hashable
     state: WorkerState = WorkerState.STALE
     version: int | None = None
+    instance: int = 0  # the actor instance now behind this id (fleet-wide unique)
     failures: int = 0
     restarts: int = 0
+    late_reports: int = 0  # reports about an instance that was already replaced or removed
     history: list[tuple[WorkerState, Event, WorkerState]] = field(default_factory=list)
 
 
 class FleetHealth:
-    """Worker states, the current weight version, and fleet counters (``failures``, ``restarts``)."""
+    """Worker states, the current weight version, and fleet counters (``failures``, ``restarts``,
+    ``late_reports``)."""
 
     def __init__(self, current_version: int = 0) -> None:
         self.current_version = current_version
         self.workers: dict[Hashable, WorkerRecord] = {}
-        self.failures = 0  # call_failed events reported
+        self.failures = 0  # call_failed events reported (about a current instance)
         self.restarts = 0  # restarts started
+        self.late_reports = 0  # reports about replaced / removed instances, ignored
+        self._instances = 0
+
+    def _new_instance(self) -> int:
+        self._instances += 1
+        return self._instances
 
     # ------------------------------------------------------------------------------ membership
     def add_worker(self, worker_id: Hashable, version: int | None = None) -> WorkerRecord:
@@ -100,7 +115,7 @@ class FleetHealth:
         if worker_id in self.workers and self.workers[worker_id].state is not WorkerState.REMOVED:
             raise ValueError(f"worker {worker_id!r} is already in the fleet")
         state = WorkerState.HEALTHY if version == self.current_version else WorkerState.STALE
-        rec = self.workers[worker_id] = WorkerRecord(worker_id, state, version)
+        rec = self.workers[worker_id] = WorkerRecord(worker_id, state, version, self._new_instance())
         return rec
 
     def set_version(self, version: int) -> None:
@@ -110,10 +125,16 @@ class FleetHealth:
         self.current_version = version
 
     # ---------------------------------------------------------------------------------- events
-    def apply(self, worker_id: Hashable, event: Event | str, version: int | None = None) -> WorkerState:
-        """Apply one event; returns the new state. Unknown workers raise KeyError, bad moves InvalidTransition."""
+    def apply(self, worker_id: Hashable, event: Event | str, version: int | None = None,
+              instance: int | None = None) -> WorkerState:
+        """Apply one event; returns the new state. Unknown workers raise KeyError, bad moves InvalidTransition.
+        ``instance``: the actor instance the report is about; a stale one is a late report (no change)."""
         event = Event(event)
         rec = self.record(worker_id)
+        if self.is_late(worker_id, instance):
+            rec.late_reports += 1
+            self.late_reports += 1
+            return rec.state
         before = rec.state
         after = TRANSITIONS.get((before, event))
         if after is None:
@@ -133,14 +154,15 @@ class FleetHealth:
         elif event is Event.RESTART_STARTED:
             rec.restarts += 1
             self.restarts += 1
+            rec.instance = self._new_instance()
         elif event is Event.RESTART_DONE:
             rec.version = None  # a fresh process holds no trained weights
         rec.state = after
         rec.history.append((before, event, after))
         return after
 
-    def call_failed(self, worker_id: Hashable) -> WorkerState:
-        return self.apply(worker_id, Event.CALL_FAILED)
+    def call_failed(self, worker_id: Hashable, instance: int | None = None) -> WorkerState:
+        return self.apply(worker_id, Event.CALL_FAILED, instance=instance)
 
     def restart_started(self, worker_id: Hashable) -> WorkerState:
         return self.apply(worker_id, Event.RESTART_STARTED)
@@ -148,8 +170,8 @@ class FleetHealth:
     def restart_done(self, worker_id: Hashable) -> WorkerState:
         return self.apply(worker_id, Event.RESTART_DONE)
 
-    def weights_loaded(self, worker_id: Hashable, version: int) -> WorkerState:
-        return self.apply(worker_id, Event.WEIGHTS_LOADED, version)
+    def weights_loaded(self, worker_id: Hashable, version: int, instance: int | None = None) -> WorkerState:
+        return self.apply(worker_id, Event.WEIGHTS_LOADED, version, instance)
 
     def drain(self, worker_id: Hashable) -> WorkerState:
         return self.apply(worker_id, Event.DRAIN)
@@ -166,6 +188,15 @@ class FleetHealth:
 
     def state(self, worker_id: Hashable) -> WorkerState:
         return self.record(worker_id).state
+
+    def instance(self, worker_id: Hashable) -> int:
+        """The actor instance now behind ``worker_id`` (tag each remote call with it)."""
+        return self.record(worker_id).instance
+
+    def is_late(self, worker_id: Hashable, instance: int | None) -> bool:
+        """A report about ``instance`` comes from a replaced or removed actor (None: untagged, never late)."""
+        rec = self.record(worker_id)
+        return instance is not None and (instance != rec.instance or rec.state is WorkerState.REMOVED)
 
     def schedulable(self, max_staleness: int = 0) -> list[Hashable]:
         """HEALTHY workers whose version is within ``max_staleness`` of current (0: exactly current)."""
@@ -197,6 +228,7 @@ class FleetHealth:
         """Flat numbers for logging (``fleet/healthy``, ``fleet/failures``, ...)."""
         out: dict[str, Any] = {f"fleet/{k}": v for k, v in self.counts().items()}
         out.update({"fleet/failures": self.failures, "fleet/restarts": self.restarts,
+                    "fleet/late_reports": self.late_reports,
                     "fleet/version": self.current_version, "fleet/schedulable": len(self.schedulable())})
         return out
 

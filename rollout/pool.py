@@ -2,13 +2,29 @@
 time. Health follows ``fleet_health`` (a pure state machine); this module does the Ray side of it:
 creating, syncing, replacing and draining workers, and re-queueing the prompts of failed calls so no
 group is lost or duplicated.
+
+Nothing here waits without a bound, and nothing that a worker does blocks the run:
+
+* A member comes up in the background: placement group, then the actor (its model build), then the current
+  weights. It is STALE (``pool/pending``) until it holds them and gets prompts from then on. A placement
+  that cannot be met stays pending (logged once after ``start_timeout_s``); it never raises.
+* Every wait on a remote call has a deadline: a sampling / decode call ``call_timeout_s``, a weight load
+  ``sync_timeout_s + call_timeout_s``, a fresh actor's build and first load ``start_timeout_s``. A call
+  past its deadline or lost with its actor declares that actor instance dead: it is killed, a fresh actor
+  takes its place (in the same placement group, in the background) and the call's prompts go to another
+  worker with the same seed.
+* Every call is tagged with the actor instance it went to (``FleetHealth.instance``): a failure reported
+  by an instance that was already replaced is a late report and never touches its successor.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -20,7 +36,6 @@ from policy.trajectory import Trajectory
 from rollout.fleet_health import FleetHealth, WorkerState
 from rollout.interleaved import RolloutSettings
 from rollout.worker import RolloutWorker
-from sync.placement import wait_placement
 
 log = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -37,183 +52,341 @@ class PoolSpec:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     custom_resource: str | None = None
-    sync_timeout_s: float = 120.0
-    max_attempts: int = 3
+    sync_timeout_s: float = 120.0  # learner.sync.timeout_s
+    call_timeout_s: float = 300.0  # rollout.call_timeout_s
+    start_timeout_s: float = 600.0  # rollout.start_timeout_s
+    max_attempts: int = 3  # a chunk's tries on workers; a member's consecutive failed starts
 
 
 @dataclass
 class _Member:
+    """One pool slot: its placement group and, once placed, the actor instance behind it."""
+
     worker_id: int
-    actor: ray.actor.ActorHandle
     pg: PlacementGroup
+    placed: Any  # pg.ready()'s ObjectRef
+    since: float  # when the slot was created (placement) or its actor (re)started
+    actor: Any = None  # None: not placed yet, or dead and given up on
+    instance: int = 0  # FleetHealth instance of ``actor``
+    joined: bool = False  # has held weights (or was part of the initial pool): sync waits for it
+    load: Any = None  # in-flight update_weights ObjectRef
+    load_deadline: float = 0.0
+    start_failures: int = 0
+    warned: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 class RolloutPool:
     def __init__(self, spec: PoolSpec, num_workers: int) -> None:
+        """``num_workers`` members; waits (up to ``start_timeout_s``) until they are placed and built, so the
+        first sync reaches them all. Members that cannot be placed stay pending; none placed raises."""
         self.spec = spec
         self.health = FleetHealth()
         self.members: dict[int, _Member] = {}
         self.handle = None  # the current WeightHandle
         self._next_id = 0
+        self._lock = threading.RLock()
         for _ in range(num_workers):
             self._add()
+        self._startup()
 
     # ---- membership ------------------------------------------------------------------------
-    def _spawn(self, worker_id: int, pg: PlacementGroup) -> ray.actor.ActorHandle:
-        s = self.spec
-        return ray.remote(RolloutWorker).options(
-            num_cpus=s.num_cpus, num_gpus=s.num_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0),
-        ).remote(worker_id, s.policy_cfg, s.settings, s.engine, s.engine_kwargs, s.sync_backend, s.rollout_kind,
-                 max(1, int(s.num_cpus)), s.num_gpus)
-
-    def _add(self) -> int:
-        """A new worker in its own placement group; STALE until it holds the current weights."""
-        wid, self._next_id = self._next_id, self._next_id + 1
+    def _bundle(self) -> dict:
         bundle = {"CPU": self.spec.num_cpus}
         if self.spec.num_gpus:
             bundle["GPU"] = self.spec.num_gpus
         if self.spec.custom_resource:
             bundle[self.spec.custom_resource] = 1
-        pg = placement_group([bundle])
-        wait_placement(pg, bundle)
-        self.members[wid] = _Member(wid, self._spawn(wid, pg), pg)
+        return bundle
+
+    def _spawn(self, m: _Member) -> None:
+        s = self.spec
+        m.actor = ray.remote(RolloutWorker).options(
+            num_cpus=s.num_cpus, num_gpus=s.num_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(m.pg, 0),
+        ).remote(m.worker_id, s.policy_cfg, s.settings, s.engine, s.engine_kwargs, s.sync_backend, s.rollout_kind,
+                 max(1, int(s.num_cpus)), s.num_gpus)
+        m.instance, m.since = self.health.instance(m.worker_id), time.monotonic()
+
+    def _add(self) -> int:
+        """A new member: its placement group is requested (not waited for); STALE until it holds the
+        current weights."""
+        wid, self._next_id = self._next_id, self._next_id + 1
+        pg = placement_group([self._bundle()])
+        self.members[wid] = _Member(wid, pg, pg.ready(), time.monotonic())
         self.health.add_worker(wid)
-        if self.handle is not None:
-            self._load(wid)
         return wid
 
-    def _load(self, wid: int, attempt: int = 1) -> None:
-        """The current weights into worker ``wid`` (STALE -> HEALTHY); a worker that dies meanwhile is
-        replaced (up to ``max_attempts`` times)."""
-        m = self.members[wid]
-        try:
-            version = ray.get(m.actor.update_weights.remote(self.handle, self.spec.sync_timeout_s),
-                              timeout=self.spec.sync_timeout_s + 30)
-        except WORKER_LOST:
-            self.health.call_failed(wid)
-            if attempt >= self.spec.max_attempts:
-                raise
-            self._replace(wid, attempt + 1)
-            return
-        self.health.weights_loaded(wid, version)
+    def _startup(self) -> None:
+        deadline = time.monotonic() + self.spec.start_timeout_s
+        while time.monotonic() < deadline and any(m.actor is None for m in self.members.values()):
+            refs = [m.placed for m in self.members.values() if m.actor is None]
+            ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+            self._advance()
+        built = {m.actor.version.remote(): m for m in self.members.values() if m.actor is not None}
+        if not built:
+            raise RuntimeError(
+                f"no rollout worker could be placed in {self.spec.start_timeout_s:.0f} s (each asks for "
+                f"{self._bundle()}; the cluster has {ray.available_resources()} available): lower "
+                "rollout.num_cpus_per_worker / num_gpus_per_worker or add nodes")
+        done, _ = ray.wait(list(built), num_returns=len(built), timeout=max(0.0, deadline - time.monotonic()))
+        for ref, m in built.items():
+            try:
+                if ref not in done:
+                    raise TimeoutError(f"not built within {self.spec.start_timeout_s:.0f} s")
+                ray.get(ref)
+                m.joined = True
+            except (*WORKER_LOST, TimeoutError) as e:
+                self._declare_dead(m, e)
+        if not any(m.joined for m in self.members.values()):
+            raise RuntimeError("no rollout worker could be started; see the worker logs above")
 
-    def _replace(self, wid: int, attempt: int = 1) -> None:
-        """A dead worker gets a fresh actor in its placement group and the current weights."""
-        m = self.members[wid]
+    def _advance(self) -> None:
+        """One non-blocking pass: placed members get their actor, finished loads are taken, loads past
+        their deadline declare their worker dead, members behind the current version get a load."""
+        now = time.monotonic()
+        for m in list(self.members.values()):
+            state = self.health.state(m.worker_id)
+            if state is WorkerState.DRAINING:
+                continue
+            if m.actor is None:
+                if state is WorkerState.DEAD:
+                    continue  # given up on after max_attempts failed starts
+                if ray.wait([m.placed], timeout=0)[0]:
+                    self._spawn(m)
+                elif not m.warned and now - m.since > self.spec.start_timeout_s:
+                    m.warned = True
+                    log.warning("rollout worker %d: placement %s still pending after %.0f s (cluster has %s "
+                                "available); it stays pending and joins once placed", m.worker_id,
+                                self._bundle(), now - m.since, ray.available_resources())
+                continue
+            if m.load is not None:
+                if ray.wait([m.load], timeout=0)[0]:
+                    self._load_done(m)
+                elif now > m.load_deadline:
+                    self._declare_dead(m, TimeoutError(f"weights not loaded by the deadline ({self._load_s(m):.0f} s)"))
+                    continue
+            if m.actor is not None and m.load is None and self.handle is not None \
+                    and self.health.record(m.worker_id).version != self.handle.version:
+                self._submit_load(m)
+
+    def _load_s(self, m: _Member) -> float:
+        fresh = self.health.record(m.worker_id).version is None and not m.joined
+        return self.spec.sync_timeout_s + (self.spec.start_timeout_s if fresh else self.spec.call_timeout_s)
+
+    def _submit_load(self, m: _Member) -> None:
+        m.load = m.actor.update_weights.remote(self.handle, self.spec.sync_timeout_s)
+        m.load_deadline = time.monotonic() + self._load_s(m)
+
+    def _load_done(self, m: _Member) -> None:
+        ref, m.load = m.load, None
+        try:
+            version = ray.get(ref, timeout=self.spec.call_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a worker that cannot load is not usable: replaced
+            self._declare_dead(m, e)
+            return
+        self.health.weights_loaded(m.worker_id, version, m.instance)
+        m.joined, m.start_failures = True, 0
+
+    def _declare_dead(self, m: _Member, why: BaseException | str) -> None:
+        """The current actor instance of ``m`` failed: killed, and a fresh one started in its placement
+        group (background); after ``max_attempts`` failed starts in a row the member stays DEAD."""
+        wid = m.worker_id
+        log.warning("rollout worker %d (instance %d) declared dead: %s", wid, m.instance,
+                    why if isinstance(why, str) else f"{type(why).__name__}: {str(why)[:200]}")
+        fresh = not m.joined or self.health.record(wid).version is None
+        if self.health.state(wid) is not WorkerState.DEAD:
+            self.health.call_failed(wid, m.instance)
+        if m.actor is not None:
+            ray.kill(m.actor, no_restart=True)
+        m.actor, m.load, m.joined = None, None, False
+        m.start_failures += 1 if fresh else 0
+        if self.health.state(wid) is WorkerState.DRAINING:
+            return
+        if m.start_failures >= self.spec.max_attempts:
+            log.error("rollout worker %d failed to start %d times in a row; left DEAD (the pool goes on "
+                      "without it)", wid, m.start_failures)
+            return
         self.health.restart_started(wid)
-        ray.kill(m.actor, no_restart=True)
-        m.actor = self._spawn(wid, m.pg)
+        self._spawn(m)
         self.health.restart_done(wid)
         if self.handle is not None:
-            self._load(wid, attempt)
+            self._submit_load(m)
 
-    def _remove(self, wid: int, drain_timeout_s: float = 600.0) -> None:
-        """A DRAINING worker finishes what it has queued (its calls run in order, so a no-op call returns
-        after them), then goes with its placement group."""
+    def worker_failed(self, wid: int, instance: int, why: BaseException | str) -> bool:
+        """A call to instance ``instance`` of worker ``wid`` failed or timed out. True when that instance is
+        still the current one (it is then killed and replaced); False for a late report about an instance
+        that was already replaced or removed (counted, nothing else happens)."""
+        with self._lock:
+            m = self.members.get(wid)
+            if m is None or self.health.is_late(wid, instance) or m.actor is None:
+                self.health.call_failed(wid, instance)  # late (or already DEAD): counted, nothing else
+                return False
+            self._declare_dead(m, why)
+            return True
+
+    def _remove(self, wid: int) -> None:
+        """A DRAINING member finishes what it has queued (its calls run in order, so a no-op call returns
+        after them; at most ``call_timeout_s``), then goes with its placement group."""
         m = self.members.pop(wid)
-        try:
-            ray.get(m.actor.version.remote(), timeout=drain_timeout_s)
-        except WORKER_LOST:
-            self.health.call_failed(wid)  # died while draining: nothing left to finish
-        except ray.exceptions.GetTimeoutError:
-            log.warning("rollout worker %d did not drain in %.0f s; removing it", wid, drain_timeout_s)
-        ray.kill(m.actor, no_restart=True)
+        if m.actor is not None:
+            try:
+                ray.get(m.actor.version.remote(), timeout=self.spec.call_timeout_s)
+            except WORKER_LOST:
+                self.health.call_failed(wid, m.instance)  # died while draining: nothing left to finish
+            except ray.exceptions.GetTimeoutError:
+                log.warning("rollout worker %d did not drain in %.0f s; removing it", wid, self.spec.call_timeout_s)
+            ray.kill(m.actor, no_restart=True)
         remove_placement_group(m.pg)
         self.health.drained(wid)
 
     def scale(self, n: int) -> None:
-        """Grow (each new worker: own placement group, STALE until it has loaded the current weights, so
-        it gets no prompt before) or shrink (the newest workers are drained: they finish queued calls,
-        then go). The driver scales between steps."""
+        """Grow (new members come up in the background: placement, build, weights; prompts once they hold
+        the current weights) or shrink (members not up yet go first, then the newest: each finishes its
+        queued calls, then goes). Never waits for a placement."""
         if n < 1:
             raise ValueError(f"rollout pool size must be >= 1, got {n}")
-        while len(self.members) < n:
-            self._add()
-        for wid in sorted(self.members, reverse=True)[: max(0, len(self.members) - n)]:
-            self.health.drain(wid)
-            self._remove(wid)
+        with self._lock:
+            while len(self.members) < n:
+                self._add()
+            extra = max(0, len(self.members) - n)
+            order = sorted(self.members.values(), key=lambda m: (m.worker_id in self.health.schedulable(),
+                                                                 -m.worker_id))
+            for m in order[:extra]:
+                self.health.drain(m.worker_id)
+                self._remove(m.worker_id)
+            self._advance()
 
     @property
     def size(self) -> int:
+        """Members counted toward the pool (up or still coming up)."""
         return len(self.members)
+
+    @property
+    def pending(self) -> int:
+        """Members that do not hold the current weights yet (placing, building, loading, restarting)."""
+        ready = set(self.health.schedulable())
+        return sum(1 for wid in self.members if wid not in ready)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until every member holds the current weights; True if they do."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                self._advance()
+                if not self.pending:
+                    return True
+                refs = [m.load if m.actor is not None else m.placed for m in self.members.values()
+                        if (m.load is not None or m.actor is None)]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if refs:
+                ray.wait(refs, num_returns=1, timeout=min(left, 1.0))
+            else:
+                time.sleep(min(left, 0.2))
 
     # ---- weights ---------------------------------------------------------------------------
     def sync(self, handle) -> float:
-        """Every worker loads ``handle`` (in parallel); a worker that fails is replaced."""
+        """Every member loads ``handle`` (in parallel). The wait covers the members that are up (each load
+        bounded by its deadline; one that fails or runs past it is replaced); members still coming up get
+        the weights in the background."""
         t0 = time.perf_counter()
-        self.handle = handle
-        self.health.set_version(handle.version)
-        futures = {m.actor.update_weights.remote(handle, self.spec.sync_timeout_s): wid
-                   for wid, m in self.members.items()}
-        for f, wid in futures.items():
-            try:
-                self.health.weights_loaded(wid, ray.get(f, timeout=self.spec.sync_timeout_s + 30))
-            except WORKER_LOST:
-                self.health.call_failed(wid)
-                self._replace(wid)
+        with self._lock:
+            self.handle = handle
+            self.health.set_version(handle.version)
+            self._advance()
+            while True:
+                waiting = [m for m in self.members.values() if m.joined and m.load is not None]
+                if not waiting:
+                    break
+                left = min(m.load_deadline for m in waiting) - time.monotonic()
+                ray.wait([m.load for m in waiting], num_returns=len(waiting), timeout=max(0.0, left))
+                self._advance()
         return time.perf_counter() - t0
 
     # ---- sampling --------------------------------------------------------------------------
-    def generate(self, requests: list[dict], seed: int, overrides: dict | None = None) -> list[Trajectory]:
-        """Split requests into one chunk per schedulable worker; a chunk whose worker dies is re-queued
-        (same seed) on another worker. Returns trajectories in request order."""
-        ready = self.health.schedulable()
-        if not ready:
-            raise RuntimeError("no rollout worker holds the current weights")
-        n = min(len(ready), len(requests))
-        chunks = [requests[i::n] for i in range(n)]
-        results: list[list[Trajectory] | None] = [None] * n
-        attempts = [0] * n
-        pending = {}
-
-        def submit(ci: int) -> None:
-            wid = self.health.schedulable()[(ci + attempts[ci]) % len(self.health.schedulable())]
-            attempts[ci] += 1
-            ref = self.members[wid].actor.generate.remote(chunks[ci], seed * 1009 + ci, overrides)
-            pending[ref] = (ci, wid)
-
-        for ci in range(n):
-            submit(ci)
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            ci, wid = pending.pop(ref)
-            try:
-                results[ci] = ray.get(ref)
-            except WORKER_LOST as e:
-                log.warning("rollout worker %d died during sampling (%s); re-queueing %d prompts",
-                            wid, type(e).__name__, len(chunks[ci]))
-                if self.health.state(wid) in (WorkerState.HEALTHY, WorkerState.STALE):
-                    self.health.call_failed(wid)
-                    self._replace(wid)
+    def _dispatch(self, calls: list[tuple[str, tuple]]) -> list:
+        """Run each ``(method, args)`` on some worker holding the current weights (one call in flight per
+        worker); a call whose worker dies or does not answer within ``call_timeout_s`` is re-queued on
+        another. Returns the answers in order."""
+        queue, attempts = deque(range(len(calls))), [0] * len(calls)
+        results: list = [None] * len(calls)
+        inflight: dict[Any, tuple[int, int, int, float]] = {}  # ref -> (call, worker, instance, deadline)
+        while queue or inflight:
+            self._advance()
+            busy = {wid for _, wid, _, _ in inflight.values()}
+            for wid in self.health.schedulable():
+                if not queue:
+                    break
+                if wid in busy:
+                    continue
+                ci = queue.popleft()
                 if attempts[ci] >= self.spec.max_attempts:
-                    raise RuntimeError(f"prompt chunk {ci} failed on {attempts[ci]} workers") from e
-                submit(ci)
+                    raise RuntimeError(f"rollout call {calls[ci][0]!r} failed on {attempts[ci]} workers")
+                attempts[ci] += 1
+                m = self.members[wid]
+                ref = getattr(m.actor, calls[ci][0]).remote(*calls[ci][1])
+                inflight[ref] = (ci, wid, m.instance, time.monotonic() + self.spec.call_timeout_s)
+            if not inflight:  # nobody holds the current weights: wait for a member coming up
+                loading = [m for m in self.members.values() if m.actor is not None and m.load is not None]
+                if not loading:
+                    raise RuntimeError(f"no rollout worker can take prompts ({self.health.counts()}; "
+                                       f"{sum(m.actor is None for m in self.members.values())} not placed)")
+                left = min(m.load_deadline for m in loading) - time.monotonic()
+                ray.wait([m.load for m in loading], num_returns=1, timeout=max(0.0, left))
+                continue
+            left = min(d for *_, d in inflight.values()) - time.monotonic()
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, left))
+            now = time.monotonic()
+            for ref in done:
+                ci, wid, inst, _ = inflight.pop(ref)
+                try:
+                    results[ci] = ray.get(ref, timeout=self.spec.call_timeout_s)
+                except WORKER_LOST as e:
+                    log.warning("rollout worker %d died during %s (%s); re-queueing it", wid, calls[ci][0],
+                                type(e).__name__)
+                    self.worker_failed(wid, inst, e)
+                    queue.appendleft(ci)
+            for ref, (ci, wid, inst, deadline) in list(inflight.items()):
+                if now >= deadline:
+                    del inflight[ref]
+                    self.worker_failed(wid, inst, f"{calls[ci][0]} did not answer in {self.spec.call_timeout_s:.0f} s")
+                    queue.appendleft(ci)
+        return results
+
+    def generate(self, requests: list[dict], seed: int, overrides: dict | None = None) -> list[Trajectory]:
+        """Split requests into one chunk per pool member (its seed fixed by the chunk, so the result does not
+        depend on which worker samples it, nor on a re-queue); returns trajectories in request order."""
+        with self._lock:
+            n = max(1, min(self.size, len(requests)))
+            chunks = [requests[i::n] for i in range(n)]
+            results = self._dispatch([("generate", (c, seed * 1009 + ci, overrides)) for ci, c in enumerate(chunks)])
         order = {r["prompt_id"]: i for i, r in enumerate(requests)}
         trajs = [t for chunk in results for t in chunk]
         return sorted(trajs, key=lambda t: (order[t.prompt_id], t.group_index))
 
     def call(self, method: str, *args):
-        """Run a method on a schedulable worker (decode images, ...); a dead one is replaced and the call
-        goes to the next."""
-        for attempt in range(self.spec.max_attempts):
-            wid = self.health.schedulable()[0]
-            try:
-                return ray.get(getattr(self.members[wid].actor, method).remote(*args))
-            except WORKER_LOST:
-                if attempt + 1 >= self.spec.max_attempts:
-                    raise
-                self.health.call_failed(wid)
-                self._replace(wid)
+        """Run a method on a worker holding the current weights (decode images, ...); a dead or silent one
+        is replaced and the call goes to the next."""
+        with self._lock:
+            return self._dispatch([(method, args)])[0]
 
     def actor(self, wid: int):
         return self.members[wid].actor
 
     def metrics(self) -> dict[str, float]:
-        return {"pool/size": float(self.size), **{k: float(v) for k, v in self.health.snapshot().items()}}
+        with self._lock:
+            self._advance()
+            placing = sum(1 for m in self.members.values() if m.actor is None)
+            return {"pool/size": float(self.size), "pool/pending": float(self.pending),
+                    "pool/placing": float(placing),
+                    **{k: float(v) for k, v in self.health.snapshot().items()}}
 
     def shutdown(self) -> None:
-        for wid in list(self.members):
-            m = self.members.pop(wid)
-            ray.kill(m.actor, no_restart=True)
-            remove_placement_group(m.pg)
+        with self._lock:
+            for wid in list(self.members):
+                m = self.members.pop(wid)
+                if m.actor is not None:
+                    ray.kill(m.actor, no_restart=True)
+                remove_placement_group(m.pg)

@@ -99,7 +99,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_scale(args: argparse.Namespace) -> int:
     scale = _resolve("services.scale", "scale")
-    result = scale(run=args.run, rollout_workers=args.rollout_workers, address=args.address)
+    result = scale(run=args.run, rollout_workers=args.rollout_workers, address=args.address,
+                   token_file=args.token_file)
     return result if isinstance(result, int) else EXIT_OK
 
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run name (or MLflow run id)")
     p.add_argument("--rollout-workers", required=True, type=_positive_int, metavar="N")
     p.add_argument("--address", default=None, metavar="URL", help="Ray address (default: RAY_ADDRESS / auto)")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="the run's owner token (default: $UNIGRPO_RUN_TOKEN, else <checkpoint.dir>/<run>/owner.token)")
     p.set_defaults(handler=_cmd_scale)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark")

@@ -60,7 +60,7 @@ def worker_pool(cfg: RunConfig, n: int) -> RolloutPool:
         engine_kwargs=r.vllm.model_dump() if r.engine == "vllm" else None, sync_backend=cfg.learner.sync.backend,
         rollout_kind=get_recipe(cfg.recipe).rollout, num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker,
         custom_resource=cfg.cluster.rollout_resource if cfg.cluster.use_custom_resources else None,
-        sync_timeout_s=cfg.learner.sync.timeout_s)
+        sync_timeout_s=cfg.learner.sync.timeout_s, call_timeout_s=r.call_timeout_s, start_timeout_s=r.start_timeout_s)
     return RolloutPool(spec, n)
 
 

@@ -121,6 +121,7 @@ class Run:
         self.supervisor = control.RunSupervisor(self)  # `unigrpo scale`, autoscale, core-actor failures
         self.step = 0
         self.version = 0
+        self.phase = "setup"  # what the learner holds (control.RunSupervisor): setup | rollout | learn | done
 
     # ---- stage 1 ----------------------------------------------------------------------------
     def sft(self) -> None:
@@ -153,6 +154,7 @@ class Run:
         """One GRPO step; returns (metrics, the next step's prefetched (items, trajectories) in async mode)."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        self.phase = "rollout"
         if prefetched is None:
             items = self.sampler.next_batch()
             trajs = self.pool.generate(get_recipe(cfg.recipe).requests(items), cfg.seed * 100003 + self.step)
@@ -171,8 +173,11 @@ class Run:
             nxt_items = self.sampler.next_batch()
             nxt = (nxt_items, self.prefetcher.submit(self.pool.generate, get_recipe(cfg.recipe).requests(nxt_items),
                                         cfg.seed * 100003 + self.step + 1))
+        self.phase = "learn"
         if kept:
             m.update(self.learner.train_step(collate(kept, adv, self.pad_id)))
+        self.step += 1  # the learner holds this step: a failure from here on saves the post-step state
+        self.phase = "done"
         m["learn/trained_samples"] = float(len(kept))
         t3 = time.perf_counter()
         if nxt is not None:
@@ -183,7 +188,6 @@ class Run:
         m.update({"time/rollout_s": t1 - t0 + (t4 - t3), "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
                   "time/step_s": t5 - t0, "samples_per_s": len(trajs) / (t5 - t0), "policy_version": self.version})
         m.update(self.pool.metrics())
-        self.step += 1
         if cfg.tracking.log_images_every and self.step % cfg.tracking.log_images_every == 0:
             self.log_samples(items, trajs)
         return m, nxt
@@ -249,7 +253,6 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
     summary: dict = {"run_id": run.tracker.run_id}
     status = "FAILED"
     guard = stop.StepGuard()
-    trained = False  # the learner holds the state of a completed step (run.step): a checkpoint may be written
     try:
         if resume:
             run.restore()
@@ -258,7 +261,7 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
                 run.sft()
             run.learner.call_all("snapshot_reference")
         run.publish_and_sync(bump=not resume)
-        trained = True
+        run.phase = "done"
         if not resume:
             stage1 = evaluate(run.pool, cfg, reward=run.reward)
             run.tracker.log_metrics(stage1, 0)
@@ -290,7 +293,10 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
         raise SystemExit(run.supervisor.failed(e)) from None
     except KeyboardInterrupt as e:
         status = "KILLED"
-        raise stop.Interrupted(stop.signum_of(e), _stopped(run, trained and not guard.mid_step)) from None
+        raise stop.Interrupted(stop.signum_of(e), _stopped(run)) from None
+    except Exception as e:  # any other failure: the same consistent checkpoint, then the error itself
+        e.add_note(run.supervisor.failed(e))
+        raise
     finally:
         with stop.ignored():
             run.tracker.end(status)
@@ -299,16 +305,14 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
     return summary
 
 
-def _stopped(run: Run, consistent: bool) -> str:
-    """Write a checkpoint of the last trained step when ``consistent`` (and not written yet); the line to stop
-    with."""
+def _stopped(run: Run) -> str:
+    """Write a checkpoint consistent with what the learner holds (``RunSupervisor.save_consistent``: by
+    ``run.phase``), unless written already; the line to stop with."""
     saved = None
-    done = run.ckpt_root / f"step-{run.step:06d}" / checkpoint.MARKER
-    if consistent and not done.exists():
-        try:
-            saved = run.save()
-        except Exception as e:  # noqa: BLE001 - an interrupted run still stops; the last checkpoint stays
-            log.warning("could not save a checkpoint on the way out: %s", control.one_line(e))
+    try:
+        saved = run.supervisor.save_consistent()
+    except Exception as e:  # noqa: BLE001 - an interrupted run still stops; the last checkpoint stays
+        log.warning("could not save a checkpoint on the way out: %s", control.one_line(e))
     latest = saved or checkpoint.latest(run.ckpt_root)
     where = (f"resume from {latest} with `unigrpo train --resume` (same config)" if latest
              else "no checkpoint to resume from yet")

@@ -175,6 +175,8 @@ def test_scale_1_2_1_while_training(tmp_path, monkeypatch):
         for step in range(5):
             if step in plan:
                 assert scale.scale(run="scaler", rollout_workers=plan[step]) == 0
+            if step == 2:  # the worker added before step 1 comes up in the background; by now it is in
+                assert pool.wait_ready(180)
             run.supervisor.before_step()
             m, _ = run.rl_step()
             run.supervisor.after_step(m)
@@ -187,7 +189,7 @@ def test_scale_1_2_1_while_training(tmp_path, monkeypatch):
             sizes.append(m["pool/size"])
             used.append(len({t.meta["worker_id"] for t in c["trajs"]}))
         assert sizes == [1, 2, 2, 1, 1]
-        assert used == [1, 2, 2, 1, 1]  # the added worker got prompts only after it held the weights
+        assert used[1] in (1, 2) and used[2:] == [2, 1, 1]  # step 1 did not wait for the added worker
         new = pool.health.record(1)
         assert new.history[0][1].value == "weights_loaded" and new.state.value == "removed"
         status = ray.get(ray.get_actor(control.actor_name("scaler"), namespace=control.NAMESPACE).status.remote())

@@ -80,6 +80,7 @@ def test_killed_rollout_workers_lose_no_group(tmp_path, monkeypatch):
         run.publish_and_sync()
         steps = []
         for step in range(4):
+            assert pool.wait_ready(180)  # a replacement comes up in the background; the next kill waits for it
             wids = pool.health.schedulable()
             if step == 0:
                 plan["sampling"] = _pid(run, wids[0])   # dies while its chunk is being sampled
@@ -109,7 +110,7 @@ def test_killed_rollout_workers_lose_no_group(tmp_path, monkeypatch):
         assert steps[2][1][0]["failed"] >= 1, "the idle worker's death was not found at the next call"
         assert steps[3][1][0]["failed"] == 0
         assert pool.health.failures >= 3 and pool.health.restarts >= 3
-        assert len(pool.health.schedulable()) == 2
+        assert pool.wait_ready(180) and len(pool.health.schedulable()) == 2
         assert steps[-1][0]["fleet/failures"] >= 3 and steps[-1][0]["fleet/restarts"] >= 3
     finally:
         run.tracker.end()

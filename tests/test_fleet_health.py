@@ -176,3 +176,47 @@ def test_snapshot() -> None:
     snap = f.snapshot()
     assert snap["fleet/healthy"] == 1 and snap["fleet/dead"] == 1 and snap["fleet/draining"] == 1
     assert snap["fleet/failures"] == 1 and snap["fleet/schedulable"] == 1 and snap["fleet/version"] == 3
+
+
+def test_late_failure_of_replaced_instance_spares_its_successor() -> None:
+    f = fleet(2)
+    old = f.instance("w0")
+    assert old != f.instance("w1")  # instances are fleet-wide, not per id
+    assert f.call_failed("w0", instance=old) is S.DEAD
+    f.restart_started("w0")
+    new = f.instance("w0")
+    assert new != old and new != f.instance("w1")
+    f.restart_done("w0")
+    assert f.weights_loaded("w0", 3, instance=new) is S.HEALTHY
+    # a second in-flight call of the dead predecessor fails after the replacement is up
+    assert f.call_failed("w0", instance=old) is S.HEALTHY
+    assert f.schedulable() == ["w0", "w1"] and f.needs_weights() == []
+    assert (f.failures, f.late_reports, f.record("w0").late_reports) == (1, 1, 1)
+    assert [h[1] for h in f.record("w0").history].count(Event.CALL_FAILED) == 1
+    # the successor's own failure still counts
+    assert f.call_failed("w0", instance=new) is S.DEAD
+    assert f.snapshot()["fleet/late_reports"] == 1 and f.failures == 2
+
+
+def test_late_weights_of_replaced_instance_do_not_make_successor_healthy() -> None:
+    f = fleet(1)
+    old = f.instance("w0")
+    for ev in ("call_failed", "restart_started", "restart_done"):
+        f.apply("w0", ev)
+    assert f.weights_loaded("w0", 3, instance=old) is S.STALE  # the old process's load answered late
+    assert f.schedulable() == [] and f.record("w0").version is None
+    assert f.weights_loaded("w0", 3, instance=f.instance("w0")) is S.HEALTHY
+
+
+def test_reports_about_removed_or_reused_ids_are_late() -> None:
+    f = fleet(1)
+    old = f.instance("w0")
+    f.drain("w0")
+    f.drained("w0")
+    assert f.call_failed("w0", instance=old) is S.REMOVED  # no InvalidTransition: a late report
+    f.add_worker("w0")  # the id is reused by a new worker: a new instance
+    assert f.instance("w0") != old
+    assert f.call_failed("w0", instance=old) is S.STALE
+    assert f.late_reports == 2 and f.failures == 0
+    with pytest.raises(InvalidTransition):  # untagged reports keep the strict table
+        f.apply("w0", "restart_done")
