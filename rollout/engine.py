@@ -33,9 +33,20 @@ class TextCompletion:
 
 @dataclass
 class SamplingSettings:
+    """``banned_ids``: tokens this call never samples (evaluation's forbidden generation bans ``<gen>``);
+    log-probs are then under the distribution renormalised without them."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
+    banned_ids: tuple[int, ...] = ()
+
+
+def mask_banned(logits: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+    """logits (..., V) with ``s.banned_ids`` set to -inf (the tensor itself when nothing is banned)."""
+    if not s.banned_ids:
+        return logits
+    return logits.index_fill(-1, logits.new_tensor(s.banned_ids, dtype=torch.long), float("-inf"))
 
 
 class TextEngine(Protocol):
@@ -159,7 +170,7 @@ class HFTextEngine:
         if len(u_reqs) < b:  # expand the shared prefill to every sample
             last, attn = last[which.to(last.device)], attn[which]
             cache.batch_select_indices(which.to(p.device))
-        last = mask_unsampleable(last, p.token_ids)
+        last = mask_banned(mask_unsampleable(last, p.token_ids), s)
         budget = torch.tensor([r.max_new_tokens for r in requests])
         n_max = int(budget.max()) if b else 0
         tokens = torch.full((b, max(n_max, 1)), pad, dtype=torch.long)
@@ -184,7 +195,7 @@ class HFTextEngine:
             token = torch.where(alive, token, torch.full_like(token, pad))
             attn = torch.cat([attn, alive.long()[:, None]], dim=1)
             last, cache = self._step(embed_tokens(token[:, None].to(p.device)), attn, cache)
-            last = mask_unsampleable(last, p.token_ids)
+            last = mask_banned(mask_unsampleable(last, p.token_ids), s)
         tok_rows, lp_rows, n_rows = tokens.tolist(), logps.tolist(), lengths.tolist()
         return [TextCompletion(tok_rows[i][: n_rows[i]], lp_rows[i][: n_rows[i]],
                                "stop" if bool(stopped_at_stop[i]) else "length") for i in range(b)]

@@ -5,6 +5,11 @@
    the generator; the SDE sampler draws a latent and records its stochastic window (log-probs kept).
 3. The latent enters the context through the bridge (an image slot after <gen>, no decode/re-encode) and
    text sampling continues to the answer. A second <gen> ends the response (it then has no answer).
+
+``RolloutSettings.generation`` decides step 1 (evaluation's "does generating help?"): ``auto`` lets the model
+choose; ``force`` opens every response with <gen> (not sampled: loss mask False, log-prob 0), so every
+trajectory holds a generated latent, even with ``max_images`` 0; ``forbid`` never samples <gen> (its logit is
+-inf), so no trajectory generates.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import torch
 from policy.prompting import decode_response, encode_prompt
 from policy.sde import draw_normal, flow_sigmas, sample_latents, window_starts
 from policy.trajectory import ImageSegment, Trajectory
-from rollout.engine import SamplingSettings, TextEngine, TextRequest
+from rollout.engine import SamplingSettings, TextCompletion, TextEngine, TextRequest
+
+GENERATION_MODES = ("auto", "force", "forbid")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,11 @@ class RolloutSettings:
     sde_window_start: int = 0
     sde_noise_level: float = 0.7
     sde_shift: float = 1.0
+    generation: str = "auto"  # auto | force | forbid (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.generation not in GENERATION_MODES:
+            raise ValueError(f"generation must be one of {GENERATION_MODES}, got {self.generation!r}")
 
 
 def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +87,9 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             generator: torch.Generator | None = None) -> list[Trajectory]:
     """G trajectories per request. A request: prompt_id, text, image (H,W,3 uint8 or None), meta."""
     tok, ids = policy.tokenizer, policy.token_ids
-    sampling = SamplingSettings(s.temperature, s.top_p, (ids["eos"], ids["gen"]))
+    forced = s.generation == "force"
+    banned = (ids["gen"],) if s.generation == "forbid" else ()
+    sampling = SamplingSettings(s.temperature, s.top_p, (ids["eos"], ids["gen"]), banned)
     rows = []  # (request, group index, prompt ids, slot latents)
     for r in requests:
         image = r.get("image")
@@ -86,14 +100,18 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             lat = torch.zeros((0, *policy.latent_shape))
         prompt = encode_prompt(tok, r["text"], policy.n_image_tokens, with_image=image is not None)
         rows += [(r, g, prompt, lat) for g in range(s.group_size)]
-    first = engine.generate([TextRequest(p, lat, s.max_new_tokens) for _, _, p, lat in rows], sampling, generator)
+    if forced:  # every response opens with <gen>, which the policy did not sample
+        first = [TextCompletion([ids["gen"]], [0.0], "stop") for _ in rows]
+    else:
+        first = engine.generate([TextRequest(p, lat, s.max_new_tokens) for _, _, p, lat in rows], sampling,
+                                generator)
     seqs = [list(p) + c.token_ids for (_, _, p, _), c in zip(rows, first)]
-    masks = [[False] * len(p) + [True] * len(c.token_ids) for (_, _, p, _), c in zip(rows, first)]
+    masks = [[False] * len(p) + [not forced] * len(c.token_ids) for (_, _, p, _), c in zip(rows, first)]
     logps = [[0.0] * len(p) + c.logprobs for (_, _, p, _), c in zip(rows, first)]
     slot_lat = [lat for *_, lat in rows]
     images: list[list[ImageSegment]] = [[] for _ in rows]
     gen_rows = [i for i, c in enumerate(first)
-                if s.max_images > 0 and c.finish == "stop" and c.token_ids[-1] == ids["gen"]
+                if (s.max_images > 0 or forced) and c.finish == "stop" and c.token_ids[-1] == ids["gen"]
                 and len(c.token_ids) < s.max_new_tokens]
     if gen_rows:
         segs, finals = generate_images(policy, [seqs[i] for i in gen_rows], [slot_lat[i] for i in gen_rows], s, generator)
@@ -113,7 +131,7 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             logps[i] += c.logprobs
     out = []
     for i, (r, g, prompt, _) in enumerate(rows):
-        sampled = [t for t, m in zip(seqs[i], masks[i]) if m]
+        sampled = seqs[i][len(prompt):]  # the response; decode_response drops its image slots
         out.append(Trajectory(
             prompt_id=str(r["prompt_id"]), group_index=g, input_ids=torch.tensor(seqs[i], dtype=torch.long),
             prompt_len=len(prompt), loss_mask=torch.tensor(masks[i]), behaviour_logp=torch.tensor(logps[i]),

@@ -134,7 +134,8 @@ class VLLMTextEngine:
             max_tokens=int(r.max_new_tokens),
             stop_token_ids=list(s.stop_ids),
             ignore_eos=True,  # stop exactly at s.stop_ids, as the HF engine does
-            allowed_token_ids=self.allowed_ids,
+            allowed_token_ids=([i for i in self.allowed_ids if i not in s.banned_ids] if s.banned_ids
+                               else self.allowed_ids),
             logprobs=0 if with_logprobs else None,  # 0: only the sampled token's log-prob
             seed=seed,
             detokenize=False,

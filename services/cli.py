@@ -110,6 +110,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_dir("--images", getattr(args, "images", None))
     run_eval = _resolve("services.evaluate", "run_eval")
     extra = {"images": args.images} if getattr(args, "images", None) else {}
+    if getattr(args, "baseline", None):
+        if not Path(args.baseline).is_file():
+            raise SystemExit(f"eval: --baseline {args.baseline}: no such file")
+        extra["baseline"] = args.baseline
     result = run_eval(cfg, checkpoint=args.checkpoint, benchmark=args.benchmark, out_dir=args.out, **extra)
     return result if isinstance(result, int) else EXIT_OK
 
@@ -195,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="where to write results")
     p.add_argument("--images", default=None, metavar="DIR",
                    help="reconstruction: a folder of images (default: the shapes eval split)")
+    p.add_argument("--baseline", default=None, metavar="FILE",
+                   help="degradation: an earlier eval JSON on the same items (e.g. runs/<run>/eval_stage1.json) "
+                        "to pair against (exact McNemar, paired bootstrap)")
     _add_verbose_arg(p)
     p.set_defaults(handler=_cmd_eval)
 

@@ -4,6 +4,7 @@ weights back to the pool -> MLflow, with checkpoints. Stage 1 (SFT) runs first o
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,10 +20,10 @@ from learner.group import LearnerGroup
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
 from recipes import get_recipe
-from services import checkpoint, control, stop
+from services import checkpoint, control, stop, vae_fit
 from services.cluster import start_ray, worker_pool
 from services.config import RunConfig
-from services.evaluate import evaluate
+from services.evaluate import EvalReport, compare, evaluate, evaluate_report, log_report
 from services.reward_backend import start_reward
 from services.tracking import Tracker, image_strip, plot_curves
 from tasks import build_dataset
@@ -106,6 +107,7 @@ class Run:
         start_ray(cfg)
         self.tracker = Tracker(cfg, run_id=state["mlflow_run_id"] if state else None)
         print(f"mlflow_run_id={self.tracker.run_id}", flush=True)  # `unigrpo submit` reads this line
+        cfg = self.cfg = vae_fit.prepare(cfg, self.tracker)  # a tiny VAE fitted to the task's images, cached
         self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
         self.train_set = task_dataset(cfg, "train")
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, cfg.seed)
@@ -262,10 +264,11 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
             run.learner.call_all("snapshot_reference")
         run.publish_and_sync(bump=not resume)
         run.phase = "done"
+        stage1 = None
         if not resume:
-            stage1 = evaluate(run.pool, cfg, reward=run.reward)
-            run.tracker.log_metrics(stage1, 0)
-            summary["stage1"] = stage1
+            stage1 = evaluate_report(run.pool, cfg, reward=run.reward)
+            log_report(run.tracker, stage1, 0, _out_dir(run), "_stage1")
+            summary["stage1"] = stage1.metrics
         bar = tqdm(range(run.step, cfg.algorithm.steps), desc="stage 2 (GRPO)", unit="step", dynamic_ncols=True)
         prefetched = None
         for _ in bar:
@@ -279,10 +282,12 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
             guard.check()
             bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", step_s=f"{m['time/step_s']:.1f}")
             if cfg.algorithm.eval_every and run.step % cfg.algorithm.eval_every == 0 and run.step < cfg.algorithm.steps:
-                run.tracker.log_metrics(evaluate(run.pool, cfg, reward=run.reward), run.step)
-        final = evaluate(run.pool, cfg, reward=run.reward)
-        run.tracker.log_metrics(final, run.step)
-        summary["final"] = final
+                run.tracker.log_metrics(evaluate(run.pool, cfg, reward=run.reward, full=False), run.step)
+        final = evaluate_report(run.pool, cfg, reward=run.reward)
+        stage1 = stage1 or _saved_report(run, "_stage1")  # resumed: stage 1's report from its JSON
+        paired = compare(stage1, final, cfg.evaluation.bootstrap_samples, cfg.seed) if stage1 else {}
+        log_report(run.tracker, final, run.step, _out_dir(run), "_final", paired)
+        summary.update(final=final.metrics, comparison=paired)
         if cfg.tracking.log_model != "none":  # the final policy: the last step's checkpoint (written if not yet)
             done = run.ckpt_root / f"step-{run.step:06d}"
             run.tracker.log_policy((done if (done / checkpoint.MARKER).exists() else run.save()) / "policy")
@@ -319,8 +324,18 @@ def _stopped(run: Run) -> str:
     return f"run {run.cfg.run_name!r} interrupted at step {run.step}; {where}"
 
 
+def _out_dir(run: Run) -> Path:
+    """Where a run's plots and eval reports go: ``runs/<run_name>/``."""
+    return Path("runs") / run.cfg.run_name
+
+
+def _saved_report(run: Run, suffix: str) -> EvalReport | None:
+    path = _out_dir(run) / f"eval{suffix}.json"
+    return EvalReport.from_json(json.loads(path.read_text())) if path.is_file() else None
+
+
 def _curves(run: Run) -> None:
-    out = Path("runs") / run.cfg.run_name
+    out = _out_dir(run)
     out.mkdir(parents=True, exist_ok=True)
     keys = ("reward/total/mean", "accuracy", "eval/severity3/accuracy", "eval/heldout/reward/total")
     series = {k: run.tracker.history(k) for k in keys}
@@ -332,6 +347,12 @@ def _print_eval(summary: dict) -> None:
     """One line per held-out metric: stage 1 -> final (what a person checks after `unigrpo train`)."""
     before, after = summary.get("stage1", {}), summary.get("final", {})
     for k in sorted(after):
-        if k.endswith(("accuracy", "trigger_rate")) or "/reward/" in k:
+        if k.endswith(("accuracy", "trigger_rate", "psnr_db", "ssim")) or "/reward/" in k:
             start = f"{before[k]:.3f} -> " if k in before else ""
             print(f"{k}: {start}{after[k]:.3f}")
+    paired = summary.get("comparison") or {}
+    for k in sorted(paired):
+        if k.endswith("/diff"):
+            base = k.removesuffix("/diff")
+            print(f"{base} (stage 2 - stage 1): {paired[k]:+.3f}, exact McNemar p = {paired[base + '/mcnemar_p']:.4g}, "
+                  f"bootstrap p = {paired[base + '/bootstrap_p']:.4g}")

@@ -137,7 +137,9 @@ def run_reconstruction(cfg: RunConfig, checkpoint: str, out_dir: str | None = No
 
     from services.cluster import policy_dir_of, publish_policy_dir, start_ray, worker_pool
     from services.tracking import Tracker, image_strip
+    from services.vae_fit import with_checkpoint_vae
 
+    cfg = with_checkpoint_vae(cfg, policy_dir_of(checkpoint))  # the run's own (fitted) VAE decodes
     sim = similarity_of(cfg)
     imgs, names = load_images(images, cfg.model.image_size) if images else shapes_images(cfg)
     started = not ray.is_initialized()
