@@ -52,7 +52,8 @@ def test_train_console_shows_progress_and_eval_only(tmp_path):
     for noise in NOISE:
         assert noise not in out, f"{noise!r} in the console:\n{out[-4000:]}"
     lines = [ln for ln in out.replace("\r", "\n").splitlines() if ln.strip()]
-    ours = ("stage 1 (SFT)", "stage 2 (GRPO)", "eval/", "mlflow_run_id=", "(raylet)")  # raylet: Ray's health notes
+    ours = ("VAE fit", "tiny VAE", "stage 1 (SFT)", "stage 2 (GRPO)", "eval/", "compare/", "mlflow_run_id=",
+            "(raylet)")  # raylet: Ray's health notes
     unexpected = [ln for ln in lines if not ln.startswith(ours)]
     assert not unexpected, unexpected
 
