@@ -355,9 +355,10 @@ class EvaluationConfig(_Section):
 
     severities: list[Annotated[int, Field(ge=1, le=3)]] = Field(default_factory=lambda: [1, 2, 3])
     modes: list[EvalMode] = Field(default_factory=lambda: list(EVAL_MODES))
+    every_modes: list[EvalMode] = Field(default_factory=lambda: ["greedy"])
     bootstrap_samples: PosInt = 10_000
 
-    @field_validator("severities", "modes")
+    @field_validator("severities", "modes", "every_modes")
     @classmethod
     def _not_empty(cls, v: list) -> list:
         if not v:

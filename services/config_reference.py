@@ -225,10 +225,12 @@ FIELD_DOCS: dict[str, str] = {
     "vae_fit.kl_weight": "Weight of the KL term beside the reconstruction MSE.",
     # evaluation
     "evaluation.severities": "Degraded held-out sets beside clean, `task.eval_size` images each; the evals "
-                             "every `algorithm.eval_every` steps use the highest one (greedy only).",
+                             "every `algorithm.eval_every` steps use the highest one.",
     "evaluation.modes": "`greedy` / `sampled`: as the model chooses (temperature 0 / `rollout.temperature`); "
                         "`forced`: every response opens with `<gen>` (and restoration is measured); "
                         "`forbidden`: `<gen>` is never sampled.",
+    "evaluation.every_modes": "Modes of the evals every `algorithm.eval_every` steps, on clean and the highest "
+                              "severity (`forced` adds restoration PSNR / SSIM to the curve).",
     "evaluation.bootstrap_samples": "Paired-bootstrap resamples of the stage-1 vs stage-2 comparison (seeded by "
                                     "`seed`; the exact McNemar test needs none).",
     # tracking / checkpoint / cluster

@@ -17,7 +17,8 @@ CLEAR's report (:func:`accuracy_report`), per eval set (``clean``, ``severity<s>
 Flat metric names (MLflow): ``eval/<set>/accuracy``, ``eval/<set>/trigger_rate`` and
 ``eval/<set>/time_per_sample_s`` are the greedy mode's; ``eval/<set>/<mode>/accuracy|trigger_rate`` the
 others'; ``eval/<set>/restoration/psnr_db|ssim``, ``eval/<set>/input/psnr_db|ssim``;
-``eval/<set>/forced_vs_forbidden/diff|mcnemar_p``. :func:`compare` pairs two reports of the same items
+``eval/<set>/forced_vs_forbidden/diff|mcnemar_p``. The evals every ``algorithm.eval_every`` steps run
+``evaluation.every_modes`` on clean and the highest severity. :func:`compare` pairs two reports of the same items
 (stage 1 vs stage 2): ``compare/<set>/<mode>/diff|mcnemar_p|bootstrap_p|...`` (``services.stats``).
 """
 
@@ -223,15 +224,15 @@ def heldout_reward(pool, reward, cfg: RunConfig) -> dict[str, float]:
 
 
 def evaluate_report(pool, cfg: RunConfig, reward=None, full: bool = True) -> EvalReport:
-    """The recipe's evaluation as a report. CLEAR: ``full`` = every mode on clean and every severity of
-    ``evaluation.severities``; else the greedy mode on clean and the highest severity (the evals every
-    ``algorithm.eval_every`` steps). UAE / GvU: the held-out reward (needs the run's ``reward`` actor)."""
+    """The recipe's evaluation as a report. CLEAR: ``full`` = ``evaluation.modes`` on clean and every severity
+    of ``evaluation.severities``; else ``evaluation.every_modes`` on clean and the highest severity (the evals
+    every ``algorithm.eval_every`` steps). UAE / GvU: the held-out reward (needs the run's ``reward`` actor)."""
     recipe = get_recipe(cfg.recipe)
     if recipe.evaluation == "heldout_reward":
         return EvalReport(metrics=heldout_reward(pool, reward, cfg) if reward is not None else {})
     if full:
         return accuracy_report(pool, cfg)
-    return accuracy_report(pool, cfg, [max(cfg.evaluation.severities)], ["greedy"])
+    return accuracy_report(pool, cfg, [max(cfg.evaluation.severities)], cfg.evaluation.every_modes)
 
 
 def evaluate(pool, cfg: RunConfig, reward=None, full: bool = True) -> dict[str, float]:

@@ -323,3 +323,15 @@ def test_run_eval_end_to_end_on_ray(tmp_path, ray_down):  # noqa: F811 - the fix
     cmp = again["comparison"]
     assert cmp["compare/severity3/forced/diff"] == 0 and cmp["compare/severity3/forced/mcnemar_p"] == 1.0
     assert (first / "generation_by_severity.png").is_file() and (first / "restoration.png").is_file()
+
+
+def test_the_evals_every_k_steps_run_every_modes_on_the_highest_severity(policy):
+    from services.evaluate import evaluate
+
+    cfg = load_config(None, [*SMALL, "task.eval_size=3", "evaluation.every_modes=[greedy, forced]"])
+    m = evaluate(InProcessPool(policy, SETTINGS), cfg, full=False)
+    assert {k.split("/")[1] for k in m} == {"clean", "severity3"}  # the highest of severities [1, 3]
+    assert np.isfinite(m["eval/severity3/restoration/psnr_db"]) and m["eval/severity3/forced/trigger_rate"] == 1
+    assert not any("sampled" in k or "forbidden" in k for k in m)
+    with pytest.raises(Exception, match="every_modes"):
+        load_config(None, ["evaluation.every_modes=[]"])
