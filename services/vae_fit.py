@@ -175,10 +175,12 @@ def prepare(cfg: RunConfig, tracker=None, progress: bool = True) -> RunConfig:
         tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         record = fit(cfg, tmp, progress)
-        if final.exists():  # another run wrote the same key meanwhile: the same fit, keep one
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
             os.replace(tmp, final)
+        except OSError:  # another run wrote the same key meanwhile: the same fit, keep theirs
+            if not (final / FIT_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     how = "cached" if cached else f"fitted in {record['seconds']:.0f} s"
     print(f"tiny VAE ({how}, {final}): held-out reconstruction PSNR {record['psnr_db']:.2f} dB, "
           f"SSIM {record['ssim']:.3f} on {record['eval_images']} images", flush=True)
