@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                     run.rl_step()
                 for _ in range(args.steps):
                     t0 = time.perf_counter()
-                    m, _ = run.rl_step()
+                    m = run.rl_step()
                     ray_s.append(time.perf_counter() - t0)
                     splits.append(m)
             finally:

@@ -50,7 +50,7 @@ def _unigrpo_block(run, steps: int) -> tuple[list[float], dict[str, float]]:
     times, splits = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        m, _ = run.rl_step()
+        m = run.rl_step()
         times.append(time.perf_counter() - t0)
         splits.append(m)
     return times[1:], {k.split("/")[1]: median([m[k] for m in splits[1:]]) for k in SPLIT}

@@ -436,6 +436,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
+        if self.algorithm.mode == "async" and self.algorithm.max_staleness < 1:
+            raise ConfigError("algorithm.max_staleness", "async mode keeps max_staleness batches in flight ahead "
+                              "of the learner: it must be >= 1 (0 would train on nothing)")
         if self.learner.mini_batches > self.rollout.prompts_per_step:
             raise ConfigError(
                 "learner.mini_batches",

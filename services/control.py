@@ -264,7 +264,8 @@ class RunSupervisor:
             if self._start is None or self._start[0] != r.step:
                 return None
             r.sampler.load_state_dict(self._start[1])
-            r.sampler_before_prefetch = None
+            if r.pipeline is not None:
+                r.pipeline.discard()
             checkpoint.restore_rng(self._start[2])
         elif phase != "done":
             return None

@@ -24,6 +24,7 @@ from services import checkpoint, control, stop, vae_fit
 from services.cluster import start_ray, worker_pool
 from services.config import RunConfig
 from services.evaluate import EvalReport, compare, evaluate, evaluate_report, log_report
+from services.pipeline import RolloutPipeline, rollout_seed
 from services.reward_backend import start_reward
 from services.tracking import Tracker, image_strip, plot_curves
 from tasks import build_dataset
@@ -111,7 +112,6 @@ class Run:
         self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
         self.train_set = task_dataset(cfg, "train")
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, cfg.seed)
-        self.sampler_before_prefetch: dict | None = None  # async: the sampler state before the prefetch
         L = cfg.learner
         self.learner = LearnerGroup(
             cfg.model, L, cfg.algorithm, cfg.sft, cfg.seed,
@@ -119,7 +119,8 @@ class Run:
         self.learner.call_all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
         self.reward = start_reward(cfg)  # reward.backend: actor | serve (services/reward_backend.py)
         self.pool = worker_pool(cfg, cfg.rollout.num_workers)
-        self.prefetcher = cf.ThreadPoolExecutor(1, thread_name_prefix="prefetch")  # async: the next rollout
+        a = cfg.algorithm  # async: up to max_staleness batches generated ahead of the learner
+        self.pipeline = RolloutPipeline(self, a.max_staleness) if a.mode == "async" else None
         self.supervisor = control.RunSupervisor(self)  # `unigrpo scale`, autoscale, core-actor failures
         self.step = 0
         self.version = 0
@@ -140,41 +141,58 @@ class Run:
         self.learner.call_all("set_lr", self.cfg.learner.lr, self.cfg.sft.reset_optimizer, self.cfg.learner.lm_lr_scale)
 
     # ---- stage 2 ----------------------------------------------------------------------------
-    def publish_and_sync(self, bump: bool = True) -> float:
+    def publish(self, bump: bool = True):
+        """The learner's weights as the next version (``bump``) or again as the current one; its handle."""
         handle = self.learner.publish(bump)
         self.version = handle.version
-        t0, timeout = time.perf_counter(), self.cfg.learner.sync.timeout_s
-        # a reward that scores with the policy (GvU) gets the SAME handle as the rollout workers, in parallel
+        return handle
+
+    def deliver(self, handle) -> None:
+        """Every rollout worker, and a reward that scores with the policy (GvU), loads ``handle``."""
+        timeout = self.cfg.learner.sync.timeout_s
+        # the reward gets the SAME handle as the rollout workers, in parallel
         with cf.ThreadPoolExecutor(1) as ex:
             pending = ex.submit(self.reward.update_weights, handle, timeout) if self.reward.follows_policy else None
             self.pool.sync(handle)
             if pending is not None:
-                pending.result()
+                pending.result(timeout=timeout + self.cfg.rollout.call_timeout_s)
+
+    def publish_and_sync(self, bump: bool = True) -> float:
+        t0 = time.perf_counter()
+        self.deliver(self.publish(bump))
         return time.perf_counter() - t0
 
-    def rl_step(self, prefetched=None) -> tuple[dict[str, float], tuple | None]:
-        """One GRPO step; returns (metrics, the next step's prefetched (items, trajectories) in async mode)."""
+    def last_batch_before_pause(self, step: int) -> int:
+        """The last step the async pipeline may fill up to from ``step``: nothing is in flight at a
+        checkpoint, an evaluation or the end (``services.pipeline``)."""
+        cfg, last = self.cfg, self.cfg.algorithm.steps - 1
+        for every in (cfg.checkpoint.every, cfg.algorithm.eval_every):
+            if every:
+                last = min(last, (step // every + 1) * every - 1)
+        return last
+
+    def rl_step(self) -> dict[str, float]:
+        """One GRPO step: rollout (sync mode) or the pipeline's batch for this step (async), rewards,
+        advantages, the learner step, the new weights to the pool; the step's metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
         self.phase = "rollout"
-        if prefetched is None:
+        step = self.step
+        if self.pipeline is None:
             items = self.sampler.next_batch()
-            trajs = self.pool.generate(get_recipe(cfg.recipe).requests(items), cfg.seed * 100003 + self.step)
+            trajs = self.pool.generate(get_recipe(cfg.recipe).requests(items), rollout_seed(cfg.seed, step))
+            t1 = time.perf_counter()
+            totals, comps = self.reward.score_values(trajs)
+            timing = {"time/rollout_s": t1 - t0, "time/reward_s": time.perf_counter() - t1}
+            pool = None
         else:
-            items, trajs = prefetched
-        t1 = time.perf_counter()
-        totals, comps = self.reward.score_values(trajs)
+            self.pipeline.fill(step, self.last_batch_before_pause(step))
+            items, (trajs, totals, comps, done) = self.pipeline.take(step, cfg.rollout.call_timeout_s * 4)
+            timing = {"time/rollout_wait_s": time.perf_counter() - t0, "time/rollout_s": done["rollout_s"],
+                      "time/reward_s": done["reward_s"]}
+            pool = done["pool"]
         t2 = time.perf_counter()
         kept, adv, m = assemble(trajs, totals, comps, cfg, self.version)
-        nxt = None
-        self.sampler_before_prefetch = None
-        if cfg.algorithm.mode == "async" and self.step + 1 < cfg.algorithm.steps:
-            # a checkpoint taken after this step must not count the prefetched batch as served: its
-            # trajectories are not in the checkpoint, so a resumed run draws the same prompts again
-            self.sampler_before_prefetch = self.sampler.state_dict()
-            nxt_items = self.sampler.next_batch()
-            nxt = (nxt_items, self.prefetcher.submit(self.pool.generate, get_recipe(cfg.recipe).requests(nxt_items),
-                                        cfg.seed * 100003 + self.step + 1))
         self.phase = "learn"
         if kept:
             m.update(self.learner.train_step(collate(kept, adv, self.pad_id)))
@@ -182,17 +200,21 @@ class Run:
         self.phase = "done"
         m["learn/trained_samples"] = float(len(kept))
         t3 = time.perf_counter()
-        if nxt is not None:
-            nxt = (nxt[0], nxt[1].result())
+        if self.pipeline is None:
+            m["time/sync_s"] = self.publish_and_sync()
+        else:  # the new version reaches the pool behind the batches already queued, then the next ones start
+            self.pipeline.deliver_later(self.publish())
+            if self.step < cfg.algorithm.steps:
+                self.pipeline.fill(self.step, self.last_batch_before_pause(self.step))
+            m["time/sync_s"] = self.pipeline.last_sync_s
         t4 = time.perf_counter()
-        m["time/sync_s"] = self.publish_and_sync()
-        t5 = time.perf_counter()
-        m.update({"time/rollout_s": t1 - t0 + (t4 - t3), "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
-                  "time/step_s": t5 - t0, "samples_per_s": len(trajs) / (t5 - t0), "policy_version": self.version})
-        m.update(self.pool.metrics())
+        m.update(timing)
+        m.update({"time/learn_s": t3 - t2, "time/step_s": t4 - t0, "samples_per_s": len(trajs) / (t4 - t0),
+                  "policy_version": self.version})
+        m.update(self.pool.metrics() if pool is None else pool)
         if cfg.tracking.log_images_every and self.step % cfg.tracking.log_images_every == 0:
             self.log_samples(items, trajs)
-        return m, nxt
+        return m
 
     def log_samples(self, items, trajs) -> None:
         """Input image | generated image | clean source (those that exist), for trajectories that generated."""
@@ -211,8 +233,14 @@ class Run:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def served_sampler_state(self) -> dict:
-        """The sampler position counting only batches trained on (async: not the prefetched one)."""
-        return self.sampler.state_dict() if self.sampler_before_prefetch is None else self.sampler_before_prefetch
+        """The sampler position counting only batches trained on (async: not those in flight)."""
+        inflight = None if self.pipeline is None else self.pipeline.served_sampler_state()
+        return self.sampler.state_dict() if inflight is None else inflight
+
+    def settle(self) -> None:
+        """Async: wait until the pipeline's queued jobs are done (the pool then holds the last version)."""
+        if self.pipeline is not None:
+            self.pipeline.drain(self.cfg.rollout.call_timeout_s * 4)
 
     def save(self) -> Path:
         state = {"sampler": self.served_sampler_state(), "rng": checkpoint.rng_state(), "policy_version": self.version,
@@ -227,7 +255,8 @@ class Run:
         self.step = int(self.state["step"])
 
     def shutdown(self) -> None:
-        self.prefetcher.shutdown(wait=False, cancel_futures=True)
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
         self.pool.shutdown()
         self.learner.shutdown()
         self.reward.shutdown()
@@ -270,11 +299,10 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
             log_report(run.tracker, stage1, 0, _out_dir(run), "_stage1")
             summary["stage1"] = stage1.metrics
         bar = tqdm(range(run.step, cfg.algorithm.steps), desc="stage 2 (GRPO)", unit="step", dynamic_ncols=True)
-        prefetched = None
         for _ in bar:
             with guard.step():
                 run.supervisor.before_step()
-                m, prefetched = run.rl_step(prefetched)
+                m = run.rl_step()
                 run.supervisor.after_step(m)
                 run.tracker.log_metrics(m, run.step)
                 if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
@@ -282,7 +310,9 @@ def _train(cfg: RunConfig, resume: bool) -> dict:
             guard.check()
             bar.set_postfix(reward=f"{m['reward/total/mean']:.3f}", step_s=f"{m['time/step_s']:.1f}")
             if cfg.algorithm.eval_every and run.step % cfg.algorithm.eval_every == 0 and run.step < cfg.algorithm.steps:
+                run.settle()
                 run.tracker.log_metrics(evaluate(run.pool, cfg, reward=run.reward, full=False), run.step)
+        run.settle()
         final = evaluate_report(run.pool, cfg, reward=run.reward)
         stage1 = stage1 or _saved_report(run, "_stage1")  # resumed: stage 1's report from its JSON
         paired = compare(stage1, final, cfg.evaluation.bootstrap_samples, cfg.seed) if stage1 else {}

@@ -178,7 +178,7 @@ def test_scale_1_2_1_while_training(tmp_path, monkeypatch):
             if step == 2:  # the worker added before step 1 comes up in the background; by now it is in
                 assert pool.wait_ready(180)
             run.supervisor.before_step()
-            m, _ = run.rl_step()
+            m = run.rl_step()
             run.supervisor.after_step(m)
             c = seen[-1]
             got = sorted((t.prompt_id, t.group_index) for t in c["trajs"])

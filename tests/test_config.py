@@ -473,3 +473,11 @@ def test_submit_path_check_covers_uploaded_relative_paths_only(tmp_path: Path) -
     (tmp_path / "data" / "missing.jsonl").write_text("{}\n")
     cfg.check_paths(uploaded_root=tmp_path)
     load_config(None, ["model.lm_path=/models/on/the/cluster"]).check_paths(uploaded_root=tmp_path)
+
+
+def test_async_needs_a_batch_in_flight() -> None:
+    """Async mode keeps ``max_staleness`` batches ahead of the learner: 0 would train on nothing."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["algorithm.mode=async", "algorithm.max_staleness=0"])
+    assert info.value.field_path == "algorithm.max_staleness"
+    assert load_config(None, ["algorithm.mode=sync", "algorithm.max_staleness=0"]).algorithm.max_staleness == 0

@@ -91,7 +91,7 @@ def test_killed_rollout_workers_lose_no_group(tmp_path, monkeypatch):
                 time.sleep(1.0)
             n0 = len(calls)
             run.supervisor.before_step()
-            m, _ = run.rl_step()
+            m = run.rl_step()
             run.supervisor.after_step(m)
             steps.append((m, calls[n0:]))
 

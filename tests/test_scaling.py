@@ -128,7 +128,7 @@ def test_unplaceable_scale_up_stays_pending_then_joins(tmp_path, monkeypatch):
                 ray.kill(blocker)
                 assert run.pool.wait_ready(180), run.pool.metrics()
             run.supervisor.before_step()
-            m, _ = run.rl_step()
+            m = run.rl_step()
             run.supervisor.after_step(m)
             run.tracker.log_metrics(m, run.step)
             metrics.append(m)
