@@ -101,10 +101,6 @@ class EvalReport:
                             for s, v in items.items()})
 
 
-def severity_of(set_name: str) -> int:
-    return 0 if set_name == "clean" else int(set_name.removeprefix("severity"))
-
-
 def _unit(pixels) -> np.ndarray:
     """Decoded pixels (N, 3, H, W) tensor in [0, 1] -> float (N, H, W, 3)."""
     return pixels.clamp(0, 1).permute(0, 2, 3, 1).numpy().astype(np.float64)
