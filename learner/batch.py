@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from policy.trajectory import Trajectory
+from policy.vision import empty_images, stack_images
 
 
 @dataclass
@@ -31,6 +32,12 @@ class TrainBatch:
     row_group: torch.Tensor  # (B,) long: the prompt group of each row (0, 1, ... in order of appearance)
     row_weight: torch.Tensor  # (B,) 1 for a trajectory, 0 for a rank's padding row
     seg_weight: torch.Tensor  # (S,) 1 for an image segment, 0 for a padding row's
+    vision_images: torch.Tensor = field(default_factory=empty_images)  # (M, H, W, 3) uint8, row-major: a VLM's
+    vision_counts: torch.Tensor | None = None  # (B,) long: input images of each row (None: zeros)
+
+    def __post_init__(self) -> None:
+        if self.vision_counts is None:
+            self.vision_counts = torch.zeros(self.input_ids.shape[0], dtype=torch.long, device=self.input_ids.device)
 
     @property
     def num_rows(self) -> int:
@@ -57,6 +64,8 @@ class TrainBatch:
         for name in _ROW_FIELDS:
             kw[name] = kw[name][rows]
         kw["slot_latents"] = self.slot_latents[slot_keep]
+        if self.vision_images.shape[0]:
+            kw["vision_images"] = self.vision_images[torch.repeat_interleave(keep_row, self.vision_counts)]
         for name in _SEG_FIELDS:
             kw[name] = kw[name][seg_keep]
         kw["seg_rows"] = new_index[self.seg_rows[seg_keep]]
@@ -70,7 +79,7 @@ class TrainBatch:
 
 
 _ROW_FIELDS = ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts", "row_group",
-               "row_weight")
+               "row_weight", "vision_counts")
 _SEG_FIELDS = ("seg_cond_end", "seg_latents", "seg_next_latents", "seg_sigmas", "seg_sigma_nexts", "seg_log_probs",
                "seg_final", "seg_weight")
 
@@ -80,6 +89,7 @@ def concat(batches: list[TrainBatch]) -> TrainBatch:
     offsets = torch.tensor([0] + [b.num_rows for b in batches[:-1]]).cumsum(0).tolist()
     kw = {name: torch.cat([getattr(b, name) for b in batches]) for name in (*_ROW_FIELDS, *_SEG_FIELDS, "slot_latents")}
     kw["seg_rows"] = torch.cat([b.seg_rows + off for b, off in zip(batches, offsets)])
+    kw["vision_images"] = stack_images([b.vision_images for b in batches])
     return TrainBatch(**kw)
 
 
@@ -118,6 +128,8 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         seg_cond_end=torch.tensor([s.cond_end for _, s in segs], dtype=torch.long), **seg,
         row_group=torch.tensor([first_seen.setdefault(tr.prompt_id, len(first_seen)) for tr in trajs], dtype=torch.long),
         row_weight=torch.ones(b), seg_weight=torch.ones(len(segs)),
+        vision_images=stack_images([tr.vision_images for tr in trajs]),
+        vision_counts=torch.tensor([tr.vision_images.shape[0] for tr in trajs], dtype=torch.long),
     )
 
 

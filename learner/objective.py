@@ -14,7 +14,12 @@ from learner.sft import SFTShard
 from learner.sharding import GlobalCounts
 from policy.prompting import mask_unsampleable
 from policy.sde import window_log_probs
-from policy.shared_prefix import lm_hidden_shared_prefix, plan_shared_prefix, takes_block_mask
+from policy.shared_prefix import (
+    lm_hidden_shared_prefix,
+    plan_shared_prefix,
+    shared_prefix_off,
+    takes_block_mask,
+)
 
 
 @dataclass
@@ -54,12 +59,11 @@ def lm_hidden(policy, batch: TrainBatch, shared_prefix: bool = True) -> torch.Te
     prompt once, followed by the completions that continue it (``policy.shared_prefix``: same values,
     fewer tokens through the LM; attention implementations without custom masks take the padded batch)."""
     plan = None
-    if shared_prefix and takes_block_mask(policy.lm_config):
+    if shared_prefix and takes_block_mask(policy.lm_config) and not shared_prefix_off(batch.vision_images):
         plan = plan_shared_prefix(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.slot_counts,
                                   batch.slot_latents, policy.token_ids["img"], policy.n_image_tokens)
     if plan is None:
-        embeds = policy.embed(batch.input_ids, batch.slot_latents)
-        return policy.lm_step(embeds, batch.attention_mask, use_cache=False, head=False)[1]
+        return policy.lm_hidden(batch.input_ids, batch.attention_mask, batch.slot_latents, batch.vision_images)
     return lm_hidden_shared_prefix(policy, batch.input_ids, batch.attention_mask, batch.slot_latents, plan)
 
 
@@ -151,7 +155,8 @@ def sft_loss(
                     + flow_weight * sum_{images of r} w mean_latent ||v(x_s, s) - v*||^2 / N_images ].
     """
     batch = shard.batch
-    logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents)
+    logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents,
+                                       images=batch.vision_images)
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     mask = batch.loss_mask[:, 1:].float() * batch.row_weight[:, None]
     ce = -world_size * (logp * mask).sum() / max(1, shard.tokens)

@@ -1,7 +1,9 @@
 """Build or load the sub-models of the policy: tokenizer, LM, VAE, generator.
 
 Tiny models come from the config (random init, no download); real ones from local directories
-(``local_files_only``: never the network). ``generator_path`` is a transformer directory or a diffusers
+(``local_files_only``: never the network). ``lm_path`` is a causal LM (``AutoModelForCausalLM``) or a
+vision-language model (``AutoModelForImageTextToText``: Qwen2.5-VL, Qwen3-VL; ``policy.vision``), the class
+read from its ``config.json``. ``generator_path`` is a transformer directory or a diffusers
 pipeline directory (``policy.pipeline``): then the transformer, the VAE (unless ``vae_path`` is set) and the
 scheduler come from its subfolders.
 """
@@ -16,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -25,6 +28,7 @@ from transformers import (
 from policy.config import PolicyConfig
 from policy.pipeline import FlowSchedule, PipelineDir, check_generator_dir
 from policy.tokenizer import build_tiny_tokenizer, load_tokenizer
+from policy.vision import is_vlm_dir, load_image_processor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -62,10 +66,11 @@ def build_tokenizer(cfg: PolicyConfig) -> PreTrainedTokenizerBase:
 
 
 def build_lm(cfg: PolicyConfig, vocab_size: int) -> PreTrainedModel:
-    """Causal LM from ``lm_path`` or a tiny Qwen2; embeddings grow to ``vocab_size`` when needed."""
+    """Causal LM or VLM from ``lm_path``, or a tiny Qwen2; embeddings grow to ``vocab_size`` when needed."""
     dtype = torch_dtype(cfg)
     if cfg.lm_path:
-        lm = AutoModelForCausalLM.from_pretrained(cfg.lm_path, dtype=dtype, local_files_only=True)
+        auto = AutoModelForImageTextToText if is_vlm_dir(cfg.lm_path) else AutoModelForCausalLM
+        lm = auto.from_pretrained(cfg.lm_path, dtype=dtype, local_files_only=True)
     else:
         kwargs = cfg.lm_tiny_config()
         _check_keys(
@@ -77,6 +82,11 @@ def build_lm(cfg: PolicyConfig, vocab_size: int) -> PreTrainedModel:
     if lm.get_input_embeddings().num_embeddings < vocab_size:
         lm.resize_token_embeddings(vocab_size)
     return lm
+
+
+def build_image_processor(cfg: PolicyConfig):
+    """The image processor of a VLM ``lm_path`` (its ``preprocessor_config.json``), else None."""
+    return load_image_processor(cfg.lm_path) if cfg.lm_path and is_vlm_dir(cfg.lm_path) else None
 
 
 def pipeline_of(cfg: PolicyConfig) -> PipelineDir | None:

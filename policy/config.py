@@ -55,6 +55,9 @@ TINY_GENERATOR: dict[str, Any] = {
 }
 
 
+#: ``config.json`` ``model_type`` of the vision-language models ``lm_path`` may name (policy/vision.py).
+VLM_TYPES = ("qwen2_5_vl", "qwen3_vl")
+
 # The fields only one architecture reads (``PolicyConfig.unused_fields`` names those set for the other).
 UNIFIED_FIELDS = ("lm_path", "lm_tiny", "generator_path", "generator_tiny", "vae_path", "vae_tiny")
 JANUS_FIELDS = ("janus_path", "janus_tiny")
@@ -83,6 +86,9 @@ class PolicyConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     freeze_generator: bool = False
+    # a vision-language lm_path (policy/vision.py): how the input image reaches the LM, and its vision tower
+    input_image: Literal["vision", "bridge", "both"] | None = None  # null: vision for a VLM, else bridge
+    train_vision_tower: bool = False
 
     @field_validator("image_size")
     @classmethod

@@ -2,7 +2,9 @@
 
 LM (understanding, text) + generator (flow-matching DiT) + frozen VAE, joined by two small trainable
 heads: the Latent Representation Bridge (latent -> LM tokens at ``<img>`` placeholders) and the
-connector (LM hidden states -> generator conditioning). The sampler's sigmas are the pipeline scheduler's
+connector (LM hidden states -> generator conditioning). When ``model.lm_path`` is a vision-language model the
+input image may instead (or also) go through its own processor and vision tower (``policy.vision``,
+``model.input_image``); generated latents always enter through the bridge. The sampler's sigmas are the pipeline scheduler's
 (``sigmas``) when the generator comes from a diffusers pipeline directory. See docs/CONTRACTS.md "policy/".
 """
 
@@ -20,6 +22,7 @@ from torch import nn
 from policy.bridge import Connector, LatentBridge, positions_from_mask
 from policy.build import (
     build_generator,
+    build_image_processor,
     build_lm,
     build_schedule,
     build_tokenizer,
@@ -29,8 +32,10 @@ from policy.build import (
 )
 from policy.config import PolicyConfig
 from policy.pipeline import SCHEDULER_CONFIG, FlowSchedule
+from policy.prompting import image_slot
 from policy.sde import flow_sigmas
 from policy.tokenizer import special_token_ids
+from policy.vision import LMInputs, VisionSide, empty_images, input_image_mode, next_positions
 
 HEADS_FILE = "heads.safetensors"
 SCHEDULER_DIR = "scheduler"
@@ -44,7 +49,7 @@ class UnifiedPolicy(nn.Module):
     arch = "unified"  # PolicyConfig.arch (policy.factory.build_policy builds this class for it)
 
     def __init__(self, cfg: PolicyConfig, tokenizer, lm: nn.Module, generator: nn.Module, vae: nn.Module,
-                 schedule: FlowSchedule | None = None):
+                 schedule: FlowSchedule | None = None, image_processor: Any = None):
         super().__init__()
         self.cfg = cfg
         self.schedule = schedule  # the pipeline scheduler's sigmas; None: policy.sde.flow_sigmas
@@ -52,8 +57,13 @@ class UnifiedPolicy(nn.Module):
         self.lm = lm
         self.generator = generator
         self.vae = vae
+        # a VLM's processor / tower / rope positions (None: a causal LM); not a sub-module (lm holds the tower)
+        self.vision = VisionSide(lm, image_processor) if image_processor is not None else None
+        self.input_image_mode = input_image_mode(cfg, self.vision is not None)
+        if self.vision is not None and not cfg.train_vision_tower:
+            self.vision.tower.requires_grad_(False)
         dtype = torch_dtype(cfg)
-        hidden = int(lm.config.hidden_size)
+        hidden = int(lm.config.get_text_config().hidden_size)
         channels, side = latent_geometry(cfg, vae)
         self.bridge = LatentBridge(channels, side, cfg.bridge_patch, hidden).to(dtype)
         gcfg = generator.config
@@ -63,6 +73,8 @@ class UnifiedPolicy(nn.Module):
             raise ValueError(f"model.generator_class: {cfg.generator_class} has no joint/pooled dims") from e
         self.connector = Connector(hidden, joint, pooled).to(dtype)
         self.token_ids: dict[str, int] = special_token_ids(tokenizer)
+        if self.vision is not None:
+            self.token_ids |= self.vision.token_ids()
         self.eval()
 
     # ---- construction / persistence -----------------------------------------------------------
@@ -77,7 +89,7 @@ class UnifiedPolicy(nn.Module):
             vae = build_vae(cfg)
             channels, side = latent_geometry(cfg, vae)
             generator = build_generator(cfg, channels, side)
-            return cls(cfg, tokenizer, lm, generator, vae, build_schedule(cfg))
+            return cls(cfg, tokenizer, lm, generator, vae, build_schedule(cfg), build_image_processor(cfg))
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json + tokenizer/ + lm/ + generator/ + vae/ + heads.safetensors (safetensors only), and
@@ -86,6 +98,8 @@ class UnifiedPolicy(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(d / "tokenizer")
         self.lm.save_pretrained(d / "lm")
+        if self.vision is not None:  # lm/ is then a VLM directory as users have it (its preprocessor config)
+            self.vision.processor.save_pretrained(d / "lm")
         self.generator.save_pretrained(d / "generator", safe_serialization=True)
         self.vae.save_pretrained(d / "vae", safe_serialization=True)
         heads = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
@@ -165,8 +179,8 @@ class UnifiedPolicy(nn.Module):
 
     @property
     def lm_config(self) -> Any:
-        """The LM's transformers config."""
-        return self.lm.config
+        """The language model's transformers config (a VLM's text config)."""
+        return self.lm.config.get_text_config()
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states (..., H) -> logits (..., V)."""
@@ -178,6 +192,46 @@ class UnifiedPolicy(nn.Module):
         return [t["img_start"]] + [t["img"]] * self.n_image_tokens + [t["img_end"]]
 
     # ---- LM side ------------------------------------------------------------------------------
+    def input_image(self, image) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """One input image (H, W, 3) uint8 as the prompt sees it (``model.input_image``): (its token run,
+        its slot latents (n, C, h, w) for the bridge, its vision images (m, H, W, 3) uint8 for the VLM tower).
+        ``bridge``: ``<img_start> <img>*n <img_end>``; ``vision``: the VLM's ``<|vision_start|> <|image_pad|>*n
+        <|vision_end|>`` (the image read at ``model.image_size`` square); ``both``: the vision run, then the bridge
+        slot (CLEAR stage 1)."""
+        tokens: list[int] = []
+        latents = torch.zeros((0, *self.latent_shape))
+        vision = empty_images()
+        if self.input_image_mode in ("vision", "both"):
+            vision = self.vision.sized(image, self.cfg.image_size)[None]
+            tokens += self.vision.slot(vision[0])
+        if self.input_image_mode in ("bridge", "both"):
+            pixels = torch.as_tensor(image).permute(2, 0, 1)[None].float() / 255.0
+            latents = self.encode_image(pixels).cpu()  # trajectories hold CPU tensors
+            tokens += image_slot(self.token_ids, self.n_image_tokens)
+        return tokens, latents, vision
+
+    def lm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  slot_latents: torch.Tensor | None = None, images: torch.Tensor | None = None) -> LMInputs:
+        """What one LM call on ``input_ids`` takes: embeddings (bridge at ``<img>``; a VLM's tower at
+        ``<|image_pad|>`` from ``images`` (M, H, W, 3) uint8), position ids (a VLM's multimodal rope positions,
+        else ``cumsum(mask) - 1``) and extra text-model arguments (Qwen3-VL's deepstack features)."""
+        embeds = self.embed(input_ids, slot_latents)
+        if self.vision is None:
+            if images is not None and images.shape[0]:
+                raise ValueError("lm_inputs: vision images given, but model.lm_path is not a vision-language model")
+            return LMInputs(embeds, positions_from_mask(attention_mask), {}, None)
+        feats = self.vision.features(images, self.device) if images is not None and images.shape[0] else None
+        embeds, extra = self.vision.scatter(input_ids, embeds, feats)
+        pos, delta = self.vision.positions(input_ids, attention_mask, None if feats is None else feats.grid)
+        return LMInputs(embeds, pos, extra, delta)
+
+    def lm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  slot_latents: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden states (B, T, H) of the padded batch (no LM head, no cache)."""
+        inp = self.lm_inputs(input_ids, attention_mask, slot_latents, images)
+        return self.lm_step(inp.embeds, attention_mask, inp.position_ids, use_cache=False, head=False,
+                            extra=inp.extra)[1]
+
     def embed(self, input_ids: torch.Tensor, slot_latents: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with ``bridge(latent)`` at ``<img>`` positions, in row-major batch order."""
         emb = self.lm.get_input_embeddings()(input_ids)
@@ -203,19 +257,28 @@ class UnifiedPolicy(nn.Module):
         use_cache: bool = True,
         last_only: bool = False,
         head: bool = True,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, object]:
         """One LM call on embeddings. ``attention_mask`` covers past + new tokens (B, P+T); positions
-        default to ``cumsum(mask) - 1`` of the new tokens. Returns (logits (B,T,V), hidden (B,T,H), cache);
-        ``last_only``: logits of the last position only (B,1,V), the LM head skips the rest (sampling);
-        ``head=False``: no logits (None): the caller applies the head where it needs it (the learner)."""
+        default to ``cumsum(mask) - 1`` of the new tokens (text-only rope positions for a VLM). Returns
+        (logits (B,T,V), hidden (B,T,H), cache); ``last_only``: logits of the last position only (B,1,V),
+        the LM head skips the rest (sampling); ``head=False``: no logits (None): the caller applies the head
+        where it needs it (the learner). ``extra``: :meth:`lm_inputs`' text-model arguments."""
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
-        out = self.lm.base_model(
+            position_ids = next_positions(attention_mask, None if self.vision is None else
+                                          torch.zeros(attention_mask.shape[0], dtype=torch.long),
+                                          inputs_embeds.shape[1])
+        if self.vision is None:
+            body, cache_kwarg = self.lm.base_model, "past_key_values"
+        else:
+            body, cache_kwarg = self.vision.text_model, self.vision.cache_kwarg
+        out = body(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache or past_key_values is not None,
+            **{cache_kwarg: past_key_values},
+            **(extra or {}),
         )
         hidden = out.last_hidden_state
         if not head:
@@ -229,11 +292,18 @@ class UnifiedPolicy(nn.Module):
         slot_latents: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B,T,V), last hidden (B,T,H)); positions from the mask. A passed cache is updated
-        in place (``attention_mask`` then covers past + new tokens)."""
-        logits, hidden, _ = self.lm_step(self.embed(input_ids, slot_latents), attention_mask,
-                                         past_key_values=past_key_values, use_cache=use_cache)
+        """(logits (B,T,V), last hidden (B,T,H)); positions from the mask (and ``images``, a VLM's input
+        images, :meth:`lm_inputs`). A passed cache is updated in place (``attention_mask`` then covers past
+        + new tokens; positions then start at the cache's end: text only)."""
+        if past_key_values is not None:
+            logits, hidden, _ = self.lm_step(self.embed(input_ids, slot_latents), attention_mask,
+                                             past_key_values=past_key_values, use_cache=use_cache)
+            return logits, hidden
+        inp = self.lm_inputs(input_ids, attention_mask, slot_latents, images)
+        logits, hidden, _ = self.lm_step(inp.embeds, attention_mask, inp.position_ids, use_cache=use_cache,
+                                         extra=inp.extra)
         return logits, hidden
 
     def token_logprobs(
@@ -242,10 +312,11 @@ class UnifiedPolicy(nn.Module):
         attention_mask: torch.Tensor,
         slot_latents: torch.Tensor | None = None,
         temperature: float = 1.0,
+        vision_images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``logp[:, t] = log p(input_ids[:, t] | < t)`` in float32; 0 at t=0, on padding and on a
         row's first real token. Returns (logp (B,T), hidden (B,T,H))."""
-        logits, hidden = self.lm_forward(input_ids, attention_mask, slot_latents)
+        logits, hidden = self.lm_forward(input_ids, attention_mask, slot_latents, images=vision_images)
         lg = logits[:, :-1].float() / temperature
         target = input_ids[:, 1:].unsqueeze(-1)
         lp = lg.gather(-1, target).squeeze(-1) - torch.logsumexp(lg, dim=-1)
@@ -322,7 +393,10 @@ class UnifiedPolicy(nn.Module):
         return {"understanding": [self.lm, self.bridge], "generation": [self.generator, self.connector]}
 
     def _frozen_prefixes(self) -> tuple[str, ...]:
-        return ("vae.", "generator.") if self.cfg.freeze_generator else ("vae.",)
+        frozen = ("vae.", "generator.") if self.cfg.freeze_generator else ("vae.",)
+        if self.vision is not None and not self.cfg.train_vision_tower:
+            frozen += ("lm.model.visual.",)
+        return frozen
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Name -> tensor for everything but the frozen parts (VAE; generator if frozen).

@@ -39,10 +39,15 @@ def encode_target(tok: PreTrainedTokenizerBase, answer: str, n_image_tokens: int
     return out + tail, mask + [True] * len(tail)
 
 
+VISION_KEYS = ("vision_start", "vision_pad", "vision_end")  # a VLM's image run (policy.vision), when present
+
+
 def unsampleable_ids(ids: dict[str, int]) -> list[int]:
-    """Tokens the policy never samples (image-slot structure and padding): their logits are -inf both in
-    rollout and in the learner, so behaviour and recomputed log-probs describe the same distribution."""
-    return sorted({ids["img"], ids["img_start"], ids["img_end"], ids["pad"]})
+    """Tokens the policy never samples (image-slot structure, a VLM's vision run, padding): their logits are
+    -inf both in rollout and in the learner, so behaviour and recomputed log-probs describe the same
+    distribution."""
+    vision = {ids[k] for k in VISION_KEYS if k in ids}
+    return sorted({ids["img"], ids["img_start"], ids["img_end"], ids["pad"], *vision})
 
 
 def mask_unsampleable(logits, ids: dict[str, int]):

@@ -22,24 +22,49 @@ A packed row holds its prompt and as many of the group's completions as fit in t
 (at least one): attention inside a packed row is quadratic in its length, so long completions go to
 several rows that each repeat the prompt. A row's prompt is its tokens before the first sampled one
 (``loss_mask``) plus the image latents in them; rows share a prompt only when both are equal, so a batch
-without repeated prompts falls back to the padded forward.
+without repeated prompts falls back to the padded forward, and so does a batch whose prompts hold a
+vision-language model's input images (:func:`shared_prefix_off`: its tower features and 3-D rope positions
+are not packed; the reason is logged once).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
 
 PROMPT, PAD = -1, -2  # segment ids of prompt positions and padding; completions carry their batch row
 BLOCK_MASK_ATTENTION = ("sdpa", "eager")  # LM attention implementations that take a custom 4-D mask
 
 
+# text models that always build their mask from a 2-D one (no ``{"full_attention": mask}`` mapping)
+NO_MASK_MAPPING = ("qwen3_vl_text",)
+
+
 def takes_block_mask(config, implementations: tuple[str, ...] = BLOCK_MASK_ATTENTION) -> bool:
     """Whether an LM with this config takes a prepared 4-D mask (``{"full_attention": mask}``): one of
-    ``implementations`` and every layer full attention (sliding-window layers would need their own)."""
+    ``implementations``, every layer full attention (sliding-window layers would need their own), and a text
+    model that accepts the mapping (not ``NO_MASK_MAPPING``)."""
     types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return getattr(config, "_attn_implementation", None) in implementations and types == {"full_attention"}
+    return (getattr(config, "_attn_implementation", None) in implementations and types == {"full_attention"}
+            and getattr(config, "model_type", None) not in NO_MASK_MAPPING)
+
+
+def shared_prefix_off(vision_images: torch.Tensor) -> str | None:
+    """Why a batch takes the padded forward although the packed one could run, or None: a batch holding a
+    VLM's input images (``vision_images`` (M, H, W, 3), M > 0). Logged at WARNING once per process."""
+    if vision_images.shape[0] == 0:
+        return None
+    reason = ("shared-prefix learner forward off for batches with vision-language input images: the VLM's tower "
+              "features and 3-D rope positions are not packed; the padded forward computes each prompt per sample")
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.warning(reason)
+    return reason
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ One trajectory is one sample of one prompt. Its token sequence holds the prompt 
 Image slots in the sequence are runs of ``n_image_tokens`` placeholder ids (``<img>``) between
 ``<img_start>`` and ``<img_end>``; the latent in each slot (the input image's, then any generated one)
 is listed in ``slot_latents`` in order of appearance and enters the LM through the Latent
-Representation Bridge. A generated image also keeps the stochastic window of its SDE sampler, which is
+Representation Bridge. With a vision-language model, an input image the VLM's own tower reads is a run of
+its ``<|image_pad|>`` tokens, and the raw image (uint8) is kept in ``vision_images`` (``policy.vision``).
+A generated image also keeps the stochastic window of its SDE sampler, which is
 what Flow-GRPO trains.
 
 A Janus policy (``model.arch: janus``) generates an image as VQ-code tokens IN the sequence instead: they
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from policy.vision import empty_images
 
 
 def _to_wire(fields: dict) -> dict:
@@ -82,6 +86,7 @@ class Trajectory(_WireTensors):
     behaviour_logp: torch.Tensor  # (T,) float: log-prob of each sampled token when sampled, 0 elsewhere
     slot_latents: torch.Tensor  # (n_slots, C, h, w): latents of the image slots, in order
     images: list[ImageSegment] = field(default_factory=list)
+    vision_images: torch.Tensor = field(default_factory=empty_images)  # (m, H, W, 3) uint8: a VLM tower's inputs
     policy_version: int = 0
     response_text: str = ""
     reward: float = float("nan")

@@ -1,6 +1,7 @@
 """Text engines: one interface, two backends (transformers here, vLLM in ``vllm_engine.py``).
 
-An engine samples continuations of token prompts whose image slots carry bridged latents, and returns
+An engine samples continuations of token prompts whose image slots carry bridged latents (and, with a
+vision-language model, whose ``<|image_pad|>`` runs carry the VLM tower's features of the input images), and returns
 each sampled token's behaviour log-prob under the temperature-scaled policy (what the learner recomputes).
 """
 
@@ -12,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-from policy.bridge import positions_from_mask
 from policy.prompting import mask_unsampleable
 from policy.shared_prefix import takes_block_mask
+from policy.vision import empty_images, next_positions, stack_images
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TextRequest:
     input_ids: list[int]
     slot_latents: torch.Tensor  # (n_slots, C, h, w); n_slots may be 0
     max_new_tokens: int
+    vision_images: torch.Tensor = field(default_factory=empty_images)  # (m, H, W, 3) uint8: a VLM's inputs
 
 
 @dataclass
@@ -95,13 +97,13 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _dedupe(requests: list[TextRequest]) -> tuple[list[int], torch.Tensor]:
-    """Indices of the distinct requests (same token ids, same slot-latent tensor object: the G copies of a
-    prompt in a group) and, per request, which distinct one it is."""
+    """Indices of the distinct requests (same token ids, same slot-latent and vision-image tensor objects: the
+    G copies of a prompt in a group) and, per request, which distinct one it is."""
     first: dict[tuple, int] = {}
     uniq: list[int] = []
     which = []
     for i, r in enumerate(requests):
-        key = (tuple(r.input_ids), id(r.slot_latents))
+        key = (tuple(r.input_ids), id(r.slot_latents), id(r.vision_images))
         j = first.get(key)
         if j is None:
             j = first[key] = len(uniq)
@@ -137,16 +139,20 @@ class HFTextEngine:
         self.policy.load_trainable(named_tensors)
 
     def _mask(self, attn: torch.Tensor, q_len: int):
-        if not takes_block_mask(self.policy.lm.config, ("sdpa",)):
+        if not takes_block_mask(self.policy.lm_config, ("sdpa",)):
             return attn  # transformers builds it
         return {"full_attention": _sdpa_mask(attn, q_len)}
 
-    def _step(self, embeds: torch.Tensor, attn: torch.Tensor, cache=None):
+    def _step(self, embeds: torch.Tensor, attn: torch.Tensor, cache=None, delta: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None, extra: dict | None = None):
+        """One LM call on the last ``embeds.shape[1]`` positions; ``positions`` default to ``cumsum(mask) - 1``
+        (plus a VLM's rope ``delta``)."""
         p = self.policy
         dev_attn = attn.to(p.device)
-        positions = positions_from_mask(dev_attn)[:, -embeds.shape[1]:]
+        if positions is None:
+            positions = next_positions(dev_attn, delta, embeds.shape[1])
         logits, _, cache = p.lm_step(embeds, self._mask(dev_attn, embeds.shape[1]), position_ids=positions,
-                                     past_key_values=cache, last_only=True)
+                                     past_key_values=cache, last_only=True, extra=extra)
         return logits[:, -1], cache
 
     @torch.no_grad()
@@ -166,9 +172,12 @@ class HFTextEngine:
             ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids)
             attn[i, width - len(r.input_ids):] = 1
         latents = torch.cat([r.slot_latents for r in u_reqs]).to(p.device)
-        last, cache = self._step(p.embed(ids.to(p.device), latents), attn)
+        inp = p.lm_inputs(ids.to(p.device), attn.to(p.device), latents, stack_images([r.vision_images for r in u_reqs]))
+        last, cache = self._step(inp.embeds, attn, positions=inp.position_ids, extra=inp.extra)
+        delta = inp.delta  # a VLM's rope delta per row (None: a causal LM)
         if len(u_reqs) < b:  # expand the shared prefill to every sample
             last, attn = last[which.to(last.device)], attn[which]
+            delta = None if delta is None else delta[which.to(delta.device)]
             cache.batch_select_indices(which.to(p.device))
         last = mask_banned(mask_unsampleable(last, p.token_ids), s)
         budget = torch.tensor([r.max_new_tokens for r in requests])
@@ -194,7 +203,7 @@ class HFTextEngine:
                 break
             token = torch.where(alive, token, torch.full_like(token, pad))
             attn = torch.cat([attn, alive.long()[:, None]], dim=1)
-            last, cache = self._step(embed_tokens(token[:, None].to(p.device)), attn, cache)
+            last, cache = self._step(embed_tokens(token[:, None].to(p.device)), attn, cache, delta)
             last = mask_banned(mask_unsampleable(last, p.token_ids), s)
         tok_rows, lp_rows, n_rows = tokens.tolist(), logps.tolist(), lengths.tolist()
         return [TextCompletion(tok_rows[i][: n_rows[i]], lp_rows[i][: n_rows[i]],

@@ -21,6 +21,7 @@ import torch
 from policy.prompting import decode_response, encode_prompt
 from policy.sde import draw_normal, flow_sigmas, sample_latents, window_starts
 from policy.trajectory import ImageSegment, Trajectory
+from policy.vision import empty_images, stack_images
 from rollout.engine import SamplingSettings, TextCompletion, TextEngine, TextRequest
 
 GENERATION_MODES = ("auto", "force", "forbid")
@@ -58,13 +59,15 @@ def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tensor], s: RolloutSettings,
-                    generator: torch.Generator | None) -> tuple[list[ImageSegment], torch.Tensor]:
+                    generator: torch.Generator | None, vision: list[torch.Tensor] | None = None
+                    ) -> tuple[list[ImageSegment], torch.Tensor]:
     """Latents conditioned on each context's hidden states; returns their segments and final latents, on
     the CPU. The LM and the sampler run on the policy's device; the noise is drawn on ``generator``'s (the
     CPU) and moved, so a seed gives the same noise on any device."""
     dev = policy.device
     ids, attn = _right_padded(contexts, policy.token_ids["pad"])
-    _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), torch.cat(latents).to(dev))
+    _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), torch.cat(latents).to(dev),
+                                  images=None if vision is None else stack_images(vision))
     cond_end = torch.tensor([len(c) for c in contexts])
     enc, pooled = policy.condition(hidden, cond_end)
     b = len(contexts)
@@ -90,21 +93,22 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
     forced = s.generation == "force"
     banned = (ids["gen"],) if s.generation == "forbid" else ()
     sampling = SamplingSettings(s.temperature, s.top_p, (ids["eos"], ids["gen"]), banned)
+    vision = []  # per row: the input images a VLM's tower reads (policy.input_image, model.input_image)
     rows = []  # (request, group index, prompt ids, slot latents)
     for r in requests:
         image = r.get("image")
         if image is not None:
-            pixels = torch.as_tensor(image).permute(2, 0, 1)[None].float() / 255.0
-            lat = policy.encode_image(pixels).cpu()  # trajectories hold CPU tensors; the engine moves them
+            slot, lat, vis = policy.input_image(image)  # CPU tensors; the engine moves them
         else:
-            lat = torch.zeros((0, *policy.latent_shape))
-        prompt = encode_prompt(tok, r["text"], policy.n_image_tokens, with_image=image is not None)
+            slot, lat, vis = [], torch.zeros((0, *policy.latent_shape)), empty_images()
+        prompt = slot + encode_prompt(tok, r["text"], policy.n_image_tokens, with_image=False)
+        vision += [vis] * s.group_size
         rows += [(r, g, prompt, lat) for g in range(s.group_size)]
     if forced:  # every response opens with <gen>, which the policy did not sample
         first = [TextCompletion([ids["gen"]], [0.0], "stop") for _ in rows]
     else:
-        first = engine.generate([TextRequest(p, lat, s.max_new_tokens) for _, _, p, lat in rows], sampling,
-                                generator)
+        first = engine.generate([TextRequest(p, lat, s.max_new_tokens, v) for (_, _, p, lat), v in zip(rows, vision)],
+                                sampling, generator)
     seqs = [list(p) + c.token_ids for (_, _, p, _), c in zip(rows, first)]
     masks = [[False] * len(p) + [not forced] * len(c.token_ids) for (_, _, p, _), c in zip(rows, first)]
     logps = [[0.0] * len(p) + c.logprobs for (_, _, p, _), c in zip(rows, first)]
@@ -114,7 +118,8 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
                 if (s.max_images > 0 or forced) and c.finish == "stop" and c.token_ids[-1] == ids["gen"]
                 and len(c.token_ids) < s.max_new_tokens]
     if gen_rows:
-        segs, finals = generate_images(policy, [seqs[i] for i in gen_rows], [slot_lat[i] for i in gen_rows], s, generator)
+        segs, finals = generate_images(policy, [seqs[i] for i in gen_rows], [slot_lat[i] for i in gen_rows], s, generator,
+                                       [vision[i] for i in gen_rows])
         slot = policy.image_placeholder_ids()
         for j, i in enumerate(gen_rows):
             images[i].append(segs[j])
@@ -123,7 +128,7 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             logps[i] += [0.0] * len(slot)
             slot_lat[i] = torch.cat([slot_lat[i], finals[j : j + 1]])
         budgets = [s.max_new_tokens - len(first[i].token_ids) for i in gen_rows]
-        second = engine.generate([TextRequest(seqs[i], slot_lat[i], n) for i, n in zip(gen_rows, budgets)],
+        second = engine.generate([TextRequest(seqs[i], slot_lat[i], n, vision[i]) for i, n in zip(gen_rows, budgets)],
                                  sampling, generator)
         for i, c in zip(gen_rows, second):
             seqs[i] += c.token_ids
@@ -135,6 +140,7 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
         out.append(Trajectory(
             prompt_id=str(r["prompt_id"]), group_index=g, input_ids=torch.tensor(seqs[i], dtype=torch.long),
             prompt_len=len(prompt), loss_mask=torch.tensor(masks[i]), behaviour_logp=torch.tensor(logps[i]),
+            vision_images=vision[i],
             slot_latents=slot_lat[i], images=images[i], policy_version=version,
             response_text=decode_response(tok, sampled), meta=dict(r.get("meta") or {}),
         ))

@@ -485,12 +485,16 @@ class RunConfig(_Section):
             if not where.exists():
                 raise ConfigError(f"model.{name}", f"path does not exist: {value}")
             if name == "lm_path":
-                check_lm_dir(where)
+                check_lm_dir(where, input_image=self.model.input_image)
             if name == "generator_path":
                 try:
                     check_generator_dir(where, self.model.generator_class)
                 except PipelineDirError as e:
                     raise ConfigError(e.field, e.message) from None
+        if self.model.input_image in ("vision", "both") and not self.model.lm_path and self.model.arch == "unified":
+            raise ConfigError("model.input_image", f"{self.model.input_image!r} needs a vision-language model "
+                                                   "directory in model.lm_path (the tiny LM reads images through "
+                                                   "the bridge)")
         where = local(self.task.path) if self.task.path else None
         if where is not None and not where.exists():
             raise ConfigError("task.path", f"path does not exist: {self.task.path}")

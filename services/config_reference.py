@@ -82,7 +82,9 @@ FIELD_DOCS: dict[str, str] = {
                   "autoregressive model that generates images as VQ codes (`JanusPolicy`).",
     "model.janus_tiny": "Overrides of the tiny Janus's sub-configs, keyed `text`, `vision`, `vq` "
                         "(`policy/janus_tiny.py`); used when `janus_path` is null.",
-    "model.lm_path": "A local Hugging Face causal-LM directory (`*ForCausalLM`, "
+    "model.lm_path": "A local Hugging Face causal-LM directory (`*ForCausalLM`), or a vision-language "
+                     "model directory (`model_type` `qwen2_5_vl` / `qwen3_vl`, loaded with "
+                     "`AutoModelForImageTextToText`, with its `preprocessor_config.json`; "
                      "`services/lm_support.py`); null builds the tiny Qwen2 LM.",
     "model.lm_tiny": "Overrides of the tiny LM's `Qwen2Config` (`policy.config.TINY_LM`).",
     "model.tokenizer_path": "A local tokenizer directory; null trains the tiny byte-level BPE in code.",
@@ -95,6 +97,13 @@ FIELD_DOCS: dict[str, str] = {
     "model.vae_path": "A local diffusers VAE directory; null takes the pipeline's `vae/` when "
                       "`generator_path` is a pipeline directory, else builds the tiny VAE.",
     "model.vae_tiny": "Overrides of the tiny VAE's config (`policy.config.TINY_VAE`).",
+    "model.input_image": "How the input image reaches the LM: `vision` (a VLM `lm_path`'s own image "
+                         "processor and vision tower, at its `<|image_pad|>` tokens), `bridge` (VAE latent -> "
+                         "Latent Representation Bridge -> `<img>` slots), or `both` (the vision run, then the "
+                         "bridge slot: CLEAR stage 1); null: `vision` for a VLM, `bridge` for a causal LM. "
+                         "Generated latents always enter through the bridge.",
+    "model.train_vision_tower": "Train a VLM `lm_path`'s vision tower (false: frozen, neither trained nor "
+                                "synced).",
     "model.image_size": "Pixels per side of the images the policy encodes and generates (a multiple of 8).",
     "model.cond_tokens": "How many of the LM's last hidden states condition the generator (through the "
                          "connector).",

@@ -1,5 +1,6 @@
 """Which model directories ``model.lm_path`` may name, read from the directory's ``config.json`` (no
-transformers import): the one place that lists the supported kinds. ``RunConfig.check_paths`` calls
+transformers import): the one place that lists the supported kinds: causal LMs (``*ForCausalLM``) and the
+vision-language models of ``policy.config.VLM_TYPES`` (with their ``preprocessor_config.json``). ``RunConfig.check_paths`` calls
 :func:`check_lm_dir` before any actor starts, so an unsupported directory fails with one line.
 """
 
@@ -8,18 +9,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from policy.config import VLM_TYPES
 from services.overrides import ConfigError
 
 #: ``config.json`` ``architectures`` suffix -> what ``policy.build.build_lm`` loads it with.
 SUPPORTED_LM_KINDS = {"ForCausalLM": "a decoder-only causal LM (AutoModelForCausalLM), e.g. Qwen2ForCausalLM"}
+#: ``config.json`` ``model_type`` of the vision-language models loaded with AutoModelForImageTextToText.
+SUPPORTED_VLM_TYPES = {t: "a vision-language model (AutoModelForImageTextToText) with its preprocessor_config.json"
+                       for t in VLM_TYPES}
 
 
 def supported_text() -> str:
-    return "; ".join(f"*{suffix}: {what}" for suffix, what in SUPPORTED_LM_KINDS.items())
+    kinds = [f"*{suffix}: {what}" for suffix, what in SUPPORTED_LM_KINDS.items()]
+    return "; ".join([*kinds, f"model_type {' / '.join(SUPPORTED_VLM_TYPES)}: {SUPPORTED_VLM_TYPES[VLM_TYPES[0]]}"])
 
 
-def check_lm_dir(path: str | Path, field: str = "model.lm_path") -> None:
-    """Raise ConfigError naming ``field`` unless ``path`` is a model directory of a supported kind."""
+def check_lm_dir(path: str | Path, field: str = "model.lm_path", input_image: str | None = None) -> None:
+    """Raise ConfigError naming ``field`` unless ``path`` is a model directory of a supported kind (a VLM
+    with its image processor config); ``input_image`` ``vision`` / ``both`` (``model.input_image``) need a VLM."""
     d = Path(path).expanduser()
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
@@ -32,6 +39,14 @@ def check_lm_dir(path: str | Path, field: str = "model.lm_path") -> None:
     if not isinstance(cfg, dict):
         raise ConfigError(field, f"{cfg_file} is not a JSON object")
     model_type = cfg.get("model_type", "?")
+    if model_type in SUPPORTED_VLM_TYPES:
+        if not (d / "preprocessor_config.json").is_file():
+            raise ConfigError(field, f"{path} holds a {model_type!r} vision-language model but no "
+                                     f"preprocessor_config.json (its image processor); supported: {supported_text()}")
+        return
+    if input_image in ("vision", "both"):
+        raise ConfigError("model.input_image", f"{input_image!r} needs a vision-language model directory in "
+                                               f"{field}; {path} holds a {model_type!r} model")
     archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
     if not archs:
         return  # nothing declared: the loader decides from model_type
