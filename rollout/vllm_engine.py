@@ -24,6 +24,14 @@ How the pieces of the unified model reach vLLM:
   ``worker.model_runner.model.load_weights(weights)``; vLLM's loader handles fused (qkv / gate-up)
   parameters itself.
 
+- **Vision-language models** (``policy.vision``): the VLM directory vLLM loads also holds the image
+  processor's ``preprocessor_config.json``. A prompt whose input image the VLM's tower reads and that holds no
+  bridged latent goes in as vLLM's multimodal input, ``{"prompt_token_ids": ids, "multi_modal_data": {"image":
+  [PIL images]}}``, each ``<|image_pad|>`` run collapsed to one token that vLLM's processor expands again
+  (:func:`vllm_vision_prompt`). vLLM takes either multimodal data or prompt embeddings in one prompt, so a
+  prompt with both (CLEAR's answer after a generated image, ``model.input_image: both``) is sampled by the
+  policy's own ``HFTextEngine``.
+
 vLLM is imported inside the class, so this module imports on a CPU machine without it.
 """
 
@@ -53,6 +61,16 @@ def import_vllm() -> Any:
     except ImportError as e:  # ModuleNotFoundError, or a broken install (CUDA libraries missing...)
         raise ImportError(f"{INSTALL_HINT} ({e})") from e
     return vllm
+
+
+def vllm_vision_prompt(input_ids: list[int], vision_images: torch.Tensor, image_pad: int) -> dict[str, Any]:
+    """vLLM's multimodal prompt of a VLM request: token ids with each run of ``image_pad`` collapsed to one (vLLM's
+    processor expands it to the image's patch count), the images (uint8 (m, H, W, 3)) as PIL images."""
+    from PIL import Image
+
+    ids = [t for i, t in enumerate(input_ids) if t != image_pad or i == 0 or input_ids[i - 1] != image_pad]
+    images = [Image.fromarray(x) for x in vision_images.cpu().numpy()]
+    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
 
 def vllm_weight_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
@@ -94,7 +112,10 @@ class VLLMTextEngine:
         self._dir = tempfile.mkdtemp(prefix="unigrpo-vllm-")
         policy.lm.save_pretrained(self._dir, safe_serialization=True)
         policy.tokenizer.save_pretrained(self._dir)
-        lm_cfg = policy.lm.config
+        if getattr(policy, "vision", None) is not None:  # what vLLM needs to load the VL model's processor
+            policy.vision.processor.save_pretrained(self._dir)
+        self._hf = None  # the policy's own engine, for prompts vLLM cannot take (module docstring)
+        lm_cfg = policy.lm_config
         self.vocab_size = int(lm_cfg.vocab_size)
         banned = set(unsampleable_ids(policy.token_ids))
         self.allowed_ids = [i for i in range(self.vocab_size) if i not in banned]
@@ -150,7 +171,16 @@ class VLLMTextEngine:
         self, requests: list[TextRequest], s: SamplingSettings, generator: torch.Generator | None = None
     ) -> list[TextCompletion]:
         out = [TextCompletion() for _ in requests]
-        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        mixed = [i for i, r in enumerate(requests)
+                 if r.max_new_tokens > 0 and r.vision_images.shape[0] and r.slot_latents.shape[0]]
+        if mixed:  # vision images and bridged latents in one prompt: the policy's own engine samples them
+            if self._hf is None:
+                from rollout.engine import HFTextEngine
+
+                self._hf = HFTextEngine(self.policy)
+            for i, c in zip(mixed, self._hf.generate([requests[i] for i in mixed], s, generator)):
+                out[i] = c
+        live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0 and i not in set(mixed)]
         if not live:
             return out
         recompute = self._recompute() or (self.logprobs == "auto" and s.top_p < 1.0 and s.temperature > 0)
@@ -160,9 +190,12 @@ class VLLMTextEngine:
         prompts, params = [], []
         for i, seed in zip(live, seeds):
             r = requests[i]
-            ids = torch.tensor([r.input_ids], dtype=torch.long, device=p.device)
-            emb = p.embed(ids, r.slot_latents.to(p.device))[0]
-            prompts.append({"prompt_embeds": emb.detach().cpu()})
+            if r.vision_images.shape[0]:  # a VLM's input image, no bridged latent: vLLM's multimodal input
+                prompts.append(vllm_vision_prompt(list(r.input_ids), r.vision_images, p.token_ids["vision_pad"]))
+            else:
+                ids = torch.tensor([r.input_ids], dtype=torch.long, device=p.device)
+                emb = p.embed(ids, r.slot_latents.to(p.device))[0]
+                prompts.append({"prompt_embeds": emb.detach().cpu()})
             params.append(self._params(r, s, int(seed), with_logprobs=not recompute))
         results = self.llm.generate(prompts, params, use_tqdm=False)
         stops = set(s.stop_ids)
@@ -187,7 +220,7 @@ class VLLMTextEngine:
         p = self.policy
         ids = torch.tensor([list(r.input_ids) + list(completion)], dtype=torch.long, device=p.device)
         attn = torch.ones_like(ids)
-        logits, _ = p.lm_forward(ids, attn, r.slot_latents.to(p.device))
+        logits, _ = p.lm_forward(ids, attn, r.slot_latents.to(p.device), images=r.vision_images)
         n = len(completion)
         lg = mask_unsampleable(logits[0, -n - 1 : -1].float(), p.token_ids)
         if temperature > 0:

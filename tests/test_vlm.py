@@ -210,3 +210,17 @@ def test_unigrpo_train_runs_a_tiny_vl_config_to_the_end(vl_dir, tmp_path):
     assert len(gaps) == config["algorithm"]["steps"] and max(gaps) < 1e-4, gaps
     final = tmp_path / "ckpt" / config["run_name"] / f"step-{config['algorithm']['steps']:06d}" / "policy"
     assert (final / "lm" / "preprocessor_config.json").is_file()
+
+
+def test_vllm_multimodal_prompt_collapses_each_image_run(vl_dir):
+    """What the vLLM engine sends for a VLM prompt: token ids with each ``<|image_pad|>`` run as one token
+    (vLLM's processor expands it from the same preprocessor config), and the images as PIL images."""
+    from rollout.vllm_engine import vllm_vision_prompt
+
+    policy = _policy(vl_dir)
+    tokens, _, vision = policy.input_image(_image(0))
+    pad = policy.token_ids["vision_pad"]
+    prompt = vllm_vision_prompt(tokens + [7, 8], vision, pad)
+    assert prompt["prompt_token_ids"] == [policy.token_ids["vision_start"], pad, policy.token_ids["vision_end"], 7, 8]
+    (img,) = prompt["multi_modal_data"]["image"]
+    assert img.size == (32, 32) and np.array_equal(np.asarray(img), vision[0].numpy())
