@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from policy.prompting import decode_response, encode_prompt
-from policy.sde import draw_normal, flow_sigmas, sample_latents, window_starts
+from policy.sde import draw_normal, sample_latents, window_starts
 from policy.trajectory import ImageSegment, Trajectory
 from policy.vision import empty_images, stack_images
 from rollout.engine import SamplingSettings, TextCompletion, TextEngine, TextRequest
@@ -39,7 +39,6 @@ class RolloutSettings:
     sde_window_position: str = "random"
     sde_window_start: int = 0
     sde_noise_level: float = 0.7
-    sde_shift: float = 1.0
     generation: str = "auto"  # auto | force | forbid (module docstring)
 
     def __post_init__(self) -> None:
@@ -74,7 +73,7 @@ def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tenso
     noise = draw_normal((b, *policy.latent_shape), generator, dev)
     starts = window_starts(b, s.sde_steps, s.sde_window, s.sde_window_position, s.sde_window_start, generator)
     rec = sample_latents(lambda x, sig: policy.velocity(x, sig, enc, pooled), noise,
-                         flow_sigmas(s.sde_steps, s.sde_shift), s.sde_window, s.sde_noise_level, starts,
+                         policy.sigmas(s.sde_steps), s.sde_window, s.sde_noise_level, starts,
                          generator).to("cpu")
     segs = [
         ImageSegment(cond_end=int(cond_end[i]), latents=rec.latents[i], next_latents=rec.next_latents[i],
@@ -93,8 +92,8 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
     forced = s.generation == "force"
     banned = (ids["gen"],) if s.generation == "forbid" else ()
     sampling = SamplingSettings(s.temperature, s.top_p, (ids["eos"], ids["gen"]), banned)
-    vision = []  # per row: the input images a VLM's tower reads (policy.input_image, model.input_image)
     rows = []  # (request, group index, prompt ids, slot latents)
+    vision = []  # per row: the input images a VLM's tower reads (policy.input_image, model.input_image)
     for r in requests:
         image = r.get("image")
         if image is not None:
@@ -102,8 +101,8 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
         else:
             slot, lat, vis = [], torch.zeros((0, *policy.latent_shape)), empty_images()
         prompt = slot + encode_prompt(tok, r["text"], policy.n_image_tokens, with_image=False)
-        vision += [vis] * s.group_size
         rows += [(r, g, prompt, lat) for g in range(s.group_size)]
+        vision += [vis] * s.group_size
     if forced:  # every response opens with <gen>, which the policy did not sample
         first = [TextCompletion([ids["gen"]], [0.0], "stop") for _ in rows]
     else:
@@ -140,8 +139,8 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
         out.append(Trajectory(
             prompt_id=str(r["prompt_id"]), group_index=g, input_ids=torch.tensor(seqs[i], dtype=torch.long),
             prompt_len=len(prompt), loss_mask=torch.tensor(masks[i]), behaviour_logp=torch.tensor(logps[i]),
-            vision_images=vision[i],
             slot_latents=slot_lat[i], images=images[i], policy_version=version,
+            vision_images=vision[i],
             response_text=decode_response(tok, sampled), meta=dict(r.get("meta") or {}),
         ))
     return out

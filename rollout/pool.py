@@ -36,6 +36,7 @@ from policy.trajectory import Trajectory
 from rollout.fleet_health import FleetHealth, WorkerState
 from rollout.interleaved import RolloutSettings
 from rollout.worker import RolloutWorker
+from sync import WeightSyncError
 
 log = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -71,6 +72,7 @@ class _Member:
     joined: bool = False  # has held weights (or was part of the initial pool): sync waits for it
     load: Any = None  # in-flight update_weights ObjectRef
     load_deadline: float = 0.0
+    built: Any = None  # collective sync: a call that returns once the actor is built (it may then join a group)
     start_failures: int = 0
     warned: bool = False
     notes: list[str] = field(default_factory=list)
@@ -84,6 +86,9 @@ class RolloutPool:
         self.health = FleetHealth()
         self.members: dict[int, _Member] = {}
         self.handle = None  # the current WeightHandle
+        # learner.sync.backend nccl: weights arrive only by a broadcast to the driver's group (sync.group),
+        # so members load in ``sync`` when they are in it, never on their own
+        self.collective = spec.sync_backend == "nccl"
         self._next_id = 0
         self._lock = threading.RLock()
         for _ in range(num_workers):
@@ -107,6 +112,7 @@ class RolloutPool:
         ).remote(m.worker_id, s.policy_cfg, s.settings, s.engine, s.engine_kwargs, s.sync_backend, s.rollout_kind,
                  max(1, int(s.num_cpus)), s.num_gpus)
         m.instance, m.since = self.health.instance(m.worker_id), time.monotonic()
+        m.built = m.actor.version.remote() if self.collective else None
 
     def _add(self) -> int:
         """A new member: its placement group is requested (not waited for); STALE until it holds the
@@ -166,7 +172,7 @@ class RolloutPool:
                 elif now > m.load_deadline:
                     self._declare_dead(m, TimeoutError(f"weights not loaded by the deadline ({self._load_s(m):.0f} s)"))
                     continue
-            if m.actor is not None and m.load is None and self.handle is not None \
+            if m.actor is not None and m.load is None and self.handle is not None and not self.collective \
                     and self.health.record(m.worker_id).version != self.handle.version:
                 self._submit_load(m)
 
@@ -182,6 +188,15 @@ class RolloutPool:
         ref, m.load = m.load, None
         try:
             version = ray.get(ref, timeout=self.spec.call_timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            if self.collective and isinstance(e.cause, WeightSyncError):
+                # a broadcast that broke (another member died): this one is alive, only behind a version;
+                # it loads again from the next group the driver builds
+                log.warning("rollout worker %d missed version %d: %s", m.worker_id, self.handle.version,
+                            str(e.cause).splitlines()[0][:200])
+                return
+            self._declare_dead(m, e)
+            return
         except Exception as e:  # noqa: BLE001 - a worker that cannot load is not usable: replaced
             self._declare_dead(m, e)
             return
@@ -210,7 +225,7 @@ class RolloutPool:
         self.health.restart_started(wid)
         self._spawn(m)
         self.health.restart_done(wid)
-        if self.handle is not None:
+        if self.handle is not None and not self.collective:
             self._submit_load(m)
 
     def worker_failed(self, wid: int, instance: int, why: BaseException | str) -> bool:
@@ -287,14 +302,36 @@ class RolloutPool:
                 time.sleep(min(left, 0.2))
 
     # ---- weights ---------------------------------------------------------------------------
-    def sync(self, handle) -> float:
+    def joinable(self) -> list[tuple[int, int, Any]]:
+        """Collective sync: (worker id, instance, actor) of the members built and not draining: those the
+        driver's next weight group takes."""
+        with self._lock:
+            self._advance()
+            out = []
+            for m in self.members.values():
+                if m.actor is None or m.built is None or self.health.state(m.worker_id) in (
+                        WorkerState.DRAINING, WorkerState.DEAD):
+                    continue
+                if ray.wait([m.built], timeout=0)[0]:
+                    out.append((m.worker_id, m.instance, m.actor))
+            return out
+
+    def sync(self, handle, group: list[tuple[int, int]] | None = None) -> float:
         """Every member loads ``handle`` (in parallel). The wait covers the members that are up (each load
         bounded by its deadline; one that fails or runs past it is replaced); members still coming up get
-        the weights in the background."""
+        the weights in the background. Collective sync: ``group`` lists the (worker id, instance) of the
+        group's receivers; exactly those load (the broadcast needs each of them), the others wait for a
+        later group."""
         t0 = time.perf_counter()
         with self._lock:
             self.handle = handle
             self.health.set_version(handle.version)
+            if self.collective:
+                for wid, inst in group or []:
+                    m = self.members.get(wid)
+                    if m is not None and m.actor is not None and m.instance == inst:
+                        m.joined = True
+                        self._submit_load(m)
             self._advance()
             while True:
                 waiting = [m for m in self.members.values() if m.joined and m.load is not None]

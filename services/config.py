@@ -271,7 +271,7 @@ def check_reward_names(names: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ learner
 class SyncConfig(_Section):
-    backend: Literal["object_store"] = "object_store"  # the collective (nccl) backend: sync/nccl.py, not yet built by the driver
+    backend: Literal["object_store", "nccl"] = "object_store"  # nccl: the collective group (gloo on CPU)
     bucket_mb: PosFloat = 32
     timeout_s: PosFloat = 120
 
@@ -436,6 +436,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
+        if self.learner.sync.backend == "nccl" and self.algorithm.mode == "async":
+            raise ConfigError("learner.sync.backend", "the collective (nccl) backend runs with algorithm.mode "
+                              "sync; async mode delivers weights through object_store")
         if self.algorithm.mode == "async" and self.algorithm.max_staleness < 1:
             raise ConfigError("algorithm.max_staleness", "async mode keeps max_staleness batches in flight ahead "
                               "of the learner: it must be >= 1 (0 would train on nothing)")

@@ -194,15 +194,18 @@ FIELD_DOCS: dict[str, str] = {
     "learner.num_cpus_per_worker": "CPUs each learner rank asks Ray for (also its torch threads).",
     "learner.num_gpus_per_worker": "GPUs each learner rank asks Ray for.",
     "learner.call_timeout_s": "The longest the driver waits on a learner call (a step, a save, a publish).",
-    "learner.sync.backend": "`object_store` (any topology). The collective backend (`sync/nccl.py`) is not "
-                            "built by the driver yet.",
+    "learner.sync.backend": "`object_store` (any topology), or `nccl`: a collective group the driver "
+                            "builds over learner rank 0, the rollout workers and a GvU reward actor "
+                            "(`sync/group.py`; NCCL on GPUs, gloo on CPU; sync mode).",
     "learner.sync.bucket_mb": "Weights travel in buckets of about this size.",
     "learner.sync.timeout_s": "A weight sync that takes longer fails (it never hangs).",
     # algorithm
     "algorithm.steps": "GRPO steps (stage 2).",
-    "algorithm.mode": "`sync`, or `async`: step t+1's rollout overlaps step t's learning.",
-    "algorithm.max_staleness": "Async: oldest policy version (behind the learner's) a trajectory may come "
-                               "from; older ones are dropped and counted.",
+    "algorithm.mode": "`sync`, or `async`: up to `max_staleness` batches are generated and scored ahead "
+                      "of the learner (`services/pipeline.py`).",
+    "algorithm.max_staleness": "Async: batches in flight ahead of the learner (>= 1), and the oldest policy "
+                               "version (behind the learner's) a trajectory may come from; older ones are "
+                               "dropped and counted.",
     "algorithm.adv_scale": "`std`: `(r - mean) / (std + eps)`; `none`: `r - mean` (Dr. GRPO).",
     "algorithm.zero_variance": "Groups whose rewards are all equal: `drop` them, or train them at "
                                "advantage `zero`.",

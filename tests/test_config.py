@@ -184,7 +184,7 @@ def test_override_without_equals_is_an_error() -> None:
         ("algorithm.kl=k4", "algorithm.kl"),
         ("learner.zero_stage=4", "learner.zero_stage"),
         ("rollout.engine=vllm", "rollout.num_gpus_per_worker"),
-        ("learner.sync.backend=nccl", "learner.sync.backend"),
+        ("learner.sync.backend=mpi", "learner.sync.backend"),
         ("rollout.autoscale.min_workers=5", "rollout.autoscale.min_workers"),
         ("reward.components=[]", "reward.components"),
         ("task.name=tsv", "task.path"),

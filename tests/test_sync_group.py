@@ -8,6 +8,7 @@ import time
 
 import pytest
 import ray
+from service_helpers import ray_down  # noqa: F401
 
 from learner.group import LearnerGroup
 from rollout.interleaved import RolloutSettings
@@ -17,6 +18,7 @@ from sync import WeightSyncTimeout
 from sync.group import CollectiveGroup, GroupBuildError, GroupMember
 
 TIMEOUT_S = 8.0
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,60 @@ def test_group_broadcasts_rebuilds_and_survives_a_killed_member(sync_ray):
         learner.shutdown()
         for w in workers.values():
             ray.kill(w)
+
+
+def test_training_run_over_the_collective_group_scales_and_survives_a_kill(tmp_path, monkeypatch, ray_down):  # noqa: F811
+    """A whole Run with ``learner.sync.backend: nccl`` (gloo here): scale 1 -> 2 -> 1, a worker SIGKILLed
+    just before a broadcast; after every sync each member of the group holds the learner's weights."""
+    from service_helpers import run_config
+
+    from services import scale
+    from services.driver import Run
+
+    ray.shutdown()  # this test starts its own cluster through the Run
+    monkeypatch.chdir(tmp_path)
+    cfg = run_config(tmp_path, "collective", [
+        "sft.enabled=false", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=2",
+        "rollout.group_size=4", "rollout.max_new_tokens=8", "tracking.log_images_every=0", "checkpoint.every=0",
+        "rollout.num_workers=1", "learner.sync.backend=nccl", "learner.sync.timeout_s=10",
+        "rollout.autoscale.max_workers=2", "cluster.num_cpus=4"])
+    run = Run(cfg, resume=False)
+    checks: list[tuple[int, int, bool]] = []
+
+    def check():
+        learner = run.learner.call("weights_digest")
+        members = [k[1] for k in run.sync_group.keys if k[0] == "rollout"]
+        digests = [ray.get(run.pool.actor(w).weights_digest.remote(), timeout=60) for w in members]
+        checks.append((run.version, len(members), all(d == learner for d in digests)))
+
+    try:
+        run.publish_and_sync()
+        check()
+        assert scale.scale(run="collective", rollout_workers=2) == 0
+        run.supervisor.before_step()  # the new worker comes up in the background while this step runs
+        run.supervisor.after_step(run.rl_step())
+        check()
+        deadline = time.monotonic() + 300
+        while len(run.pool.joinable()) < 2 and time.monotonic() < deadline:
+            time.sleep(2)
+        run.supervisor.before_step()  # built: the next sync's group takes it
+        run.supervisor.after_step(run.rl_step())
+        check()
+        assert checks[-1][1] == 2, checks
+        pid = ray.get(run.pool.actor(0).__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+        os.kill(pid, signal.SIGKILL)  # dies in the group: the next broadcast fails and is sent again
+        run.supervisor.before_step()
+        m = run.rl_step()
+        run.supervisor.after_step(m)
+        check()
+        assert checks[-1][1] >= 1 and run.pool.health.record(0).history  # worker 0 was replaced
+        assert scale.scale(run="collective", rollout_workers=1) == 0
+        run.supervisor.before_step()
+        run.supervisor.after_step(run.rl_step())
+        check()
+        assert checks[-1][1] == 1
+        assert all(same for _, _, same in checks), checks
+        assert [v for v, _, _ in checks] == list(range(1, len(checks) + 1))
+    finally:
+        run.tracker.end()
+        run.shutdown()
