@@ -75,6 +75,17 @@ def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
+def _per_sequence_shape(name: str, x: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, dims: str) -> tuple[int, int]:
+    """(B, N) of a (B, N) log-prob tensor whose old values match it and whose advantages are (B,)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be ({dims}), got shape {tuple(x.shape)}")
+    b, n = x.shape
+    _check(name, x, (b, n))
+    _check(f"old_{name}", old, (b, n))
+    _check("advantages", adv, (b,))
+    return b, n
+
+
 def _ratio_stats(ratio: torch.Tensor, sel: torch.Tensor) -> dict[str, float]:
     r = ratio.detach()[sel]
     if r.numel() == 0:
@@ -119,12 +130,7 @@ def text_policy_loss(
     ``row_weight`` (B,) scales each row's mask (0: a padding row), ``denominator`` replaces the
     aggregation's own count (``aggregation_denominator`` over the global mini-batch).
     """
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be (batch, tokens), got shape {tuple(logp.shape)}")
-    b, t = logp.shape
-    _check("logp", logp, (b, t))
-    _check("old_logp", old_logp, (b, t))
-    _check("advantages", advantages, (b,))
+    b, t = _per_sequence_shape("logp", logp, old_logp, advantages, "batch, tokens")
     if mask.shape != (b, t):
         raise ValueError(f"mask must have shape {(b, t)}, got {tuple(mask.shape)}")
     if agg not in AGGREGATIONS:
@@ -173,12 +179,7 @@ def image_policy_loss(
     SDE step's mean and standard deviation under the policy and the reference; ``weight`` w (B,) is 1 per
     image (0: a padding row's) and the denominator D is B * K (the mean) unless given.
     """
-    if log_prob.dim() != 2:
-        raise ValueError(f"log_prob must be (batch, steps), got shape {tuple(log_prob.shape)}")
-    b, k = log_prob.shape
-    _check("log_prob", log_prob, (b, k))
-    _check("old_log_prob", old_log_prob, (b, k))
-    _check("advantages", advantages, (b,))
+    b, k = _per_sequence_shape("log_prob", log_prob, old_log_prob, advantages, "batch, steps")
     per_step, ratio, low, high = clipped_surrogate(log_prob, old_log_prob.detach(), advantages[:, None], clip, clip)
     w = torch.ones(b, dtype=log_prob.dtype, device=log_prob.device) if weight is None else weight.to(log_prob.dtype)
     d = float(b * k) if denominator is None else denominator

@@ -52,6 +52,10 @@ def plot_generation_by_severity(table: dict[str, dict[str, dict[str, float]]], t
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(plt, fig, title, out_png)
+
+
+def _save(plt, fig, title: str, out_png: str | Path):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png)
@@ -81,8 +85,4 @@ def plot_restoration(table: dict[str, dict[str, dict[str, float]]], title: str, 
         ax.set_title(f"{unit} against the clean image")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return fig
+    return _save(plt, fig, title, out_png)
