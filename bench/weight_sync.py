@@ -1,5 +1,6 @@
 """Weight sync: publish + load the full weights of a ~100M-parameter policy into 2 Ray actors through
-the object-store backend, against a plain in-memory copy of the same bytes; bucket size swept.
+the object-store backend and through the collective backend (over gloo, as on a CPU cluster), against a
+plain in-memory copy of the same bytes; bucket size swept; each backend's first sync reported apart.
 
 Sync (what ``Run.publish_and_sync`` does): the driver publishes the state dict (``ObjectStorePublisher``:
 ``ray.put`` of the buckets), both actors ``receive`` the handle and copy every tensor into their own
@@ -78,8 +79,44 @@ class Replica:
         copy_named_tensors(self.params, self.receiver.receive(handle, 120))
         return time.perf_counter() - t0, _minflt() - f0
 
+    def join(self, addr: str, port: int, world_size: int, rank: int) -> None:
+        """Join the collective weight group (gloo: the nccl backend's code on CPU)."""
+        from sync import make_receiver
+
+        self.collective = make_receiver("gloo")
+        self.collective.init_group(addr, port, world_size, rank, "bench_weights", 120)
+
+    def load_collective(self, handle) -> float:
+        from policy.model import copy_named_tensors
+
+        t0 = time.perf_counter()
+        copy_named_tensors(self.params, self.collective.receive(handle, 120))
+        return time.perf_counter() - t0
+
     def checksum(self) -> float:
         return float(sum(v.double().sum() for v in self.params.values()))
+
+
+def collective_syncs(reps: int, bucket_mb: float, replicas: list, src: dict) -> tuple[float, list[float]]:
+    """The collective backend over gloo: this process is rank 0 (the learner's publisher), the replicas
+    ranks 1..N; returns (the first sync's seconds, the timed ones')."""
+    from sync import free_port, make_publisher
+
+    pub = make_publisher("gloo", bucket_mb=bucket_mb)
+    port = free_port()
+    joins = [r.join.remote("127.0.0.1", port, len(replicas) + 1, i + 1) for i, r in enumerate(replicas)]
+    pub.init_group("127.0.0.1", port, len(replicas) + 1, 0, "bench_weights", 120)
+    ray.get(joins)
+    times = []
+    for version in range(1, reps + 2):
+        t0 = time.perf_counter()
+        handle = pub.publish(version, src.items())
+        loads = [r.load_collective.remote(handle) for r in replicas]
+        pub.wait(120)
+        ray.get(loads)
+        times.append(time.perf_counter() - t0)
+    pub.close()
+    return times[0], times[1:]
 
 
 def service_syncs(n: int, bucket_mb: float, replicas: list, src: dict, nbytes: int) -> tuple[list[float], int]:
@@ -108,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--previous-buckets", default="32,512", help="bucket MiB of the previous publish path")
     p.add_argument("--service-syncs", type=int, default=12,
                    help="back-to-back syncs as the service does them, first thing on a fresh store (0: none)")
+    p.add_argument("--collective-buckets", default="32,128", help="bucket MiB of the collective (gloo) backend")
     p.add_argument("--free-period-ms", type=int, default=None,
                    help="Ray's free_objects_period_milliseconds (default: the project's RAY_SYSTEM_CONFIG)")
     args = p.parse_args(argv)
@@ -162,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                     first[v] = t2 - t0
                 del handle
                 pubs[v].release()  # both actors hold this version now; the next sync brings a new one
+        collective = {float(b): collective_syncs(args.reps, float(b), replicas, src)
+                      for b in args.collective_buckets.split(",") if b}
         want = float(sum(v.double().sum() for v in src.values()))
         got = ray.get([r.checksum.remote() for r in replicas])
         assert all(abs(g - want) < 1e-3 * abs(want) + 1 for g in got), (got, want)
@@ -193,11 +233,21 @@ def main(argv: list[str] | None = None) -> None:
               f"puts on fresh pages {fresh[v]}/{len(sync_s[v])}")
         if not previous and (best is None or bw > best[1]):
             best = (b, bw)
+    best_c = None
+    for b, (first_s, times) in collective.items():
+        bw = gb / median(times)
+        print(f"collective (gloo), bucket {b:g} MiB: {median(times):.3f} s ({bw:.2f} GB/s, {bw / copy_bw * 100:.0f}% of "
+              f"copy); first sync {first_s:.2f} s")
+        if best_c is None or bw > best_c[1]:
+            best_c = (b, bw)
     prev = [gb / median(sync_s[v]) for v in variants if v[1]]
     print(mem.line())
     if prev:
         print(f"previous path, same run: best ratio {max(prev) / copy_bw:.2f}")
-    print(f"sync / copy bandwidth ratio: {best[1] / copy_bw:.2f} (best bucket {best[0]:g} MiB)")
+    line = f"sync / copy bandwidth ratio: object store {best[1] / copy_bw:.2f} (best bucket {best[0]:g} MiB)"
+    if best_c:
+        line += f", collective (gloo) {best_c[1] / copy_bw:.2f} (best bucket {best_c[0]:g} MiB)"
+    print(line)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ class Run:
         with cf.ThreadPoolExecutor(1) as ex:
             pending = ex.submit(self.reward.update_weights, handle, timeout) if self.reward.follows_policy else None
             sent = None if self.sync_group is None else self.learner.workers[0].finish_publish.remote(timeout)
-            self.pool.sync(handle, rollout)
+            self.pool.sync(handle) if rollout is None else self.pool.sync(handle, rollout)
             if pending is not None:
                 pending.result(timeout=timeout + self.cfg.rollout.call_timeout_s)
             if sent is not None:

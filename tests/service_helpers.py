@@ -9,8 +9,11 @@ import ray
 
 from services.config import RunConfig, load_config
 
+# The tiny VAE fit of a service test: 2 steps on 64 images (tests/test_restoration.py checks a real fit).
+FAST_VAE_FIT = ["vae_fit.images=64", "vae_fit.eval_images=8", "vae_fit.epochs=1"]
+
 # Tiny sizes for a recipe config's 2-step service run (GvU / UAE / Janus GvU tests).
-RECIPE_TINY = ["task.train_size=32", "task.eval_size=4", "rollout.prompts_per_step=2", "rollout.group_size=2",
+RECIPE_TINY = [*FAST_VAE_FIT, "task.train_size=32", "task.eval_size=4", "rollout.prompts_per_step=2", "rollout.group_size=2",
                "rollout.max_new_tokens=6", "rollout.num_workers=1", "tracking.log_images_every=1",
                "algorithm.steps=2", "checkpoint.every=2", "sft.steps=2", "sft.batch_size=4", "reward.num_cpus=0.5"]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
+from service_helpers import FAST_VAE_FIT
 
 from services import control, scale
 from services.config import load_config
@@ -32,6 +33,7 @@ BIN = Path(sys.executable).parent
 TINY = [
     "sft.steps=2", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
     "rollout.group_size=4", "rollout.max_new_tokens=12", "tracking.log_images_every=0", "checkpoint.every=0",
+    *FAST_VAE_FIT,
 ]
 
 

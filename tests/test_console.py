@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from service_helpers import FAST_VAE_FIT
 
 ROOT = Path(__file__).resolve().parents[1]
 # One SFT step, one GRPO step, a checkpoint after it (save_pretrained: "Writing model shards").
-TINY_TRAIN = ["sft.steps=1", "sft.batch_size=4", "algorithm.steps=1", "algorithm.eval_every=0",
+TINY_TRAIN = [*FAST_VAE_FIT, "sft.steps=1", "sft.batch_size=4", "algorithm.steps=1", "algorithm.eval_every=0",
               "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.group_size=2",
               "rollout.max_new_tokens=6", "task.train_size=16", "task.eval_size=4", "checkpoint.every=1",
               "tracking.log_images_every=0"]

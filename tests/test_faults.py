@@ -12,7 +12,7 @@ import time
 import mlflow
 import pytest
 import ray
-from service_helpers import ray_down, run_config  # noqa: F401
+from service_helpers import FAST_VAE_FIT, ray_down, run_config  # noqa: F401
 
 from services import checkpoint, control
 from services.driver import Run, train
@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_down")]
 TINY = [
     "sft.steps=2", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
     "rollout.group_size=4", "rollout.max_new_tokens=24", "tracking.log_images_every=0", "checkpoint.every=2",
+    *FAST_VAE_FIT,
 ]
 
 

@@ -130,3 +130,29 @@ def test_stage_one_samples_with_the_rollouts_sde_steps(local_ray):
         assert m["sft/text_ce"] > 0
     finally:
         group.shutdown()
+
+
+def test_kl_reference_is_saved_and_restored(local_ray, tmp_path):
+    """The KL reference goes into each checkpoint and comes back on load: after a resume the KL terms are
+    taken against the stage-1 policy, not against the resumed weights."""
+    cfg = load_config(None, ["algorithm.beta_text=0.05", "algorithm.beta_img=0.05"])
+    batch = _trajectories(cfg)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
+    try:
+        group.call_all("snapshot_reference")
+        reference = group.call("weights_digest")
+        group.train_step(batch)
+        trained = group.call("weights_digest")
+        group.call_all("save", str(tmp_path / "ck"))
+    finally:
+        group.shutdown()
+    assert trained != reference
+    resumed = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
+    try:
+        resumed.call_all("load", str(tmp_path / "ck"))
+        got_reference = resumed.call("__ray_call__", lambda self: self.reference.weights_digest())
+        got_trained = resumed.call("weights_digest")
+    finally:
+        resumed.shutdown()
+    for want, got in ((reference, got_reference), (trained, got_trained)):
+        assert want.keys() == got.keys() and all(abs(want[k] - got[k]) <= 1e-6 * (1 + abs(want[k])) for k in want)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from service_helpers import metric, ray_down, run_config  # noqa: F401
+from service_helpers import FAST_VAE_FIT, metric, ray_down, run_config  # noqa: F401
 
 from policy.factory import build_policy
 from recipes import get_recipe
@@ -35,6 +35,7 @@ TINY = [
     "sft.steps=2", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
     "rollout.group_size=2", "rollout.max_new_tokens=8", "tracking.log_images_every=0", "checkpoint.every=0",
     "algorithm.eval_every=0",
+    *FAST_VAE_FIT,
 ]
 
 

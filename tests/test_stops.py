@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from service_helpers import FAST_VAE_FIT
 
 from services import checkpoint
 
@@ -116,7 +117,7 @@ def test_serve_reward_stops_on_sigterm(tmp_path: Path) -> None:
     _assert_cluster_gone(procs, session)
 
 
-TINY = ["sft.steps=2", "sft.batch_size=4", "algorithm.steps=50", "rollout.num_workers=1", "task.train_size=32",
+TINY = [*FAST_VAE_FIT, "sft.steps=2", "sft.batch_size=4", "algorithm.steps=50", "rollout.num_workers=1", "task.train_size=32",
         "task.eval_size=4", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
         "checkpoint.every=0", "algorithm.eval_every=0", "tracking.log_images_every=0", "reward.num_cpus=0.5"]
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import ray
-from service_helpers import ray_down  # noqa: F401
+from service_helpers import FAST_VAE_FIT, ray_down  # noqa: F401
 
 from learner.group import LearnerGroup
 from rollout.interleaved import RolloutSettings
@@ -104,7 +104,7 @@ def test_training_run_over_the_collective_group_scales_and_survives_a_kill(tmp_p
     ray.shutdown()  # this test starts its own cluster through the Run
     monkeypatch.chdir(tmp_path)
     cfg = run_config(tmp_path, "collective", [
-        "sft.enabled=false", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=2",
+        *FAST_VAE_FIT, "sft.enabled=false", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=2",
         "rollout.group_size=4", "rollout.max_new_tokens=8", "tracking.log_images_every=0", "checkpoint.every=0",
         "rollout.num_workers=1", "learner.sync.backend=nccl", "learner.sync.timeout_s=10",
         "rollout.autoscale.max_workers=2", "cluster.num_cpus=4"])
