@@ -72,13 +72,13 @@ def shard_batch(batch: TrainBatch, mini_batches: int, world: int) -> list[RankSh
     groups = torch.unique(batch.row_group, sorted=True).tolist()
     rows_of = {g: torch.nonzero(batch.row_group == g).flatten() for g in groups}
     shards = [RankShard([], [], world) for _ in range(world)]
+    generated = set(batch.seg_rows.tolist())  # rows holding an image segment
     for mb_groups in split_evenly(groups, max(1, min(mini_batches, len(groups)))):
         mb_rows = torch.cat([rows_of[g] for g in mb_groups])
         counts = GlobalCounts(tokens=int(batch.loss_mask[mb_rows].sum()), sequences=int(mb_rows.numel()),
                               width=int(batch.input_ids.shape[1]))
         candidates = mb_rows.tolist()
-        features = [[r for r in candidates if r in set(batch.seg_rows.tolist())],
-                    [r for r in candidates if int(batch.slot_counts[r]) > 0]]
+        features = [[r for r in candidates if r in generated], [r for r in candidates if int(batch.slot_counts[r]) > 0]]
         per_rank = balance([rows_of[g].numel() for g in mb_groups], world)
         for shard, picks in zip(shards, per_rank):
             rows = torch.cat([rows_of[mb_groups[i]] for i in picks]) if picks else mb_rows[:0]

@@ -30,6 +30,17 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster for one test module (4 logical CPUs: a learner of up to 3 ranks, or a learner and
+    rollout workers, fit in it)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _no_ray_outside_slow(request):
     """A test not marked ``slow`` must not start Ray (the fast lane runs without a cluster); a cluster that a

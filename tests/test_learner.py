@@ -13,13 +13,6 @@ from rollout.interleaved import RolloutSettings, rollout
 from services.config import load_config
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _trajectories(cfg):
     policy = UnifiedPolicy.from_config(cfg.model).eval()
     with torch.no_grad():  # make the tiny model trigger generation often

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 
 import pytest
-import ray
 import torch
 
 from learner.batch import collate
@@ -166,13 +165,6 @@ def test_stage_one_ranks_share_the_global_batch(policy):
 # ----------------------------------------------------------------------------- DeepSpeed ranks over gloo
 
 
-@pytest.fixture(scope="module")
-def ranks_ray():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _stepped(cfg, batch, examples):
     from learner.group import LearnerGroup
 
@@ -187,7 +179,7 @@ def _stepped(cfg, batch, examples):
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
-def test_w_ranks_equal_one_rank(ranks_ray, batch, zero_stage):
+def test_w_ranks_equal_one_rank(local_ray, batch, zero_stage):
     """One stage-1 step and one GRPO step (2 mini-batches, uneven groups, ranks without images or rows)
     at W = 1, 2, 3: the same losses and the same weights after the steps."""
     from services.config import load_config

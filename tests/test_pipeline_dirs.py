@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -138,13 +137,6 @@ def test_save_pretrained_keeps_the_schedule(policy, tmp_path):
     policy.save_pretrained(tmp_path / "ckpt")
     loaded = UnifiedPolicy.from_pretrained(tmp_path / "ckpt")
     assert loaded.schedule == policy.schedule and torch.equal(loaded.sigmas(10), policy.sigmas(10))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_rollouts_learner_step_and_checkpoint_reload(local_ray, sd3_dir, tmp_path):

@@ -21,13 +21,6 @@ TIMEOUT_S = 8.0
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sync_ray():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _worker(cfg, wid):
     return ray.remote(RolloutWorker).options(num_cpus=0.5).remote(
         wid, cfg.model, RolloutSettings(group_size=2, max_new_tokens=4), "hf", None, "nccl")
@@ -44,7 +37,7 @@ def _sync(learner, group, workers):
     return versions, handle.version
 
 
-def test_group_broadcasts_rebuilds_and_survives_a_killed_member(sync_ray):
+def test_group_broadcasts_rebuilds_and_survives_a_killed_member(local_ray):
     cfg = load_config(None, ["learner.sync.backend=nccl"])
     learner = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
     workers = {i: _worker(cfg, i) for i in range(3)}

@@ -13,7 +13,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import ray
 import torch
 import yaml
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -140,13 +139,6 @@ def test_vision_tower_gradients_follow_the_config(vl_dir, train_tower):
         assert not any(p.requires_grad for p in tower) and all(g is None for g in grads)
         assert not any(k.startswith("lm.model.visual.") for k in policy.trainable_state_dict())
     assert policy.lm.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, tmp_path):
