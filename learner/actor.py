@@ -20,11 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner.batch import TrainBatch, average_metrics
+from learner.memory import deepspeed_config
 from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
 from learner.sft import sft_shard
 from learner.sharding import RankShard
 from policy.config import PolicyConfig
 from policy.factory import Policy, build_policy
+from policy.recompute import enable_gradient_checkpointing
 from sync import free_port, make_publisher, transport
 
 
@@ -62,6 +64,9 @@ class LearnerWorker:
         self.cfg, self.algo, self.sft_cfg, self.sde_steps = learner_cfg, algo_cfg, sft_cfg, sde_steps
         self.policy = build_policy(policy_cfg)
         self._freeze(learner_cfg)
+        # the learner's forward alone builds a backward graph: checkpointing is turned on here only
+        enable_gradient_checkpointing(self.policy, learner_cfg.gradient_checkpointing_lm,
+                                      learner_cfg.gradient_checkpointing_generator)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         understanding = {id(p) for m in self.policy.module_groups()["understanding"] for p in m.parameters()}
         groups = [{"params": [p for p in params if id(p) in understanding], "understanding": True,
@@ -75,15 +80,7 @@ class LearnerWorker:
         # reports the norm; elsewhere DeepSpeed's optimizer clips and reports it
         self._trainable = params
         self._clip_here = learner_cfg.zero_stage == 0 and not bf16
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": 0.0 if self._clip_here else learner_cfg.grad_clip,
-            "zero_optimization": {"stage": learner_cfg.zero_stage},
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        ds_config = deepspeed_config(learner_cfg, bf16, self._clip_here, self.cuda)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.policy, optimizer=optimizer, model_parameters=params, config=ds_config)
         if world_size == 1 and learner_cfg.zero_stage == 0:

@@ -9,15 +9,26 @@ Per learner rank (R ranks, ZeRO stage Z, w bytes per parameter of ``model.dtype`
 trainable ones; AdamW):
 
     weights      w * P (+ buffers)        / R under Z = 3 (DeepSpeed partitions every parameter it manages)
+    gathered     w * min(P, 1e9)          under Z = 3: the parameters gathered at once, at most DeepSpeed's
+                                          stage3_max_live_parameters (its default, 1e9)
     gradients    w * T                    / R under Z >= 2
     optimizer    (8 + 4 [bf16: fp32 master weights]) * T      / R under Z >= 1   (m and v in fp32)
     reference    w * P                    when a KL term is on (a plain frozen copy per rank)
-    activations  LM:  L * s * b * h * (34 without checkpointing, 2 with) + [checkpointing] 34 * s * b * h,
-                      times w / 2, plus the fp32 logits 4 * s * b * V          (Korthikanti et al. 2022, flash
-                 DiT: the same with s = image + condition tokens, b = rows * window       attention: no s^2 term)
+    activations  per part that gradients pass through (it trains, or a trained part is reached through it:
+                 the image loss reaches a trained LM through a frozen generator; a frozen vision tower's
+                 input needs no gradient, so it keeps nothing):
+                 L * s * b * h * (34 without checkpointing, 2 with) + [checkpointing] 34 * s * b * h,
+                 times w / 2, plus the LM's fp32 logits 4 * s * b * V    (Korthikanti et al. 2022, flash
+                 attention: no s^2 term). LM: s = text + input-image tokens (a VLM's merged patches and / or a
+                 bridge slot, ``model.input_image``) + a generated slot; vision tower: s = patches per image;
+                 DiT: s = image + condition tokens, b = rows * window. Checkpointing: the LM's setting for the
+                 LM and its tower, the generator's for the DiT.
 
-Offloaded optimizer states (and, under Z = 3, parameters) move from the GPU to host memory. The activation
-line is an order of magnitude, not a bound: it assumes ``b`` sequences of ``s`` tokens per micro-batch.
+Offload (``learner.offload_optimizer``, Z >= 1): the optimizer line and the fp32 gradient partitions
+4 * T / R move to host memory, and under Z >= 2 the device holds gradients only as DeepSpeed's reduce buckets
+(at most w * 5e8, its reduce_bucket_size); ``learner.offload_params`` (Z = 3): the weights line moves to host
+memory (the gathered line stays on the device). The activation line is an order of magnitude, not a bound:
+it assumes ``b`` sequences of ``s`` tokens per micro-batch.
 """
 
 from __future__ import annotations
@@ -36,11 +47,15 @@ from policy.pipeline import MODEL_INDEX
 
 BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 1024**3
+MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's stage3_max_live_parameters default: most parameters gathered at once
+REDUCE_BUCKET = 5 * 10**8  # DeepSpeed's reduce_bucket_size default (elements)
 
 
 @dataclass(frozen=True)
 class Part:
-    """One sub-model: its parameter count, whether it trains, and where its config came from."""
+    """One sub-model: its parameter count, whether it trains, and where its config came from; ``backprop``:
+    whether gradients pass through it in backward (then its forward keeps activations), ``side``: whose
+    gradient checkpointing setting applies (``understanding``: the LM's, ``generation``: the generator's)."""
 
     name: str
     params: int
@@ -52,6 +67,8 @@ class Part:
     tokens: int = 0
     rows_factor: int = 1
     buffers: int = 0  # persistent buffers (weights that are not parameters, e.g. SD3's positional embedding)
+    backprop: bool = False
+    side: str = "understanding"
 
 
 @dataclass(frozen=True)
@@ -61,7 +78,8 @@ class MemorySettings:
     ranks: int = 1
     zero_stage: int = 0
     dtype: str = "float32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing_lm: bool = False
+    gradient_checkpointing_generator: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
     kl_reference: bool = False
@@ -156,6 +174,7 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     lm = _lm_model(lm_conf)
     text = lm.config.get_text_config()
     hidden = int(text.hidden_size)
+    tower = getattr(lm.model, "visual", None)  # a VLM's vision tower (policy.vision)
     # generator (a pipeline directory's transformer/, a transformer directory, or tiny) and VAE
     pipe = cfg.generator_path is not None and (
         (Path(cfg.generator_path).expanduser() / MODEL_INDEX).is_file() or known_config(cfg.generator_path, "vae"))
@@ -182,15 +201,35 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     gen_train = train_gen and not cfg.freeze_generator
     image_tokens = (side // int(g.get("patch_size") or 1)) ** 2 + cfg.cond_tokens
     gen_width = int(g.num_attention_heads) * int(g.attention_head_dim)
+    mode = cfg.input_image or ("vision" if tower is not None else "bridge")
+    input_tokens = bridge.n_tokens if mode in ("bridge", "both") else 0
+    parts = []
+    if tower is not None:
+        v = lm.config.vision_config
+        patches = _vision_patches(cfg.image_size, int(v.patch_size), int(v.spatial_merge_size))
+        seen = mode in ("vision", "both")
+        input_tokens += patches // int(v.spatial_merge_size) ** 2 if seen else 0
+        tower_train = train_lm and cfg.train_vision_tower
+        parts.append(Part("vision", _count(tower), tower_train, lm_src, int(v.depth), int(v.hidden_size), 0, patches,
+                          backprop=tower_train and seen))
+    lm_params = _count(lm) - (_count(tower) if tower is not None else 0)
     return [
-        Part("lm", _count(lm), train_lm, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
-             text_tokens + 2 * bridge.n_tokens),
+        Part("lm", lm_params, train_lm, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
+             text_tokens + input_tokens + bridge.n_tokens, backprop=train_lm),
+        *parts,
         Part("bridge", _count(bridge), train_lm, "model.bridge_patch"),
         Part("generator", _count(gen), gen_train, gen_src, int(g.num_layers), gen_width, 0, image_tokens, window,
-             _buffers(gen)),
-        Part("connector", _count(connector), gen_train, "model.cond_tokens"),
-        Part("vae", _count(vae), False, vae_src),
+             _buffers(gen), backprop=gen_train or train_lm, side="generation"),
+        Part("connector", _count(connector), gen_train, "model.cond_tokens", side="generation"),
+        Part("vae", _count(vae), False, vae_src, side="generation"),
     ]
+
+
+def _vision_patches(image_size: int, patch: int, merge: int) -> int:
+    """Patches of one ``image_size`` square image as a Qwen-VL processor cuts it: the side rounded to a multiple
+    of patch * merge (its ``smart_resize``), then (side / patch)^2."""
+    unit = patch * merge
+    return (max(1, round(image_size / unit)) * merge) ** 2
 
 
 def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int) -> list[Part]:
@@ -216,11 +255,11 @@ def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens
     n_codes = int(jc.vq_config.num_patches) ** 2
     return [
         Part("janus.lm", lm, train_lm, src, int(text.num_hidden_layers), int(text.hidden_size),
-             int(text.vocab_size), text_tokens + n_codes),
+             int(text.vocab_size), text_tokens + n_codes, backprop=train_lm or train_gen),
         Part("janus.vision", _count(m.vision_model) + _count(m.aligner), train_lm, src),
         Part("janus.generation", sum(_count(x) for x in (m.generation_embeddings, m.generation_aligner,
-                                                        m.generation_head)), train_gen, src),
-        Part("janus.vq", _count(m.vqmodel), False, src),
+                                                        m.generation_head)), train_gen, src, side="generation"),
+        Part("janus.vq", _count(m.vqmodel), False, src, side="generation"),
     ]
 
 
@@ -235,12 +274,13 @@ def model_parts(cfg: PolicyConfig, train_lm: bool = True, train_generator: bool 
 
 # ----------------------------------------------------------------------------------------------- memory
 def _activations(p: Part, s: MemorySettings, w: int) -> float:
-    if not (p.trainable and p.layers):
+    if not (p.backprop and p.layers):
         return 0.0
+    ckpt = s.gradient_checkpointing_lm if p.side == "understanding" else s.gradient_checkpointing_generator
     rows = s.rows_per_rank * p.rows_factor
     sbh = p.tokens * rows * p.width
-    per_layer = (2 if s.gradient_checkpointing else 34) * w / 2
-    act = p.layers * sbh * per_layer + (34 * w / 2 * sbh if s.gradient_checkpointing else 0)
+    per_layer = (2 if ckpt else 34) * w / 2
+    act = p.layers * sbh * per_layer + (34 * w / 2 * sbh if ckpt else 0)
     return act + 4.0 * p.tokens * rows * p.vocab
 
 
@@ -251,14 +291,18 @@ def estimate_memory(parts: list[Part], s: MemorySettings) -> Estimate:
     trainable = sum(p.params for p in parts if p.trainable)
     r = max(1, s.ranks)
     weights = w * total / (r if s.zero_stage >= 3 else 1)
+    gathered = w * min(total, MAX_LIVE_PARAMETERS) if s.zero_stage >= 3 else 0.0
     grads = w * trainable / (r if s.zero_stage >= 2 else 1)
     optim = (8 + (4 if w == 2 else 0)) * trainable / (r if s.zero_stage >= 1 else 1)
     host = 0.0
-    if s.offload_optimizer:
-        host, optim = host + optim, 0.0
+    if s.offload_optimizer and s.zero_stage >= 1:
+        host += optim + 4.0 * trainable / r  # states + fp32 gradient partitions
+        optim = 0.0
+        if s.zero_stage >= 2:
+            grads = min(grads, float(w * REDUCE_BUCKET))
     if s.offload_params and s.zero_stage >= 3:
         host, weights = host + weights, 0.0
-    lines = {"weights": weights, "gradients": grads, "optimizer": optim,
+    lines = {"weights": weights, "gathered": gathered, "gradients": grads, "optimizer": optim,
              "reference": w * total if s.kl_reference else 0.0,
              "activations": sum(_activations(p, s, w) for p in parts)}
     return Estimate(parts, s, lines, host)
@@ -283,8 +327,9 @@ def format_estimate(e: Estimate, title: str = "") -> str:
     out += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
     out.append("")
     out.append(f"learner memory per rank: {s.ranks} rank(s), ZeRO {s.zero_stage}, {s.dtype}"
-               f"{' + fp32 master weights' if s.dtype == 'bfloat16' else ''}, gradient checkpointing "
-               f"{'on' if s.gradient_checkpointing else 'off'}, offload: optimizer "
+               f"{' + fp32 master weights' if s.dtype == 'bfloat16' else ''}, gradient checkpointing: LM "
+               f"{'on' if s.gradient_checkpointing_lm else 'off'}, generator "
+               f"{'on' if s.gradient_checkpointing_generator else 'off'}, offload: optimizer "
                f"{'on' if s.offload_optimizer else 'off'}, parameters {'on' if s.offload_params else 'off'}; "
                f"LoRA: off (full-model training); {s.rows_per_rank} trajectory(ies) per micro-batch")
     for k, v in e.lines.items():

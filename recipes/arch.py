@@ -27,6 +27,7 @@ class ArchitectureLimits:
     stage1_sft: bool = True
     engines: tuple[str, ...] = ("hf", "vllm")
     nucleus_sampling: bool = True
+    flow_generator: bool = True  # a diffusers transformer the learner can checkpoint
     # reward backends that keep a policy-scoring reward (POLICY_REWARDS) on the current weights;
     # None: any backend
     policy_reward_backends: tuple[str, ...] | None = None
@@ -35,7 +36,7 @@ class ArchitectureLimits:
 ARCHITECTURES: dict[str, ArchitectureLimits] = {
     "unified": ArchitectureLimits("unified", "with a flow generator and a latent bridge"),
     "janus": ArchitectureLimits("janus", "as VQ-code tokens with its own transformers sampler",
-                                stage1_sft=False, engines=("hf",), nucleus_sampling=False,
+                                stage1_sft=False, engines=("hf",), nucleus_sampling=False, flow_generator=False,
                                 policy_reward_backends=("actor",)),
 }
 
@@ -55,6 +56,9 @@ def architecture_problems(cfg: Any, recipe: str, runs_on: tuple[str, ...]) -> li
         out.append(("sft.enabled", f"stage-1 SFT (text cross-entropy + flow matching) is not available for "
                                    f"model.arch {a.name!r}; set it to false (a pretrained model of it already "
                                    "understands and generates)"))
+    if cfg.learner.gradient_checkpointing_generator and not a.flow_generator:
+        out.append(("learner.gradient_checkpointing_generator", f"{made}, with no flow generator to checkpoint "
+                                                                "(learner.gradient_checkpointing_lm covers its LM)"))
     if cfg.rollout.engine not in a.engines:
         out.append(("rollout.engine", f"{made}; use {' / '.join(repr(e) for e in a.engines)}"))
     if cfg.rollout.top_p < 1.0 and not a.nucleus_sampling:

@@ -10,7 +10,7 @@
   architecture's limits (``recipes.arch``), so a config that cannot run fails at validation.
 
 Recipe functions take plain arguments; ``problems`` reads a run config by duck typing (``cfg.model``,
-``cfg.sft``, ``cfg.rollout``, ``cfg.reward``), so this package never imports ``services``.
+``cfg.sft``, ``cfg.rollout``, ``cfg.reward``, ``cfg.learner``), so this package never imports ``services``.
 """
 
 from __future__ import annotations

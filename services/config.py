@@ -15,19 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from policy.config import PolicyConfig
 from policy.pipeline import PipelineDirError, check_generator_dir
 from recipes import RECIPES, get_recipe
 from reward.names import KNOWN_REWARDS, unknown_reward
+from services.config_learner import LearnerConfig, SyncConfig
+from services.config_types import NonNegFloat, NonNegInt, PosFloat, PosInt, Prob
+from services.config_types import Section as _Section
 from services.lm_support import check_lm_dir
 from services.overrides import ConfigError, apply_overrides, first_error, format_validation_error
 
@@ -63,11 +59,6 @@ __all__ = [
 ]
 
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Prob = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 # The degradation suite's corruptions (tasks.degrade.CORRUPTIONS; severity s -> intensity LEVELS[s - 1]).
 Degradation = Literal[
     "defocus_blur", "motion_blur", "gaussian_noise", "low_light",
@@ -76,12 +67,6 @@ Degradation = Literal[
     "oversharpen", "contrast_reduction", "saturation_shift", "elastic_warp",
 ]  # fmt: skip
 SHAPES_QUESTION_TYPES = ("color", "shape", "count", "position")
-
-
-class _Section(BaseModel):
-    """A config section: unknown keys are errors; frozen, so an actor's section cannot change under it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------------------------- task
@@ -267,42 +252,6 @@ def check_reward_names(names: list[str]) -> None:
             raise ConfigError(f"reward.components[{i}].name",
                               f"unknown reward {name!r}; known: {', '.join(KNOWN_REWARDS)} "
                               "(or 'package.module:function')")
-
-
-# ------------------------------------------------------------------------------------------ learner
-class SyncConfig(_Section):
-    backend: Literal["object_store", "nccl"] = "object_store"  # nccl: the collective group (gloo on CPU)
-    bucket_mb: PosFloat = 32
-    timeout_s: PosFloat = 120
-
-
-Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
-
-
-class LearnerConfig(_Section):
-    num_workers: PosInt = 1
-    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 3e-5
-    weight_decay: NonNegFloat = 0.0
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    grad_clip: NonNegFloat = 1.0
-    mini_batches: PosInt = 1
-    shared_prefix: bool = True  # each group's prompt goes through the LM once (policy/shared_prefix.py)
-    train_lm: bool = True
-    train_generator: bool = True
-    lm_lr_scale: NonNegFloat = 1.0  # stage 2: the LM and bridge learn at lr x this (0: GvU's scorer held)
-    sync: SyncConfig = Field(default_factory=SyncConfig)
-    num_cpus_per_worker: NonNegFloat = 1.0
-    num_gpus_per_worker: NonNegFloat = 0.0
-    call_timeout_s: PosFloat = 1800  # the longest the driver waits on a learner call (a step, a save)
-
-    @model_validator(mode="after")
-    def _something_trains(self) -> LearnerConfig:
-        if not (self.train_lm or self.train_generator):
-            raise ConfigError(
-                "learner.train_lm", "train_lm and train_generator are both false: nothing to train"
-            )
-        return self
 
 
 # ---------------------------------------------------------------------------------------- algorithm

@@ -155,6 +155,14 @@ FIELD_DOCS: dict[str, str] = {
     "learner.train_lm": "Train the understanding side (LM, bridge; Janus: its understanding encoder).",
     "learner.train_generator": "Train the generation side (generator, connector; Janus: its image-code "
                                "head).",
+    "learner.gradient_checkpointing_lm": "Recompute the LM's (and a VLM tower's) layer activations in backward "
+                                         "instead of keeping them (learner forward only; needs `train_lm`).",
+    "learner.gradient_checkpointing_generator": "Recompute the flow generator's block activations in backward "
+                                                "(learner forward only; `model.arch: unified`).",
+    "learner.offload_params": "ZeRO-3 parameter offload: partitions live in host memory between uses "
+                              "(`zero_stage: 3`).",
+    "learner.offload_optimizer": "ZeRO optimizer offload: fp32 master weights, AdamW moments, gradient partitions "
+                                 "and the step on the host (torch AdamW; `zero_stage` >= 1).",
     "learner.num_cpus_per_worker": "CPUs each learner rank asks Ray for (also its torch threads).",
     "learner.num_gpus_per_worker": "GPUs each learner rank asks Ray for.",
     "learner.call_timeout_s": "The longest the driver waits on a learner call (a step, a save, a publish).",

@@ -10,16 +10,15 @@ PROMPT_TOKENS = 64  # text of a prompt (question, description) besides its image
 
 
 def memory_settings(cfg: RunConfig):
-    """The learner settings of ``cfg`` as ``policy.estimate.MemorySettings``. Learner fields this schema does
-    not have (gradient checkpointing, offload) count as off."""
+    """The learner settings of ``cfg`` as ``policy.estimate.MemorySettings``."""
     from policy.estimate import MemorySettings, rows_per_rank
 
     le, a, r = cfg.learner, cfg.algorithm, cfg.rollout
     return MemorySettings(
         ranks=le.num_workers, zero_stage=le.zero_stage, dtype=cfg.model.dtype,
-        gradient_checkpointing=bool(getattr(le, "gradient_checkpointing", False)),
-        offload_optimizer=bool(getattr(le, "offload_optimizer", False)),
-        offload_params=bool(getattr(le, "offload_params", False)),
+        gradient_checkpointing_lm=le.gradient_checkpointing_lm,
+        gradient_checkpointing_generator=le.gradient_checkpointing_generator,
+        offload_optimizer=le.offload_optimizer, offload_params=le.offload_params,
         kl_reference=bool(a.beta_text or a.beta_img),
         rows_per_rank=rows_per_rank(r.prompts_per_step * r.group_size, le.num_workers, le.mini_batches))
 
