@@ -12,7 +12,14 @@ import pytest
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from policy.config import PolicyConfig
-from policy.estimate import GIB, MAX_LIVE_PARAMETERS, REDUCE_BUCKET, MemorySettings, estimate_memory, model_parts
+from policy.estimate import (
+    GIB,
+    MAX_LIVE_PARAMETERS,
+    REDUCE_BUCKET,
+    MemorySettings,
+    estimate_memory,
+    model_parts,
+)
 from policy.known_archs import PUBLISHED_PARAMS
 from policy.model import UnifiedPolicy
 from services.config import load_config
