@@ -15,6 +15,7 @@ from learner.sharding import GlobalCounts
 from policy.prompting import mask_unsampleable
 from policy.sde import window_log_probs
 from policy.shared_prefix import (
+    PrefixPlan,
     lm_hidden_shared_prefix,
     plan_shared_prefix,
     shared_prefix_off,
@@ -54,14 +55,25 @@ def _conditioning(policy, hidden: torch.Tensor, batch: TrainBatch, repeat: int):
     return enc.repeat_interleave(repeat, 0), pooled.repeat_interleave(repeat, 0)
 
 
+def shared_prefix_plan(policy, batch: TrainBatch, shared_prefix: bool = True) -> PrefixPlan | None:
+    """The packed layout :func:`lm_hidden` runs the batch in, or None for the padded forward: ``shared_prefix``
+    off, an attention implementation without custom masks, a batch holding a VLM's input images (the reason
+    is logged once, ``policy.shared_prefix.shared_prefix_off``), or no prompt shared by two rows."""
+    if not (shared_prefix and takes_block_mask(policy.lm_config)) or shared_prefix_off(batch.vision_images):
+        return None
+    # rows with an image conditioned on their whole sequence (UAE) need their last token's hidden state
+    length = batch.attention_mask.sum(1)
+    keep_last = torch.zeros_like(length, dtype=torch.bool)
+    keep_last[batch.seg_rows[batch.seg_cond_end == length[batch.seg_rows]]] = True
+    return plan_shared_prefix(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.slot_counts,
+                              batch.slot_latents, policy.token_ids["img"], policy.n_image_tokens, keep_last)
+
+
 def lm_hidden(policy, batch: TrainBatch, shared_prefix: bool = True) -> torch.Tensor:
     """The LM's last hidden states (B,T,H) of the batch, no LM head; ``shared_prefix``: each distinct
     prompt once, followed by the completions that continue it (``policy.shared_prefix``: same values,
-    fewer tokens through the LM; attention implementations without custom masks take the padded batch)."""
-    plan = None
-    if shared_prefix and takes_block_mask(policy.lm_config) and not shared_prefix_off(batch.vision_images):
-        plan = plan_shared_prefix(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.slot_counts,
-                                  batch.slot_latents, policy.token_ids["img"], policy.n_image_tokens)
+    fewer tokens through the LM; :func:`shared_prefix_plan` says when the padded batch runs instead)."""
+    plan = shared_prefix_plan(policy, batch, shared_prefix)
     if plan is None:
         return policy.lm_hidden(batch.input_ids, batch.attention_mask, batch.slot_latents, batch.vision_images)
     return lm_hidden_shared_prefix(policy, batch.input_ids, batch.attention_mask, batch.slot_latents, plan)

@@ -6,6 +6,11 @@ and the answer is read from the degraded input and, through the bridge, the slot
 model's OWN generation (Euler sampling, no gradient), as at rollout time: teacher-forcing the clean latent
 there teaches an answer path that rollouts never see. A clean image's target is the answer alone, so the
 model learns when generation is worth it.
+
+The input image enters the prompt as in the rollouts (``UnifiedPolicy.input_image``, ``model.input_image``):
+the bridge slot for a causal LM; a vision-language model's own tower (its ``<|image_pad|>`` run, the raw image
+kept in ``vision_images``) for ``vision``; both, the tower's run then the bridge slot, for ``both`` (the bridge
+then learns to read the input image's latent beside the tower's features: CLEAR's bridge warm start).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from learner.sharding import padding_donors, split_evenly
 from policy.prompting import encode_prompt, encode_target
 from policy.sde import sample_ode
 from policy.trajectory import ImageSegment, Trajectory
+from policy.vision import empty_images, stack_images
 
 
 def _pixels(images: list[np.ndarray]) -> torch.Tensor:
@@ -39,16 +45,16 @@ class SFTShard:
 
 @torch.no_grad()
 def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tensor, steps: int,
-                    noise: torch.Tensor) -> torch.Tensor:
-    """Latents the policy generates (ODE from ``noise``) from each context (ending in <gen>) with one input
-    image each."""
+                    noise: torch.Tensor, vision_images: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents the policy generates (ODE from ``noise``) from each context (ending in <gen>) with its input
+    image's slot latents (``input_latents``, row-major) and a VLM tower's input images (``vision_images``)."""
     width = max(len(c) for c in contexts)
     ids = torch.full((len(contexts), width), policy.token_ids["pad"], dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, c in enumerate(contexts):
         ids[i, : len(c)], attn[i, : len(c)] = torch.tensor(c), 1
     dev = policy.device
-    _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), input_latents.to(dev))
+    _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), input_latents.to(dev), images=vision_images)
     enc, pooled = policy.condition(hidden, torch.tensor([len(c) for c in contexts]))
     return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise.to(dev), policy.sigmas(steps)).cpu()
 
@@ -81,19 +87,19 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
     picked = rows + padding
     local = [examples[i] for i in picked]
     clean = policy.encode_image(_pixels([e["clean_image"] for e in local])).cpu()  # the batch is built on the CPU
-    with_image = [e.get("image") is not None for e in local]
-    shown = [e["image"] for e, w in zip(local, with_image) if w]
-    enc = policy.encode_image(_pixels(shown)).cpu() if shown else clean[:0]
-    pos = [sum(with_image[:i]) for i in range(len(local))]
-    inputs = [enc[pos[i] : pos[i] + 1] if w else clean[:0] for i, w in enumerate(with_image)]  # (0 or 1, C,h,w)
-    prompts = [encode_prompt(tok, e["text"], n, with_image=w) for e, w in zip(local, with_image)]
+    # each input image as the rollouts show it: (token run, slot latents (0 or 1, C,h,w), tower images (0 or 1))
+    shown = [policy.input_image(e["image"]) if e.get("image") is not None else ([], clean[:0], empty_images())
+             for e in local]
+    inputs, vision = [lat for _, lat, _ in shown], [vis for _, _, vis in shown]
+    prompts = [run + encode_prompt(tok, e["text"], n, with_image=False) for (run, _, _), e in zip(shown, local)]
     gen_local = [j for j, i in enumerate(picked) if examples[i]["generate"]]
     noise_row = {j: gen_all.index(picked[j]) for j in gen_local}
     own = {}
     if gen_local:
         made = own_generations(policy, [prompts[j] + [policy.token_ids["gen"]] for j in gen_local],
                                torch.cat([inputs[j] for j in gen_local]), steps,
-                               ode_noise[[noise_row[j] for j in gen_local]])
+                               ode_noise[[noise_row[j] for j in gen_local]],
+                               stack_images([vision[j] for j in gen_local]))
         own = {j: made[k : k + 1] for k, j in enumerate(gen_local)}
     trajs = []
     for j, e in enumerate(local):
@@ -109,7 +115,7 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
         trajs.append(Trajectory(
             prompt_id=str(picked[j]), group_index=0, input_ids=ids, prompt_len=len(prompts[j]),
             loss_mask=torch.tensor([False] * len(prompts[j]) + mask), behaviour_logp=torch.zeros(len(ids)),
-            slot_latents=slots, images=images,
+            slot_latents=slots, images=images, vision_images=vision[j],
         ))
     batch = collate(trajs, torch.zeros(len(trajs)), policy.token_ids["pad"])
     batch.row_weight[len(rows):] = 0.0

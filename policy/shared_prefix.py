@@ -12,7 +12,9 @@ in one packed row, with a block mask: a completion sees the prompt and (causally
 
 This is the padded forward's last hidden states (B,T,H) up to float rounding (the caller applies the LM
 head where it needs logits) at every position but each row's last token, which predicts nothing and which
-nothing attends to, so it is left out (its state is that of another position). Gradients flow back through
+nothing attends to, so it is left out (its state is that of another position), unless the row keeps it
+(``keep_last``: an image slot's, or the token a generated image is conditioned on, as UAE's reconstruction is
+on the whole caption). Gradients flow back through
 the shared prompt (its gradient is the sum over its samples, as in the padded batch). At the benchmark's
 shape (8 prompts x 4 samples, 59 prompt + 16 sampled tokens) the LM processes 8 x (59 + 4 x 15) = 952
 tokens instead of 32 x 75 = 2400, in one pass (one set of kernel launches, large matmuls; no key/value
@@ -117,9 +119,11 @@ def plan_shared_prefix(
     slot_latents: torch.Tensor,
     img_id: int,
     n_image_tokens: int,
+    keep_last: torch.Tensor | None = None,
 ) -> PrefixPlan | None:
     """Group rows by prompt (same tokens before the first sampled one, same image latents there) and pack
-    each group; None when no two rows share one (nothing to save) or the batch is not right-padded."""
+    each group; None when no two rows share one (nothing to save) or the batch is not right-padded.
+    ``keep_last`` (B,) bool: rows whose last token's hidden state is needed (besides image slots')."""
     b, t = input_ids.shape
     if b < 2:
         return None
@@ -133,9 +137,11 @@ def plan_shared_prefix(
     counts = slot_counts.cpu().long()
     offset = torch.cumsum(counts, 0) - counts
     plen, nslot, off = prefix_len.tolist(), prefix_slots.tolist(), offset.tolist()
-    # a row's last token predicts nothing and nothing attends to it: left out (unless it is an image slot's)
+    # a row's last token predicts nothing and nothing attends to it: left out (unless it is an image slot's or
+    # the row keeps it)
     last = ids.gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
-    clen = (length - prefix_len - (last != img_id).long()).clamp(min=0).tolist()
+    keep = torch.zeros(b, dtype=torch.bool) if keep_last is None else keep_last.cpu().bool()
+    clen = (length - prefix_len - ((last != img_id) & ~keep).long()).clamp(min=0).tolist()
     reps, group = _group_rows(ids.tolist(), plen, latents, off, nslot)
     if len(reps) == b:
         return None

@@ -49,6 +49,12 @@ def load_image_processor(path: str) -> Any:
     return AutoImageProcessor.from_pretrained(path, local_files_only=True)
 
 
+def image_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (3,H,W) in [0,1] -> (H,W,3) uint8, the layout the policy's input path reads (exact for an image
+    that came as uint8)."""
+    return (x.detach().cpu().permute(1, 2, 0) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
 def empty_images() -> torch.Tensor:
     """No input images: (0, 0, 0, 3) uint8."""
     return torch.zeros((0, 0, 0, 3), dtype=torch.uint8)

@@ -8,6 +8,15 @@ For a generated latent z and the prompt's description d = (d_1..d_m):
 one teacher-forced forward (``policy.token_logprobs``) per batch; the latent enters the LM through
 the bridge, as everywhere else (no decode / re-encode).
 
+A vision-language ``model.lm_path`` reads the image as it reads an input image (``model.input_image``):
+
+    vision   sequence = <|vision_start|> <|image_pad|>*k <|vision_end|> "\\n" instruction "\\n" d
+             (the tower's features of x = D(z), the decoded image as uint8 pixels, at the pad positions)
+    both     the vision run, then the bridge slot of z itself, then "\\n" instruction "\\n" d
+    bridge   as above (the bridge alone)
+
+so the understanding side scores the pixels its own tower sees, as it does for the task's images.
+
 Janus (``model.arch: janus``): the image is the trajectory's VQ codes c (``meta["generated_codes"]``). They
 are decoded by the frozen VQ decoder, x = D(c) in [0,1], and read by Janus's understanding path:
 
@@ -58,6 +67,7 @@ from typing import Any
 import torch
 
 from policy.prompting import encode_prompt
+from policy.vision import image_to_uint8
 from reward.registry import RewardContext, register_reward, reward_view, traj_meta
 
 INSTRUCTION = "Describe the image"
@@ -74,23 +84,43 @@ class GvUState:
     answer_tags: bool = False
 
 
-def _sequences(policy, descriptions: Sequence[str], instruction: str, answer_tags: bool = False
-               ) -> tuple[list[list[int]], list[int]]:
-    """Token rows [image slot, instruction, (<answer>), description] and where each description starts.
-    The slot holds the bridge's tokens (unified) or Janus's understanding-feature placeholders; Janus's rows are
-    its chat conversation, the description the assistant's answer (after a space)."""
+def reads_pixels(policy) -> bool:
+    """Whether the policy's understanding side reads a generated image through a VLM's vision tower
+    (``model.input_image`` vision / both), so the latent is decoded to pixels first."""
+    return policy.arch == "unified" and policy.vision is not None and policy.input_image_mode != "bridge"
+
+
+@torch.no_grad()
+def tower_images(policy, latents: torch.Tensor, max_batch: int = 32) -> torch.Tensor:
+    """Generated latents (B, C, h, w) as a VLM's tower reads them: x = D(z) decoded ``max_batch`` at a time,
+    as (B, S, S, 3) uint8 at ``model.image_size`` S."""
+    out = []
+    for lo in range(0, latents.shape[0], max_batch):
+        pixels = policy.decode_latent(latents[lo : lo + max_batch].to(policy.device))
+        out += [policy.vision.sized(image_to_uint8(x), policy.cfg.image_size) for x in pixels]
+    return torch.stack(out)
+
+
+def _sequences(policy, descriptions: Sequence[str], instruction: str, answer_tags: bool = False,
+               vision: torch.Tensor | None = None) -> tuple[list[list[int]], list[int]]:
+    """Token rows [image, instruction, (<answer>), description] and where each description starts. The image
+    is the bridge's slot (unified), a VLM's vision run of ``vision[i]`` (then the bridge slot when
+    ``model.input_image`` is both), or Janus's understanding-feature placeholders; Janus's rows are its chat
+    conversation, the description the assistant's answer (after a space)."""
     janus = policy.arch == "janus"
     if janus:
         prefix = policy.understanding_prompt(instruction)
     else:
-        prefix = encode_prompt(policy.tokenizer, instruction, policy.n_image_tokens, with_image=True)
+        slot = vision is None or policy.input_image_mode == "both"
+        prefix = encode_prompt(policy.tokenizer, instruction, policy.n_image_tokens, with_image=slot)
     if answer_tags:  # the policy's own response format: the description is scored after <answer>
         prefix = prefix + [policy.token_ids["answer_start"]]
     rows, starts = [], []
-    for d in descriptions:
+    for i, d in enumerate(descriptions):
         desc = policy.tokenizer.encode(" " + d if janus else d, add_special_tokens=False)
-        rows.append(prefix + desc)
-        starts.append(len(prefix))
+        head = (policy.vision.slot(vision[i]) if vision is not None else []) + prefix
+        rows.append(head + desc)
+        starts.append(len(head))
     return rows, starts
 
 
@@ -100,13 +130,15 @@ def gvu_scores(policy, latents: torch.Tensor, descriptions: Sequence[str], *, in
                to_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(B,) float32 rewards exp(mean_j log p(d_j | image, instruction, d_<j)); NaN for an empty description.
 
-    ``latents`` (B, C, h, w) go through the bridge at the image slot (Janus: ``pixel_values`` (B,3,H,W), or
-    codes (B,n) with ``to_input`` mapping a chunk of them to pixel_values); rows are right-padded and scored
-    ``max_batch`` at a time (right padding leaves the real positions' values unchanged).
+    ``latents`` (B, C, h, w) go through the bridge at the image slot, or decoded through a VLM's tower
+    (:func:`reads_pixels`; Janus: ``pixel_values`` (B,3,H,W), or codes (B,n) with ``to_input`` mapping a chunk
+    of them to pixel_values); rows are right-padded and scored ``max_batch`` at a time (right padding leaves
+    the real positions' values unchanged).
     """
     if (to_input is None and latents.dim() != 4) or latents.shape[0] != len(descriptions):
         raise ValueError(f"gvu_scores: images {tuple(latents.shape)} vs {len(descriptions)} descriptions")
-    rows, starts = _sequences(policy, descriptions, instruction, answer_tags)
+    vision = tower_images(policy, latents, max_batch) if to_input is None and reads_pixels(policy) else None
+    rows, starts = _sequences(policy, descriptions, instruction, answer_tags, vision)
     pad = policy.token_ids["pad"]
     out = torch.full((len(rows),), math.nan, dtype=torch.float32)
     for lo in range(0, len(rows), max_batch):
@@ -121,8 +153,11 @@ def gvu_scores(policy, latents: torch.Tensor, descriptions: Sequence[str], *, in
             scored[j, starts[i] : len(rows[i])] = True
         dev = policy.device
         images = latents[lo : lo + len(chunk)].to(dev)
-        images = images if to_input is None else to_input(images)
-        logp, _ = policy.token_logprobs(ids.to(dev), attn.to(dev), images)
+        if vision is not None:  # the tower's pixels, and the bridge's latents when the rows hold a slot too
+            slots = images if policy.input_image_mode == "both" else None
+            logp, _ = policy.token_logprobs(ids.to(dev), attn.to(dev), slots, vision_images=vision[lo : lo + len(chunk)])
+        else:
+            logp, _ = policy.token_logprobs(ids.to(dev), attn.to(dev), images if to_input is None else to_input(images))
         m = scored.to(dev).float()
         n = m.sum(-1)
         mean_logp = (logp.float() * m).sum(-1) / n.clamp(min=1)  # (1/m) sum_j log p(d_j | ...)

@@ -1,13 +1,17 @@
 """UAE's rollout: image -> caption -> reconstruction. Signature of :func:`rollout.interleaved.rollout`.
 
-    prompt   = <img_start> <img>*n <img_end> "\\n" instruction "\\n"       (the request's image in the slot)
+    prompt   = [image] "\\n" instruction "\\n"     [image]: the request's image as model.input_image shows it
+                                                  (``UnifiedPolicy.input_image``): the bridge slot
+                                                  <img_start> <img>*n <img_end> for a causal LM; a VLM's
+                                                  own vision run (its tower's features) and / or the slot
     caption  ~ pi(. | prompt)                                               (text, GRPO)
     z_0      ~ SDE sampler conditioned on hidden(prompt + caption)          (window recorded: Flow-GRPO,
                                                                               or ignored with a frozen generator)
     meta["source_image"] = image (3,H,W) in [0,1];  meta["reconstruction"] = D(z_0) (3,H,W) in [0,1]
 
 The reconstruction is NOT in the token sequence: ``images`` holds its segment, ``slot_latents`` only the
-input image's latent. Its conditioning context is the prefix ``input_ids[:cond_end]`` (= the whole
+input image's latent (none when a VLM reads it through its tower alone), ``vision_images`` the raw input
+image a VLM's tower reads. Its conditioning context is the prefix ``input_ids[:cond_end]`` (= the whole
 sequence), so the learner recomputes the window exactly as for CLEAR.
 Caveat: the context holds the input image (causal attention sees it), so the generator's condition is not a
 pure text bottleneck; with a frozen generator GRPO only moves the caption distribution.
@@ -20,6 +24,7 @@ import torch
 
 from policy.prompting import decode_response, encode_prompt
 from policy.trajectory import Trajectory
+from policy.vision import image_to_uint8
 from rollout.engine import SamplingSettings, TextEngine, TextRequest
 from rollout.interleaved import RolloutSettings, generate_images
 
@@ -36,28 +41,32 @@ def image_to_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+
 @torch.no_grad()
 def uae_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings, version: int,
                 generator: torch.Generator | None = None) -> list[Trajectory]:
     """UAE: G (caption, reconstruction) samples per request. A request: prompt_id, image (required),
     optional ``instruction`` (default :data:`UAE_INSTRUCTION`), meta."""
     tok, ids = policy.tokenizer, policy.token_ids
-    rows = []  # (request, group index, prompt ids, source (3,H,W), slot latent (1,C,h,w))
+    rows = []  # (request, group index, prompt ids, source (3,H,W), slot latents (0 or 1, C,h,w))
+    vision = []  # per row: the input image a VLM's tower reads (0 or 1, H, W, 3) uint8
     for r in requests:
         if r.get("image") is None:
             raise ValueError(f"uae_rollout: request {r.get('prompt_id')!r} has no image")
         src = image_to_float(r["image"])
-        lat = policy.encode_image(src[None]).cpu()
-        prompt = encode_prompt(tok, r.get("instruction") or UAE_INSTRUCTION, policy.n_image_tokens, with_image=True)
+        run, lat, vis = policy.input_image(image_to_uint8(src))
+        prompt = run + encode_prompt(tok, r.get("instruction") or UAE_INSTRUCTION, policy.n_image_tokens,
+                                     with_image=False)
         rows += [(r, g, prompt, src, lat) for g in range(s.group_size)]
+        vision += [vis] * s.group_size
     if not rows:
         return []
     sampling = SamplingSettings(s.temperature, s.top_p, (ids["eos"],))
-    captions = engine.generate([TextRequest(p, lat, s.max_new_tokens) for _, _, p, _, lat in rows],
+    captions = engine.generate([TextRequest(p, lat, s.max_new_tokens, v) for (_, _, p, _, lat), v in zip(rows, vision)],
                                sampling, generator)
     contexts = [list(p) + c.token_ids for (_, _, p, _, _), c in zip(rows, captions)]
     # z_0 ~ p_gen(. | hidden(prompt + caption)); cond_end = len(context) = the whole sequence
-    segs, finals = generate_images(policy, contexts, [lat for *_, lat in rows], s, generator)
+    segs, finals = generate_images(policy, contexts, [lat for *_, lat in rows], s, generator, vision)
     recon = policy.decode_latent(finals.to(policy.device)).cpu()
     out = []
     for i, ((r, g, prompt, src, lat), c) in enumerate(zip(rows, captions)):
@@ -69,7 +78,7 @@ def uae_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSett
             input_ids=torch.tensor(contexts[i], dtype=torch.long), prompt_len=len(prompt),
             loss_mask=torch.tensor([False] * len(prompt) + [True] * len(c.token_ids)),
             behaviour_logp=torch.tensor([0.0] * len(prompt) + list(c.logprobs)),
-            slot_latents=lat, images=[segs[i]], policy_version=version,
+            slot_latents=lat, images=[segs[i]], policy_version=version, vision_images=vision[i],
             response_text=decode_response(tok, c.token_ids), meta=meta,
         ))
     return out

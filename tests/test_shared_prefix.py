@@ -160,3 +160,26 @@ def test_learner_outputs_match_with_and_without_sharing(policy: UnifiedPolicy) -
     torch.testing.assert_close(s.logp[loss], a.logp[loss], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s.entropy[loss], a.entropy[loss], rtol=1e-5, atol=1e-5)
     assert (a.logp[~loss] == 0).all() and (a.entropy[loss] > 0).all()
+
+
+def test_an_image_conditioned_on_the_whole_sequence_keeps_the_last_token(policy: UnifiedPolicy) -> None:
+    """UAE conditions its reconstruction on the whole caption (``cond_end`` = the row's length): the packed
+    forward keeps those rows' last token, so the image windows' log-probs equal the padded forward's."""
+    from learner.batch import collate
+    from learner.objective import policy_outputs, shared_prefix_plan
+    from rollout.caption import uae_rollout
+    from rollout.engine import HFTextEngine
+    from rollout.interleaved import RolloutSettings
+
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    settings = RolloutSettings(group_size=3, max_new_tokens=8, sde_steps=4, sde_window=2)
+    trajs = uae_rollout(policy, HFTextEngine(policy), [{"prompt_id": "p", "image": image}], settings, 1,
+                        torch.Generator().manual_seed(0))
+    batch = collate(trajs, torch.zeros(3), policy.token_ids["pad"])
+    assert (batch.seg_cond_end == batch.attention_mask.sum(1)[batch.seg_rows]).all()
+    assert shared_prefix_plan(policy, batch) is not None
+    with torch.no_grad():
+        packed = policy_outputs(policy, batch, 1.0, 0.7, shared_prefix=True)
+        padded = policy_outputs(policy, batch, 1.0, 0.7, shared_prefix=False)
+    torch.testing.assert_close(packed.img_logp, padded.img_logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(packed.img_mean, padded.img_mean, rtol=0, atol=1e-6)
