@@ -144,16 +144,17 @@ def test_zero3_offload_step_equals_the_step_without_offload(local_ray):
         torch.testing.assert_close(offloaded[k], plain[k], rtol=0, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_bf16_keeps_fp32_master_weights_and_optimizer_state(local_ray, zero_stage):
     """``model.dtype: bfloat16``: the model (forward, backward) is bf16; DeepSpeed's bf16 mode keeps an fp32 copy
     of every trainable parameter and fp32 AdamW moments, and the step moves the bf16 weights."""
     def _precision(self) -> dict:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW DeepSpeed steps
-        master = [p for g in inner.param_groups for p in g["params"]]
+        # ZeRO 3 swaps its fp32 partitions into the torch optimizer only during a step
+        master = [p for g in inner.param_groups for p in g["params"]] or list(self.optimizer.fp32_partitioned_groups_flat)
         state = [v for s in inner.state.values() for k, v in s.items() if k != "step" and torch.is_tensor(v)]
         return {"model": sorted({str(p.dtype) for p in self._trainable}), "master": sorted({str(p.dtype) for p in master}),
-                "master_numel": sum(p.numel() for p in master), "trainable_numel": sum(p.numel() for p in self._trainable),
+                "master_numel": sum(p.numel() for p in master), "trainable_numel": sum(getattr(p, "ds_numel", p.numel()) for p in self._trainable),
                 "state": sorted({str(v.dtype) for v in state}), "optimizer": type(self.optimizer).__name__}
 
     cfg = load_config(None, ["model.dtype=bfloat16", "model.cond_tokens=8", f"learner.zero_stage={zero_stage}"])
