@@ -34,10 +34,16 @@ class TrainBatch:
     seg_weight: torch.Tensor  # (S,) 1 for an image segment, 0 for a padding row's
     vision_images: torch.Tensor = field(default_factory=empty_images)  # (M, H, W, 3) uint8, row-major: a VLM's
     vision_counts: torch.Tensor | None = None  # (B,) long: input images of each row (None: zeros)
+    # (S, Tc) long, right-padded: each segment's own condition sequence, of length seg_cond_end (UAE: the caption
+    # alone); Tc = 0 (None): every segment is conditioned on its row's prefix input_ids[row, :seg_cond_end]
+    seg_cond_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        dev = self.input_ids.device
         if self.vision_counts is None:
-            self.vision_counts = torch.zeros(self.input_ids.shape[0], dtype=torch.long, device=self.input_ids.device)
+            self.vision_counts = torch.zeros(self.input_ids.shape[0], dtype=torch.long, device=dev)
+        if self.seg_cond_ids is None:
+            self.seg_cond_ids = torch.zeros((self.seg_rows.shape[0], 0), dtype=torch.long, device=dev)
 
     @property
     def num_rows(self) -> int:
@@ -81,13 +87,18 @@ class TrainBatch:
 _ROW_FIELDS = ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts", "row_group",
                "row_weight", "vision_counts")
 _SEG_FIELDS = ("seg_cond_end", "seg_latents", "seg_next_latents", "seg_sigmas", "seg_sigma_nexts", "seg_log_probs",
-               "seg_final", "seg_weight")
+               "seg_final", "seg_weight", "seg_cond_ids")
 
 
 def concat(batches: list[TrainBatch]) -> TrainBatch:
     """Rows of several batches of one token width, in order (slots and segments follow their rows)."""
     offsets = torch.tensor([0] + [b.num_rows for b in batches[:-1]]).cumsum(0).tolist()
-    kw = {name: torch.cat([getattr(b, name) for b in batches]) for name in (*_ROW_FIELDS, *_SEG_FIELDS, "slot_latents")}
+    if len({b.seg_cond_ids.shape[1] for b in batches if b.num_segments}) > 1:
+        raise ValueError("concat: the batches' segments condition on sequences of different widths")
+    kw = {name: torch.cat([getattr(b, name) for b in batches]) for name in (*_ROW_FIELDS, *_SEG_FIELDS, "slot_latents")
+          if name != "seg_cond_ids"}
+    width = max(b.seg_cond_ids.shape[1] for b in batches)
+    kw["seg_cond_ids"] = torch.cat([b.seg_cond_ids.reshape(-1, width) for b in batches])
     kw["seg_rows"] = torch.cat([b.seg_rows + off for b, off in zip(batches, offsets)])
     kw["vision_images"] = stack_images([b.vision_images for b in batches])
     return TrainBatch(**kw)
@@ -107,6 +118,14 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         ids[i, :n], attn[i, :n] = tr.input_ids, 1
         lmask[i, :n], blogp[i, :n] = tr.loss_mask, tr.behaviour_logp
     segs = [(i, s) for i, tr in enumerate(trajs) for s in tr.images]
+    own = [s.cond_ids is not None for _, s in segs]
+    if any(own) and not all(own):
+        raise ValueError("collate: some image segments carry their own condition sequence and some do not")
+    cond_ids = torch.full((len(segs), max((s.cond_end for _, s in segs), default=0) if any(own) else 0), pad_id,
+                          dtype=torch.long)
+    for k, (_, s) in enumerate(segs):
+        if s.cond_ids is not None:
+            cond_ids[k, :s.cond_end] = s.cond_ids
     first_seen: dict[str, int] = {}
     latent_shape = trajs[0].slot_latents.shape[1:]
     if segs:
@@ -130,6 +149,7 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         row_weight=torch.ones(b), seg_weight=torch.ones(len(segs)),
         vision_images=stack_images([tr.vision_images for tr in trajs]),
         vision_counts=torch.tensor([tr.vision_images.shape[0] for tr in trajs], dtype=torch.long),
+        seg_cond_ids=cond_ids,
     )
 
 

@@ -57,8 +57,10 @@ class _WireTensors:
 class ImageSegment(_WireTensors):
     """One generated image: the trained SDE window and the final latent.
 
-    The generator was conditioned on the LM's last hidden states of ``tokens[:cond_end]``.
-    Shapes: latents / next_latents (W, C, h, w); sigmas / sigma_nexts / log_probs (W,).
+    The generator was conditioned on the LM's last hidden states of ``tokens[:cond_end]``, where ``tokens``
+    is the trajectory's own sequence, or ``cond_ids`` when set: a sequence of its own (UAE reconstructs
+    from the caption alone, read as a generation prompt without the image; then ``cond_end = len(cond_ids)``).
+    Shapes: latents / next_latents (W, C, h, w); sigmas / sigma_nexts / log_probs (W,); cond_ids (cond_end,).
     """
 
     cond_end: int
@@ -68,6 +70,7 @@ class ImageSegment(_WireTensors):
     sigma_nexts: torch.Tensor
     log_probs: torch.Tensor
     final_latent: torch.Tensor
+    cond_ids: torch.Tensor | None = None
 
     @property
     def window(self) -> int:
@@ -120,5 +123,8 @@ class Trajectory(_WireTensors):
             w = seg.window
             if seg.latents.shape != seg.next_latents.shape or seg.latents.shape[0] != w:
                 raise ValueError(f"images[{i}]: latents/next_latents must be (W, C, h, w) with W={w}")
-            if not (0 < seg.cond_end <= t):
+            if seg.cond_ids is not None:
+                if seg.cond_ids.dim() != 1 or seg.cond_ids.dtype != torch.long or seg.cond_ids.shape[0] != seg.cond_end:
+                    raise ValueError(f"images[{i}]: cond_ids must be 1-D long of length cond_end={seg.cond_end}")
+            elif not (0 < seg.cond_end <= t):
                 raise ValueError(f"images[{i}]: cond_end={seg.cond_end} outside the sequence of length {t}")

@@ -1,20 +1,20 @@
-"""UAE's rollout: image -> caption -> reconstruction. Signature of :func:`rollout.interleaved.rollout`.
+"""UAE's rollout: image -> caption -> reconstruction from the caption alone. Signature of
+:func:`rollout.interleaved.rollout`.
 
     prompt   = [image] "\\n" instruction "\\n"     [image]: the request's image as model.input_image shows it
                                                   (``UnifiedPolicy.input_image``): the bridge slot
                                                   <img_start> <img>*n <img_end> for a causal LM; a VLM's
                                                   own vision run (its tower's features) and / or the slot
     caption  ~ pi(. | prompt)                                               (text, GRPO)
-    z_0      ~ SDE sampler conditioned on hidden(prompt + caption)          (window recorded: Flow-GRPO,
+    cond     = "\\n" caption "\\n" <gen>                                    (a generation prompt: GvU's layout,
+                                                                              the caption's own tokens, no image)
+    z_0      ~ SDE sampler conditioned on hidden(cond)                      (window recorded: Flow-GRPO,
                                                                               or ignored with a frozen generator)
     meta["source_image"] = image (3,H,W) in [0,1];  meta["reconstruction"] = D(z_0) (3,H,W) in [0,1]
 
-The reconstruction is NOT in the token sequence: ``images`` holds its segment, ``slot_latents`` only the
-input image's latent (none when a VLM reads it through its tower alone), ``vision_images`` the raw input
-image a VLM's tower reads. Its conditioning context is the prefix ``input_ids[:cond_end]`` (= the whole
-sequence), so the learner recomputes the window exactly as for CLEAR.
-Caveat: the context holds the input image (causal attention sees it), so the generator's condition is not a
-pure text bottleneck; with a frozen generator GRPO only moves the caption distribution.
+Text is the only latent (UAE's auto-encoder): the generator never attends to the input image, only to the
+caption. The reconstruction is NOT in the token sequence: ``images`` holds its segment with ``cond_ids`` =
+``cond``, from which the learner recomputes the window's condition (``learner.objective``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ def image_to_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+def caption_condition(policy, caption_ids: list[int]) -> list[int]:
+    """The generation prompt of a caption: "\\n" caption "\\n" <gen> (GvU's layout, ``rollout.image``), built
+    from the sampled ids (its end-of-sequence token dropped), so it is exactly what the policy wrote."""
+    tok, ids = policy.tokenizer, policy.token_ids
+    body = [t for t in caption_ids if t != ids["eos"]]
+    newline = tok.encode("\n", add_special_tokens=False)
+    return newline + body + newline + [ids["gen"]]
+
 
 @torch.no_grad()
 def uae_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings, version: int,
@@ -65,8 +73,12 @@ def uae_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSett
     captions = engine.generate([TextRequest(p, lat, s.max_new_tokens, v) for (_, _, p, _, lat), v in zip(rows, vision)],
                                sampling, generator)
     contexts = [list(p) + c.token_ids for (_, _, p, _, _), c in zip(rows, captions)]
-    # z_0 ~ p_gen(. | hidden(prompt + caption)); cond_end = len(context) = the whole sequence
-    segs, finals = generate_images(policy, contexts, [lat for *_, lat in rows], s, generator, vision)
+    # z_0 ~ p_gen(. | hidden(cond)): the caption alone, as a generation prompt
+    conds = [caption_condition(policy, c.token_ids) for c in captions]
+    no_slots = torch.zeros((0, *policy.latent_shape))
+    segs, finals = generate_images(policy, conds, [no_slots] * len(conds), s, generator)
+    for seg, cond in zip(segs, conds):
+        seg.cond_ids = torch.tensor(cond, dtype=torch.long)
     recon = policy.decode_latent(finals.to(policy.device)).cpu()
     out = []
     for i, ((r, g, prompt, src, lat), c) in enumerate(zip(rows, captions)):

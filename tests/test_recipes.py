@@ -18,7 +18,7 @@ from policy.config import PolicyConfig
 from policy.model import UnifiedPolicy
 from reward.registry import REWARDS, RewardSet, get_reward
 from rollout import interleaved
-from rollout.caption import uae_rollout
+from rollout.caption import caption_condition, uae_rollout
 from rollout.engine import HFTextEngine
 from rollout.image import gvu_rollout, janus_gvu_rollout
 from rollout.interleaved import RolloutSettings
@@ -76,9 +76,28 @@ def test_uae_rollout_caption_reconstruction_window(policy):
         assert int((t.input_ids == policy.token_ids["img"]).sum()) == policy.n_image_tokens
         (seg,) = t.images
         assert seg.window == SETTINGS.sde_window and torch.isfinite(seg.log_probs).all()
-        assert seg.cond_end == t.input_ids.shape[0]
+        # the reconstruction's condition is the caption alone, as a generation prompt: no image slot in it
+        caption = [i for i in t.input_ids[t.prompt_len:].tolist() if i != policy.token_ids["eos"]]
+        assert seg.cond_ids.tolist() == caption_condition(policy, caption) and seg.cond_end == len(seg.cond_ids)
+        assert policy.token_ids["img"] not in seg.cond_ids.tolist()
     assert trajs[0].meta["k"] == 1
     _check_learner_recomputes(policy, trajs)
+
+
+def test_uae_reconstruction_does_not_see_the_input_image_once_the_caption_is_fixed(policy):
+    """Same captions, another input image in the slot: the caption's log-probs change (it was read from the
+    image), the reconstruction's window log-probs and its condition do not (text is the only latent)."""
+    trajs = _uae(policy)
+    batch = collate(trajs, torch.zeros(len(trajs)), policy.token_ids["pad"])
+    other = copy.copy(batch)
+    other.slot_latents = policy.encode_image(torch.rand(batch.slot_latents.shape[0], 3, 32, 32,
+                                                        generator=torch.Generator().manual_seed(7)))
+    with torch.no_grad():
+        a = policy_outputs(policy, batch, SETTINGS.temperature, SETTINGS.sde_noise_level)
+        b = policy_outputs(policy, other, SETTINGS.temperature, SETTINGS.sde_noise_level)
+    m = batch.loss_mask
+    assert (a.logp[m] - b.logp[m]).abs().max() > 1e-4
+    assert torch.equal(a.img_logp, b.img_logp) and torch.equal(a.img_mean, b.img_mean)
 
 
 def test_uae_reward_clip_similarity_scores_reconstructions(policy):

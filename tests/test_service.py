@@ -16,6 +16,7 @@ from service_helpers import FAST_VAE_FIT, metric, ray_down, run_config  # noqa: 
 from recipes.clear import clear_request
 from services import checkpoint
 from services.driver import Run, train
+from sync import WeightSyncError
 
 TINY = [
     "sft.steps=4", "sft.batch_size=8", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=4",
@@ -102,21 +103,27 @@ DISTRIBUTED_KL = ("learner.num_workers=2", "learner.zero_stage=3", "algorithm.be
 ASYNC_PIPELINE = ("algorithm.mode=async", "algorithm.max_staleness=2", "tracking.log_images_every=0")
 
 
-@pytest.mark.parametrize("variant", [(), DISTRIBUTED_KL, ASYNC_PIPELINE],
-                         ids=["one-rank", "two-ranks-zero3-kl", "async-depth-2"])
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, variant):
-    """Resume equals the uninterrupted run: weights, sampler, RNG, MLflow run; with two ZeRO-3 ranks and
-    KL terms on too (the KL reference comes back from the checkpoint)."""
-    monkeypatch.chdir(tmp_path)
-    full = train(_cfg(tmp_path / "a", "full", "algorithm.steps=4", *variant))
-    ray.shutdown()
-    train(_cfg(tmp_path / "b", "split", "algorithm.steps=2", *variant))
-    ray.shutdown()
-    resumed_cfg = _cfg(tmp_path / "b", "split", "algorithm.steps=4", *variant)
-    resumed = train(resumed_cfg, resume=True)
-    assert resumed["steps"] == 4
-    a = checkpoint.latest(tmp_path / "a" / "ckpt" / "full")
-    b = checkpoint.latest(tmp_path / "b" / "ckpt" / "split")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """``get(variant)``: the uninterrupted 4-step run the resume tests compare with (its directory and
+    summary), run once per variant for the module."""
+    done: dict[tuple, tuple] = {}
+
+    def get(variant: tuple):
+        if variant not in done:
+            d = tmp_path_factory.mktemp("full")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.chdir(d)
+                done[variant] = d, train(_cfg(d, "full", "algorithm.steps=4", *variant))
+            ray.shutdown()
+        return done[variant]
+
+    return get
+
+
+def _assert_same_final_weights(a, b) -> None:
+    """Two runs' last checkpoints hold the same policy (every tensor within 1e-6)."""
+    a, b = checkpoint.latest(a), checkpoint.latest(b)
     assert a.name == b.name == "step-000004"
     for sub in ("lm", "generator"):
         wa = load_file(next((a / "policy" / sub).glob("*.safetensors")))
@@ -124,7 +131,23 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, variant):
         assert wa.keys() == wb.keys()
         for k in wa:
             assert (wa[k] - wb[k]).abs().max() <= 1e-6, k
-    ua, ub = _cfg(tmp_path / "a", "full").tracking.resolved_uri(), resumed_cfg.tracking.resolved_uri()
+
+
+@pytest.mark.parametrize("variant", [(), DISTRIBUTED_KL, ASYNC_PIPELINE],
+                         ids=["one-rank", "two-ranks-zero3-kl", "async-depth-2"])
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, variant, uninterrupted):
+    """Resume equals the uninterrupted run: weights, sampler, RNG, MLflow run; with two ZeRO-3 ranks and
+    KL terms on too (the KL reference comes back from the checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    full_dir, full = uninterrupted(variant)
+    train(_cfg(tmp_path / "b", "split", "algorithm.steps=2", *variant))
+    ray.shutdown()
+    resumed_cfg = _cfg(tmp_path / "b", "split", "algorithm.steps=4", *variant)
+    resumed = train(resumed_cfg, resume=True)
+    assert resumed["steps"] == 4
+    b = checkpoint.latest(tmp_path / "b" / "ckpt" / "split")
+    _assert_same_final_weights(full_dir / "ckpt" / "full", tmp_path / "b" / "ckpt" / "split")
+    ua, ub = _cfg(full_dir, "full").tracking.resolved_uri(), resumed_cfg.tracking.resolved_uri()
     ma = dict(metric(ua, full["run_id"], "reward/total/mean"))
     mb = dict(metric(ub, resumed["run_id"], "reward/total/mean"))
     assert resumed["run_id"] == checkpoint.load_state(b)["mlflow_run_id"]
@@ -141,6 +164,39 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, variant):
         assert rb["learn/trained_samples"] > 0 and "text/kl_ref" in rb and (b / "kl_reference.safetensors").exists()
     for k in compared:
         assert ra[k] == pytest.approx(rb[k], abs=1e-5), k
+
+
+def test_failure_after_the_learner_step_resumes_to_the_same_weights(tmp_path, monkeypatch, uninterrupted):
+    """A failure between the learner step and the end of the step (here: the new weights do not reach the
+    pool) leaves a checkpoint of the post-step state (weights, sampler, step); resuming from it ends where
+    the uninterrupted run ends, each batch trained once."""
+    monkeypatch.chdir(tmp_path)
+    full_dir, full = uninterrupted(())
+    deliver = Run.deliver
+
+    def fails_after_step_3(self, handle):
+        if self.step == 3:
+            raise WeightSyncError("injected: version 4 did not reach the pool")
+        return deliver(self, handle)
+
+    monkeypatch.setattr(Run, "deliver", fails_after_step_3)
+    cfg = _cfg(tmp_path, "split", "algorithm.steps=4")
+    with pytest.raises(WeightSyncError, match="injected"):
+        train(cfg)
+    root = tmp_path / "ckpt" / "split"
+    saved = checkpoint.latest(root)
+    assert saved.name == "step-000003"  # written after the failure (checkpoint.every=2 writes steps 2 and 4)
+    state = checkpoint.load_state(saved)
+    assert state["sampler"]["position"] + state["sampler"]["epoch"] * state["sampler"]["dataset_len"] == \
+        3 * cfg.rollout.prompts_per_step  # the batch of step 3 counts as served: it is not trained again
+    ray.shutdown()
+    monkeypatch.setattr(Run, "deliver", deliver)
+    resumed = train(cfg, resume=True)
+    assert resumed["steps"] == 4 and resumed["run_id"] == state["mlflow_run_id"]
+    _assert_same_final_weights(full_dir / "ckpt" / "full", root)
+    ma = dict(metric(_cfg(full_dir, "full").tracking.resolved_uri(), full["run_id"], "reward/total/mean"))
+    mb = dict(metric(cfg.tracking.resolved_uri(), resumed["run_id"], "reward/total/mean"))
+    assert ma[4] == pytest.approx(mb[4], abs=1e-6)
 
 
 def test_resume_rejects_partial_checkpoint(tmp_path):
