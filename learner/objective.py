@@ -70,10 +70,12 @@ def shared_prefix_plan(policy, batch: TrainBatch, shared_prefix: bool = True) ->
     is logged once, ``policy.shared_prefix.shared_prefix_off``), or no prompt shared by two rows."""
     if not (shared_prefix and takes_block_mask(policy.lm_config)) or shared_prefix_off(batch.vision_images):
         return None
-    # rows with an image conditioned on their whole sequence (UAE) need their last token's hidden state
+    # rows with an image conditioned on their whole sequence (GvU's prompt) need their last token's hidden
+    # state; segments with a condition sequence of their own (UAE, ``seg_cond_ids``) do not read the row
     length = batch.attention_mask.sum(1)
     keep_last = torch.zeros_like(length, dtype=torch.bool)
-    keep_last[batch.seg_rows[batch.seg_cond_end == length[batch.seg_rows]]] = True
+    if batch.seg_cond_ids.shape[1] == 0:
+        keep_last[batch.seg_rows[batch.seg_cond_end == length[batch.seg_rows]]] = True
     return plan_shared_prefix(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.slot_counts,
                               batch.slot_latents, policy.token_ids["img"], policy.n_image_tokens, keep_last)
 

@@ -163,19 +163,18 @@ def test_learner_outputs_match_with_and_without_sharing(policy: UnifiedPolicy) -
 
 
 def test_an_image_conditioned_on_the_whole_sequence_keeps_the_last_token(policy: UnifiedPolicy) -> None:
-    """UAE conditions its reconstruction on the whole caption (``cond_end`` = the row's length): the packed
-    forward keeps those rows' last token, so the image windows' log-probs equal the padded forward's."""
+    """GvU conditions its image on the whole prompt (``cond_end`` = the row's length): the packed forward
+    keeps those rows' last token, so the image windows' log-probs equal the padded forward's."""
     from learner.batch import collate
     from learner.objective import policy_outputs, shared_prefix_plan
-    from rollout.caption import uae_rollout
     from rollout.engine import HFTextEngine
+    from rollout.image import gvu_rollout
     from rollout.interleaved import RolloutSettings
 
-    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
     settings = RolloutSettings(group_size=3, max_new_tokens=8, sde_steps=4, sde_window=2)
-    trajs = uae_rollout(policy, HFTextEngine(policy), [{"prompt_id": "p", "image": image}], settings, 1,
-                        torch.Generator().manual_seed(0))
-    batch = collate(trajs, torch.zeros(3), policy.token_ids["pad"])
+    reqs = [{"prompt_id": "p", "text": "a red circle"}, {"prompt_id": "q", "text": "two blue squares"}]
+    trajs = gvu_rollout(policy, HFTextEngine(policy), reqs, settings, 1, torch.Generator().manual_seed(0))
+    batch = collate(trajs, torch.zeros(6), policy.token_ids["pad"])
     assert (batch.seg_cond_end == batch.attention_mask.sum(1)[batch.seg_rows]).all()
     assert shared_prefix_plan(policy, batch) is not None
     with torch.no_grad():
