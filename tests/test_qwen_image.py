@@ -215,9 +215,12 @@ def test_unigrpo_train_from_the_directory(local_ray, qi_dir, data, tmp_path, mon
     cfg = tiny(qi_dir, data, tmp_path)
     summary = driver.train(cfg)
     assert summary["steps"] == 2
-    assert seen and all(same for _, _, same, _ in seen) and all(vs == [v] for v, vs, *_ in seen)
-    rewards = metric(cfg.tracking.resolved_uri(), summary["run_id"], "reward/clip_similarity/mean")
+    assert [(v, vs) for v, vs, *_ in seen] == [(1, [1]), (2, [2]), (3, [3])] and all(s for _, _, s, _ in seen)
+    assert seen[0][3] != seen[-1][3]  # the learner's weights moved
+    uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
+    rewards = metric(uri, rid, "reward/clip_similarity/mean")
     assert [s for s, _ in rewards] == [1, 2] and all(-1 <= v <= 1 for _, v in rewards)
+    assert [s for s, _ in metric(uri, rid, "text/loss")] == [1, 2]
     ckpt = next((tmp_path / "ckpt" / cfg.run_name).glob("step-*"))
     loaded = UnifiedPolicy.from_pretrained(ckpt / "policy")
     assert isinstance(loaded.generator, QwenImageTransformer2DModel) and loaded.connector is None
