@@ -29,6 +29,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from learner.batch import collate
 from learner.group import LearnerGroup
 from policy import qwen_image
+from policy.estimate import model_parts
 from policy.model import UnifiedPolicy
 from policy.pipeline import FlowSchedule
 from policy.sde import flow_sigmas, sample_ode
@@ -150,6 +151,17 @@ def test_sampling_and_decoding_equal_diffusers_pipeline(qi_dir, policy):
     v_pad = policy.velocity(noise[1:], torch.tensor([0.5]), enc[1:], mask[1:])
     v_cut = policy.velocity(noise[1:], torch.tensor([0.5]), enc[1:, :k], mask[1:, :k])
     assert torch.allclose(v_pad, v_cut, atol=1e-5)
+
+
+def test_estimate_reads_the_directorys_parts(qi_dir, data, tmp_path, policy):
+    """``check-config --estimate`` on the tiny directory: the parts the policy builds, from the pipeline's folders
+    (the LM's vocabulary before the special tokens are added)."""
+    parts = {p.name: p for p in model_parts(tiny(qi_dir, data, tmp_path).model, train_generator=False)}
+    assert set(parts) == {"lm", "bridge", "generator", "vae"}
+    for name in ("bridge", "generator", "vae"):
+        assert parts[name].params == sum(p.numel() for p in getattr(policy, name).parameters())
+    assert parts["lm"].source == str(qi_dir / "text_encoder" / "config.json")
+    assert parts["vae"].source == str(qi_dir / "vae" / "config.json")
 
 
 def test_config_errors_name_the_field(qi_dir, data, tmp_path):
