@@ -38,7 +38,7 @@ from policy.pipeline import SCHEDULER_CONFIG, FlowSchedule
 from policy.prompting import image_slot
 from policy.sde import flow_sigmas
 from policy.tokenizer import special_token_ids
-from policy.vision import LMInputs, VisionSide, empty_images, input_image_mode, next_positions
+from policy.vision import LMInputs, VisionSide, cache_keyword, empty_images, input_image_mode, next_positions
 
 HEADS_FILE = "heads.safetensors"
 SCHEDULER_DIR = "scheduler"
@@ -63,6 +63,7 @@ class UnifiedPolicy(nn.Module):
         # a VLM's processor / tower / rope positions (None: a causal LM); not a sub-module (lm holds the tower)
         self.vision = VisionSide(lm, image_processor) if image_processor is not None else None
         self.input_image_mode = input_image_mode(cfg, self.vision is not None)
+        self._cache_kwarg = cache_keyword(lm.base_model)  # without a vision side (a VLM text-only: Qwen-Image's)
         if self._tower_frozen():
             lm.model.visual.requires_grad_(False)
         dtype = torch_dtype(cfg)
@@ -277,7 +278,7 @@ class UnifiedPolicy(nn.Module):
                                           torch.zeros(attention_mask.shape[0], dtype=torch.long),
                                           inputs_embeds.shape[1])
         if self.vision is None:
-            body, cache_kwarg = self.lm.base_model, "past_key_values"
+            body, cache_kwarg = self.lm.base_model, self._cache_kwarg
         else:
             body, cache_kwarg = self.vision.text_model, self.vision.cache_kwarg
         out = body(
