@@ -222,9 +222,10 @@ def test_uae_rollouts_reward_learner_step_and_checkpoint_reload(local_ray, qi_di
 
 def test_unigrpo_train_from_the_directory(local_ray, qi_dir, data, tmp_path, monkeypatch):
     """``services.driver.train`` on the tiny config: 2 steps, rollout worker and learner on the same weights after
-    every sync, the reward logged, a checkpoint whose policy reloads as a Qwen-Image policy."""
+    every sync (sync mode, where each step's sync is one call the test can observe; the config's async mode
+    delivers behind the queued batches), the reward logged, a checkpoint that reloads as a Qwen-Image policy."""
     seen = record_syncs(monkeypatch, lambda run: [m.actor for m in run.pool.members.values()])
-    cfg = tiny(qi_dir, data, tmp_path)
+    cfg = tiny(qi_dir, data, tmp_path, "algorithm.mode=sync")
     summary = driver.train(cfg)
     assert summary["steps"] == 2
     assert [(v, vs) for v, vs, *_ in seen] == [(1, [1]), (2, [2]), (3, [3])] and all(s for _, _, s, _ in seen)
