@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from policy.pipeline import QWEN_IMAGE
 
 # Defaults of the tiny model; the ``*_tiny`` fields are overrides merged on top of these.
 TINY_LM: dict[str, Any] = {
@@ -76,7 +78,8 @@ class PolicyConfig(BaseModel):
     lm_tiny: dict[str, Any] = Field(default_factory=dict)
     tokenizer_path: str | None = None
     generator_class: str = "SD3Transformer2DModel"
-    generator_path: str | None = None  # a transformer directory or a diffusers pipeline (policy/pipeline.py)
+    # a transformer directory or a diffusers pipeline (policy/pipeline.py); Qwen-Image: a pipeline (or a saved policy's)
+    generator_path: str | None = Field(None, validate_default=True)
     generator_tiny: dict[str, Any] = Field(default_factory=dict)
     vae_path: str | None = None
     vae_tiny: dict[str, Any] = Field(default_factory=dict)
@@ -95,6 +98,14 @@ class PolicyConfig(BaseModel):
     def _image_size_multiple_of_8(cls, v: int) -> int:
         if v % 8:
             raise ValueError(f"image_size must be a multiple of 8, got {v}")
+        return v
+
+    @field_validator("generator_path")
+    @classmethod
+    def _qwen_image_loads_from_a_directory(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("arch") == "unified" and info.data.get("generator_class") == QWEN_IMAGE:
+            raise ValueError(f"{QWEN_IMAGE} loads from a Qwen-Image pipeline directory (QwenImagePipeline: "
+                             "model_index.json, text_encoder/, transformer/, vae/, scheduler/); there is no tiny one")
         return v
 
     @field_validator("janus_tiny")

@@ -43,7 +43,7 @@ import torch
 
 from policy.config import PolicyConfig
 from policy.known_archs import KNOWN, known_config, known_key
-from policy.pipeline import MODEL_INDEX
+from policy.pipeline import MODEL_INDEX, TEXT_ENCODERS
 
 BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 1024**3
@@ -161,13 +161,19 @@ def _lm_model(config: dict[str, Any]) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------ parts
 def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
     from policy.bridge import Connector, LatentBridge
+    from policy.build import vae_factor
     from policy.tokenizer import build_tiny_tokenizer
 
+    # generator (a pipeline directory's transformer/, a transformer directory, or tiny) and VAE
+    pipe = cfg.generator_path is not None and (
+        (Path(cfg.generator_path).expanduser() / MODEL_INDEX).is_file() or known_config(cfg.generator_path, "vae"))
+    direct = cfg.generator_class in TEXT_ENCODERS  # Qwen-Image: no connector; its pipeline's text encoder the LM
     # LM
-    if cfg.lm_path:
-        lm_conf, lm_src = _config_of(cfg.lm_path, None)
+    if cfg.lm_path or (pipe and direct):
+        lm_conf, lm_src = _config_of(cfg.lm_path, None) if cfg.lm_path else _config_of(cfg.generator_path,
+                                                                                         "text_encoder")
         if lm_conf is None:
-            raise _unknown("model.lm_path", cfg.lm_path)
+            raise _unknown("model.lm_path", cfg.lm_path or f"{cfg.generator_path}/text_encoder")
     else:
         lm_conf = {"model_type": "qwen2", **cfg.lm_tiny_config(), "vocab_size": len(build_tiny_tokenizer())}
         lm_src = "tiny (model.lm_tiny)"
@@ -175,18 +181,15 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     text = lm.config.get_text_config()
     hidden = int(text.hidden_size)
     tower = getattr(lm.model, "visual", None)  # a VLM's vision tower (policy.vision)
-    # generator (a pipeline directory's transformer/, a transformer directory, or tiny) and VAE
-    pipe = cfg.generator_path is not None and (
-        (Path(cfg.generator_path).expanduser() / MODEL_INDEX).is_file() or known_config(cfg.generator_path, "vae"))
     if cfg.vae_path or pipe:
         vae_conf, vae_src = _config_of(cfg.vae_path, None) if cfg.vae_path else _config_of(cfg.generator_path, "vae")
         if vae_conf is None:
             raise _unknown("model.vae_path", cfg.vae_path or f"{cfg.generator_path}/vae")
     else:
         vae_conf, vae_src = cfg.vae_tiny_config(), "tiny (model.vae_tiny)"
-    vae = _diffusers_model("AutoencoderKL", vae_conf)
-    channels = int(vae.config.latent_channels)
-    side = cfg.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    vae = _diffusers_model(vae_conf.get("_class_name", "AutoencoderKL"), vae_conf)
+    factor, channels = vae_factor(vae.config)
+    side = cfg.image_size // factor
     if cfg.generator_path:
         gen_conf, gen_src = _config_of(cfg.generator_path, "transformer" if pipe else None)
         if gen_conf is None:
@@ -196,8 +199,8 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     gen = _diffusers_model(cfg.generator_class, gen_conf)
     g = gen.config
     with _meta():
-        bridge, connector = LatentBridge(channels, side, cfg.bridge_patch, hidden), Connector(
-            hidden, g.joint_attention_dim, g.pooled_projection_dim)
+        bridge = LatentBridge(channels, side, cfg.bridge_patch, hidden)
+        connector = None if direct else Connector(hidden, g.joint_attention_dim, g.pooled_projection_dim)
     gen_train = train_gen and not cfg.freeze_generator
     image_tokens = (side // int(g.get("patch_size") or 1)) ** 2 + cfg.cond_tokens
     gen_width = int(g.num_attention_heads) * int(g.attention_head_dim)
@@ -213,16 +216,18 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
         parts.append(Part("vision", _count(tower), tower_train, lm_src, int(v.depth), int(v.hidden_size), 0, patches,
                           backprop=tower_train and seen))
     lm_params = _count(lm) - (_count(tower) if tower is not None else 0)
-    return [
+    parts = [
         Part("lm", lm_params, train_lm, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
              text_tokens + input_tokens + bridge.n_tokens, backprop=train_lm),
         *parts,
         Part("bridge", _count(bridge), train_lm, "model.bridge_patch"),
         Part("generator", _count(gen), gen_train, gen_src, int(g.num_layers), gen_width, 0, image_tokens, window,
              _buffers(gen), backprop=gen_train or train_lm, side="generation"),
-        Part("connector", _count(connector), gen_train, "model.cond_tokens", side="generation"),
+        Part("connector", _count(connector), gen_train, "model.cond_tokens", side="generation")
+        if connector is not None else None,
         Part("vae", _count(vae), False, vae_src, side="generation"),
     ]
+    return [p for p in parts if p is not None]
 
 
 def _vision_patches(image_size: int, patch: int, merge: int) -> int:

@@ -52,6 +52,32 @@ SD35_VAE: dict[str, Any] = {
 SD35_SCHEDULER: dict[str, Any] = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                                   "shift": 3.0}
 
+# Qwen/Qwen-Image, transformer/config.json (MMDiT: 60 dual-stream blocks, 24 x 128 wide, reads Qwen2.5-VL's 3584-wide
+# hidden states; latents packed as 2 x 2 patches of 16 channels)
+QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24,
+    "num_layers": 60, "out_channels": 16, "patch_size": 2,
+}
+
+# Qwen/Qwen-Image, vae/config.json (a causal 3-D VAE: 16 latent channels, spatial factor 8, per-channel statistics)
+QWEN_IMAGE_VAE: dict[str, Any] = {
+    "_class_name": "AutoencoderKLQwenImage", "attn_scales": [], "base_dim": 96, "dim_mult": [1, 2, 4, 4],
+    "dropout": 0.0, "num_res_blocks": 2, "temperal_downsample": [False, True, True], "z_dim": 16,
+    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                     -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                    1.6382, 1.1253, 2.8251, 1.916],
+}
+
+# Qwen/Qwen-Image, scheduler/scheduler_config.json (dynamic, resolution-dependent shift; terminal sigma 0.02)
+QWEN_IMAGE_SCHEDULER: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+    "invert_sigmas": False, "max_image_seq_len": 8192, "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0,
+    "shift_terminal": 0.02, "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+}
+
 # deepseek-community/Janus-Pro-7B, config.json (transformers' JanusConfig: a 30-layer 4096-wide Llama text model,
 # SigLIP-L/16 at 384 px for understanding, a 16384-code VQ tokenizer for generation)
 JANUS_PRO_7B: dict[str, Any] = {
@@ -75,6 +101,10 @@ KNOWN: dict[str, dict[str, Any]] = {
     "stable-diffusion-3.5-medium/transformer": SD35_MEDIUM_TRANSFORMER,
     "stable-diffusion-3.5-medium/vae": SD35_VAE,
     "stable-diffusion-3.5-medium/scheduler": SD35_SCHEDULER,
+    "Qwen-Image/text_encoder": QWEN25_VL_7B,  # the pipeline's text encoder is Qwen2.5-VL-7B-Instruct
+    "Qwen-Image/transformer": QWEN_IMAGE_TRANSFORMER,
+    "Qwen-Image/vae": QWEN_IMAGE_VAE,
+    "Qwen-Image/scheduler": QWEN_IMAGE_SCHEDULER,
     "Janus-Pro-7B": JANUS_PRO_7B,
 }
 
@@ -83,6 +113,7 @@ PUBLISHED_PARAMS: dict[str, float] = {
     "Qwen2.5-7B-Instruct": 7.61e9,
     "Qwen2.5-VL-7B-Instruct": 8.29e9,
     "stable-diffusion-3.5-medium/transformer": 2.5e9,  # incl. the 384 x 384 x 1536 positional-embedding buffer
+    "Qwen-Image/transformer": 20e9,  # "a 20B MMDiT"
     "Janus-Pro-7B": 7.4e9,
 }
 

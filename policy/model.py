@@ -5,7 +5,9 @@ heads: the Latent Representation Bridge (latent -> LM tokens at ``<img>`` placeh
 connector (LM hidden states -> generator conditioning). When ``model.lm_path`` is a vision-language model the
 input image may instead (or also) go through its own processor and vision tower (``policy.vision``,
 ``model.input_image``); generated latents always enter through the bridge. The sampler's sigmas are the pipeline scheduler's
-(``sigmas``) when the generator comes from a diffusers pipeline directory. See docs/CONTRACTS.md "policy/".
+(``sigmas``) when the generator comes from a diffusers pipeline directory. Qwen-Image (``policy.qwen_image``)
+has no connector: its transformer reads the LM's hidden states directly, with their mask. See docs/CONTRACTS.md
+"policy/".
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from policy import qwen_image
 from policy.bridge import Connector, LatentBridge, positions_from_mask
 from policy.build import (
     build_generator,
@@ -35,7 +38,7 @@ from policy.pipeline import SCHEDULER_CONFIG, FlowSchedule
 from policy.prompting import image_slot
 from policy.sde import flow_sigmas
 from policy.tokenizer import special_token_ids
-from policy.vision import LMInputs, VisionSide, empty_images, input_image_mode, next_positions
+from policy.vision import LMInputs, VisionSide, cache_keyword, empty_images, input_image_mode, next_positions
 
 HEADS_FILE = "heads.safetensors"
 SCHEDULER_DIR = "scheduler"
@@ -60,18 +63,23 @@ class UnifiedPolicy(nn.Module):
         # a VLM's processor / tower / rope positions (None: a causal LM); not a sub-module (lm holds the tower)
         self.vision = VisionSide(lm, image_processor) if image_processor is not None else None
         self.input_image_mode = input_image_mode(cfg, self.vision is not None)
-        if self.vision is not None and not cfg.train_vision_tower:
-            self.vision.tower.requires_grad_(False)
+        self._cache_kwarg = cache_keyword(lm.base_model)  # without a vision side (a VLM text-only: Qwen-Image's)
+        if self._tower_frozen():
+            lm.model.visual.requires_grad_(False)
         dtype = torch_dtype(cfg)
         hidden = int(lm.config.get_text_config().hidden_size)
         channels, side = latent_geometry(cfg, vae)
         self.bridge = LatentBridge(channels, side, cfg.bridge_patch, hidden).to(dtype)
         gcfg = generator.config
-        try:
-            joint, pooled = int(gcfg.joint_attention_dim), int(gcfg.pooled_projection_dim)
-        except AttributeError as e:
-            raise ValueError(f"model.generator_class: {cfg.generator_class} has no joint/pooled dims") from e
-        self.connector = Connector(hidden, joint, pooled).to(dtype)
+        self.connector: Connector | None = None  # Qwen-Image: the LM's hidden states condition it directly
+        if qwen_image.is_qwen_image(cfg.generator_class):
+            qwen_image.check_transformer(generator, hidden)
+        else:
+            try:
+                joint, pooled = int(gcfg.joint_attention_dim), int(gcfg.pooled_projection_dim)
+            except AttributeError as e:
+                raise ValueError(f"model.generator_class: {cfg.generator_class} has no joint/pooled dims") from e
+            self.connector = Connector(hidden, joint, pooled).to(dtype)
         self.token_ids: dict[str, int] = special_token_ids(tokenizer)
         if self.vision is not None:
             self.token_ids |= self.vision.token_ids()
@@ -103,7 +111,8 @@ class UnifiedPolicy(nn.Module):
         self.generator.save_pretrained(d / "generator", safe_serialization=True)
         self.vae.save_pretrained(d / "vae", safe_serialization=True)
         heads = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
-        heads |= {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
+        if self.connector is not None:
+            heads |= {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(d / HEADS_FILE))
         meta = {
             "format": FORMAT,
@@ -269,7 +278,7 @@ class UnifiedPolicy(nn.Module):
                                           torch.zeros(attention_mask.shape[0], dtype=torch.long),
                                           inputs_embeds.shape[1])
         if self.vision is None:
-            body, cache_kwarg = self.lm.base_model, "past_key_values"
+            body, cache_kwarg = self.lm.base_model, self._cache_kwarg
         else:
             body, cache_kwarg = self.vision.text_model, self.vision.cache_kwarg
         out = body(
@@ -332,7 +341,8 @@ class UnifiedPolicy(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Last ``cond_tokens`` hidden states before ``cond_end`` (left zero-padded; positions where
-        ``attention_mask`` is 0 count as padding) -> (encoder_hidden_states (B,L,D), pooled (B,P))."""
+        ``attention_mask`` is 0 count as padding) -> the connector's (encoder_hidden_states (B,L,D), pooled (B,P)),
+        or for Qwen-Image the states themselves and their mask (B,L) (``policy.qwen_image.text_condition``)."""
         b, t, h = hidden.shape
         end = torch.as_tensor(cond_end, device=hidden.device, dtype=torch.long).reshape(-1).expand(b)
         if bool(((end <= 0) | (end > t)).any()):
@@ -345,6 +355,8 @@ class UnifiedPolicy(nn.Module):
             valid = valid & attention_mask.bool().gather(1, idx)
         window = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, h))
         window = torch.where(valid.unsqueeze(-1), window, torch.zeros_like(window))
+        if self.connector is None:
+            return qwen_image.text_condition(window.to(self.bridge.pos.dtype), valid)
         return self.connector(window.to(self.bridge.pos.dtype), valid)
 
     def velocity(
@@ -354,9 +366,14 @@ class UnifiedPolicy(nn.Module):
         encoder_hidden_states: torch.Tensor,
         pooled: torch.Tensor,
     ) -> torch.Tensor:
-        """Generator velocity at noise level ``sigma`` (timestep = sigma * 1000, as diffusers' SD3)."""
+        """Generator velocity at noise level ``sigma`` (timestep = sigma * 1000, as diffusers' SD3); ``pooled``:
+        :meth:`condition`'s second output (Qwen-Image: the mask, ``policy.qwen_image.velocity``)."""
         dtype = torch_dtype(self.cfg)
         sigma = torch.as_tensor(sigma, device=latent.device, dtype=torch.float32).reshape(-1)
+        if self.connector is None:
+            v = qwen_image.velocity(self.generator, latent, sigma.expand(latent.shape[0]), encoder_hidden_states,
+                                    pooled, dtype)
+            return v.to(latent.dtype)
         timestep = (sigma * 1000.0).expand(latent.shape[0]).to(dtype)
         v = self.generator(
             hidden_states=latent.to(dtype),
@@ -368,33 +385,38 @@ class UnifiedPolicy(nn.Module):
         return v.to(latent.dtype)
 
     # ---- VAE ----------------------------------------------------------------------------------
-    def _vae_shift_scale(self) -> tuple[float, float]:
-        c = self.vae.config
-        return float(c.get("shift_factor") or 0.0), float(c.scaling_factor)
+    def _vae_shift_scale(self) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        return qwen_image.latent_norm(self.vae, self.device)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B,3,H,W) in [0,1] -> float32 latent ``(mean - shift) * scale`` (B,C,h,w)."""
         shift, scale = self._vae_shift_scale()
         x = pixels.to(device=self.device, dtype=torch_dtype(self.cfg)) * 2.0 - 1.0
-        z = self.vae.encode(x).latent_dist.mean
+        z = qwen_image.from_vae(self.vae, self.vae.encode(qwen_image.to_vae(self.vae, x)).latent_dist.mean)
         return ((z.float() - shift) * scale).contiguous()
 
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Latent (B,C,h,w) -> float32 pixels in [0,1] (gradients flow to the latent)."""
         shift, scale = self._vae_shift_scale()
         z = (latent / scale + shift).to(torch_dtype(self.cfg))
-        x = self.vae.decode(z, return_dict=False)[0]
+        x = qwen_image.from_vae(self.vae, self.vae.decode(qwen_image.to_vae(self.vae, z), return_dict=False)[0])
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ---- weights ------------------------------------------------------------------------------
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """The trainable sub-modules by side (``learner.train_lm`` / ``train_generator``, ``lm_lr_scale``)."""
-        return {"understanding": [self.lm, self.bridge], "generation": [self.generator, self.connector]}
+        generation = [self.generator] + ([self.connector] if self.connector is not None else [])
+        return {"understanding": [self.lm, self.bridge], "generation": generation}
+
+    def _tower_frozen(self) -> bool:
+        """A VLM's tower is frozen unless it is used (a processor) and trains (``model.train_vision_tower``)."""
+        has_tower = getattr(getattr(self.lm, "model", None), "visual", None) is not None
+        return has_tower and (self.vision is None or not self.cfg.train_vision_tower)
 
     def _frozen_prefixes(self) -> tuple[str, ...]:
         frozen = ("vae.", "generator.") if self.cfg.freeze_generator else ("vae.",)
-        if self.vision is not None and not self.cfg.train_vision_tower:
+        if self._tower_frozen():
             frozen += ("lm.model.visual.",)
         return frozen
 

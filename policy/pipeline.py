@@ -1,7 +1,9 @@
 """Diffusers pipeline directories as the generator: ``model.generator_path`` may name a directory with a
 ``model_index.json`` (as ``DiffusionPipeline.save_pretrained`` writes it and the hub ships it). Its
-``transformer/``, ``vae/`` and ``scheduler/`` subfolders are read; the text encoders are not (the policy's own
-LM conditions the transformer, through the connector).
+``transformer/``, ``vae/`` and ``scheduler/`` subfolders are read. SD3's text encoders are not (the policy's own
+LM conditions the transformer, through the connector); Qwen-Image's text encoder IS the policy's LM (its
+``text_encoder/`` Qwen2.5-VL, ``tokenizer/`` and, where the pipeline has one, ``processor/``;
+``policy.qwen_image``), so one Qwen-Image directory is the whole unified model.
 
     <pipeline>/model_index.json          {"_class_name": "StableDiffusion3Pipeline",
                                           "transformer": ["diffusers", "SD3Transformer2DModel"],
@@ -10,6 +12,7 @@ LM conditions the transformer, through the connector).
     <pipeline>/transformer/              config.json + weights   -> the generator
     <pipeline>/vae/                      config.json + weights   -> the VAE (unless ``model.vae_path`` is set)
     <pipeline>/scheduler/                scheduler_config.json   -> the sampler's sigmas (its ``shift``)
+    <pipeline>/text_encoder/, tokenizer/, [processor/]           -> Qwen-Image: the LM (unless ``model.lm_path``)
 
 No torch import (``RunConfig.check_paths`` calls :func:`check_generator_dir` before anything loads).
 """
@@ -17,7 +20,7 @@ No torch import (``RunConfig.check_paths`` calls :func:`check_generator_dir` bef
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,16 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 SUPPORTED_TRANSFORMERS: dict[str, tuple[tuple[str, ...], str]] = {
     "SD3Transformer2DModel": (("AutoencoderKL",), "SD3 / SD3.5 (StableDiffusion3Pipeline), conditioned through "
                                                   "the connector"),
+    "QwenImageTransformer2DModel": (("AutoencoderKLQwenImage",), "Qwen-Image (QwenImagePipeline), its "
+                                                                 "text_encoder the LM, conditioned directly on "
+                                                                 "its hidden states"),
 }
+QWEN_IMAGE = "QwenImageTransformer2DModel"
+#: transformer class -> the sigmas its pipeline gives the scheduler (``FlowSchedule.pipeline_sigmas``)
+PIPELINE_SIGMAS = {QWEN_IMAGE: "linspace"}
+#: transformer class -> the text encoder its pipeline holds (the policy's LM; ``model_index.json`` class)
+TEXT_ENCODERS = {QWEN_IMAGE: "Qwen2_5_VLForConditionalGeneration"}
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 # Scheduler options that change the sigmas in ways the sampler does not reproduce: must be off.
 _UNSUPPORTED_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
@@ -62,6 +74,9 @@ class FlowSchedule:
     max_image_seq_len: int = 4096
     time_shift_type: str = "exponential"
     shift_terminal: float | None = None
+    # what the pipeline passes to ``set_timesteps``: "scheduler" = only the step count (SD3: the scheduler's own
+    # linspace over its training sigmas); "linspace" = sigmas linspace(1, 1/K, K) (QwenImagePipeline)
+    pipeline_sigmas: str = "scheduler"
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str = "scheduler") -> FlowSchedule:
@@ -77,6 +92,9 @@ class FlowSchedule:
         if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
             raise PipelineDirError("model.generator_path", f"{where}: unknown time_shift_type "
                                                            f"{config['time_shift_type']!r}")
+        if config.get("pipeline_sigmas", "scheduler") not in ("scheduler", "linspace"):
+            raise PipelineDirError("model.generator_path", f"{where}: unknown pipeline_sigmas "
+                                                           f"{config['pipeline_sigmas']!r}")
         defaults = cls()
         kw = {f: config[f] for f in cls.__dataclass_fields__ if config.get(f) is not None}
         out = cls(**{**defaults.__dict__, **kw})
@@ -85,7 +103,8 @@ class FlowSchedule:
         return out
 
     def to_config(self) -> dict[str, Any]:
-        """A ``scheduler_config.json`` that :meth:`from_config` (and diffusers) read back."""
+        """A ``scheduler_config.json`` that :meth:`from_config` (and diffusers, which ignores
+        ``pipeline_sigmas``) read back."""
         return {"_class_name": SUPPORTED_SCHEDULERS[0], **self.__dict__}
 
     def mu(self, image_seq_len: int) -> float:
@@ -95,12 +114,13 @@ class FlowSchedule:
         return image_seq_len * m + (self.base_shift - m * self.base_image_seq_len)
 
     def sigmas(self, steps: int, image_seq_len: int):
-        """The K + 1 sigmas of ``steps`` denoising steps (``policy.sde.scheduler_sigmas``), a float32 tensor."""
+        """The K + 1 sigmas of ``steps`` denoising steps as the pipeline runs them (``policy.sde.scheduler_sigmas``),
+        a float32 tensor."""
         from policy.sde import scheduler_sigmas
 
         mu = self.mu(image_seq_len) if self.use_dynamic_shifting else None
         return scheduler_sigmas(steps, self.shift, self.num_train_timesteps, mu, self.time_shift_type,
-                                self.shift_terminal)
+                                self.shift_terminal, self.pipeline_sigmas == "linspace")
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,25 @@ class PipelineDir:
     @property
     def vae(self) -> Path:
         return self.root / "vae"
+
+    @property
+    def holds_lm(self) -> bool:
+        """Whether the pipeline's text encoder is the policy's LM (Qwen-Image)."""
+        return self.transformer_class in TEXT_ENCODERS
+
+    @property
+    def text_encoder(self) -> Path:
+        return self.root / "text_encoder"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def processor(self) -> Path | None:
+        """The pipeline's ``processor/`` (its image processor config), None where it has none."""
+        p = self.root / "processor"
+        return p if (p / PREPROCESSOR_CONFIG).is_file() else None
 
 
 def _component(index: dict[str, Any], name: str, where: Path) -> str:
@@ -158,6 +197,16 @@ def read_pipeline_dir(path: str | Path) -> PipelineDir:
     if not sched_file.is_file():
         raise PipelineDirError("model.generator_path", f"{sched_file} does not exist")
     schedule = FlowSchedule.from_config(_read_json(sched_file), str(sched_file))
+    if transformer in PIPELINE_SIGMAS:
+        schedule = replace(schedule, pipeline_sigmas=PIPELINE_SIGMAS[transformer])
+    if transformer in TEXT_ENCODERS:  # the LM lives in the pipeline: its text encoder and tokenizer
+        encoder = _component(index, "text_encoder", root)
+        if encoder != TEXT_ENCODERS[transformer]:
+            raise PipelineDirError("model.generator_path", f"{root}: text_encoder {encoder!r} is not the "
+                                                           f"{TEXT_ENCODERS[transformer]} {transformer} is trained on")
+        _component(index, "tokenizer", root)
+        if not (root / "text_encoder" / "config.json").is_file():
+            raise PipelineDirError("model.generator_path", f"{root / 'text_encoder'} has no config.json")
     return PipelineDir(root, str(index.get("_class_name", "?")), transformer, vae, schedule)
 
 
@@ -179,5 +228,5 @@ def check_generator_dir(path: str | Path, generator_class: str) -> PipelineDir |
     return None
 
 
-__all__ = ["FlowSchedule", "PipelineDir", "PipelineDirError", "check_generator_dir", "is_pipeline_dir",
+__all__ = ["QWEN_IMAGE", "TEXT_ENCODERS", "FlowSchedule", "PipelineDir", "PipelineDirError", "check_generator_dir", "is_pipeline_dir",
            "read_pipeline_dir"]

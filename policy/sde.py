@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,...), sigma (B,)) -> v
@@ -98,12 +99,15 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 def scheduler_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000, mu: float | None = None,
-                     time_shift_type: str = "exponential", shift_terminal: float | None = None) -> torch.Tensor:
-    """K+1 float32 sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(K, mu=mu)``:
+                     time_shift_type: str = "exponential", shift_terminal: float | None = None,
+                     linspace: bool = False) -> torch.Tensor:
+    """K+1 float32 sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(K, mu=mu)`` (``linspace``:
+    of ``set_timesteps(sigmas=linspace(1, 1/K, K), mu=mu)``, as QwenImagePipeline calls it):
 
     f(s)       = shift*s / (1 + (shift-1)*s)                static shift (f = identity when mu is given)
     s_max      = f(1),  s_min = f(1/N)                      N = num_train_timesteps, in float32 as diffusers
     t_k        = s_max + (s_min - s_max) * k/(K-1)          k = 0..K-1 (t_0 = s_max when K = 1)
+               = 1 + (1/K - 1) * k/(K-1)                    ``linspace`` (then all in float32, as diffusers)
     sigma_k    = f(t_k)                                     static
                = e^mu / (e^mu + (1/t_k - 1))                dynamic, exponential time shift
                = mu / (mu + (1/t_k - 1))                    dynamic, linear time shift
@@ -112,9 +116,13 @@ def scheduler_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    one = torch.tensor([1.0, 1.0 / num_train_timesteps], dtype=torch.float32)  # train sigmas' ends, float32
-    ends = one if mu is not None else shift * one / (1 + (shift - 1) * one)
-    t = torch.linspace(float(ends[0]), float(ends[1]), steps, dtype=torch.float64)
+    # numpy, in diffusers' order and dtypes (float64; float32 for given sigmas): the same float32 sigmas
+    if linspace:  # the pipeline's sigmas, which the scheduler casts to float32
+        t = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    else:
+        one = torch.tensor([1.0, 1.0 / num_train_timesteps], dtype=torch.float32)  # train sigmas' ends, float32
+        ends = one if mu is not None else shift * one / (1 + (shift - 1) * one)
+        t = np.linspace(float(ends[0]), float(ends[1]), steps)
     if mu is None:
         s = shift * t / (1 + (shift - 1) * t)
     elif time_shift_type == "exponential":
@@ -125,6 +133,7 @@ def scheduler_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 
         raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
     if shift_terminal:
         s = 1 - (1 - s) / ((1 - s[-1]) / (1 - shift_terminal))
+    s = torch.from_numpy(np.asarray(s, dtype=np.float32))
     return torch.cat([s.to(torch.float32), torch.zeros(1)])
 
 

@@ -110,9 +110,7 @@ class VisionSide:
         self.start_token = int(c.vision_start_token_id)
         self.end_token = int(c.vision_end_token_id)
         self.merge = int(c.vision_config.spatial_merge_size)
-        # the text model's name for the KV cache (transformers renames past_key_values -> cache)
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.text_model.forward).parameters \
-            else "past_key_values"
+        self.cache_kwarg = cache_keyword(self.text_model)
 
     @property
     def model_type(self) -> str:
@@ -197,6 +195,11 @@ class VisionSide:
         pos, delta = self.vlm.model.get_rope_index(input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid,
                                                    attention_mask=attention_mask)
         return pos, delta.reshape(-1).to(pos.device)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The model's keyword for the KV cache (transformers renames ``past_key_values`` -> ``cache``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def next_positions(attention_mask: torch.Tensor, delta: torch.Tensor | None, q_len: int) -> torch.Tensor:

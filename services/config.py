@@ -24,7 +24,7 @@ from reward.names import KNOWN_REWARDS, unknown_reward
 from services.config_learner import LearnerConfig, SyncConfig
 from services.config_types import NonNegFloat, NonNegInt, PosFloat, PosInt, Prob
 from services.config_types import Section as _Section
-from services.lm_support import check_lm_dir
+from services.lm_support import check_lm_dir, check_pipeline_lm
 from services.overrides import ConfigError, apply_overrides, first_error, format_validation_error
 
 __all__ = [
@@ -429,6 +429,7 @@ class RunConfig(_Section):
                 return p
             return None if p.is_absolute() else Path(uploaded_root) / p
 
+        pipe = None
         for name in _MODEL_PATH_FIELDS:
             value = getattr(self.model, name, None)
             where = local(value) if value else None
@@ -437,13 +438,15 @@ class RunConfig(_Section):
             if not where.exists():
                 raise ConfigError(f"model.{name}", f"path does not exist: {value}")
             if name == "lm_path":
-                check_lm_dir(where, input_image=self.model.input_image)
+                check_lm_dir(where, input_image=self.model.input_image, text_encoder=self.model.generator_class)
             if name == "generator_path":
                 try:
-                    check_generator_dir(where, self.model.generator_class)
+                    pipe = check_generator_dir(where, self.model.generator_class)
                 except PipelineDirError as e:
                     raise ConfigError(e.field, e.message) from None
-        if self.model.input_image in ("vision", "both") and not self.model.lm_path and self.model.arch == "unified":
+        if pipe is not None and pipe.holds_lm:
+            check_pipeline_lm(pipe, local(self.model.lm_path) if self.model.lm_path else None, self.model.input_image)
+        elif self.model.input_image in ("vision", "both") and not self.model.lm_path and self.model.arch == "unified":
             raise ConfigError("model.input_image", f"{self.model.input_image!r} needs a vision-language model "
                                                    "directory in model.lm_path (the tiny LM reads images through "
                                                    "the bridge)")

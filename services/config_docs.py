@@ -49,14 +49,16 @@ FIELD_DOCS: dict[str, str] = {
     "model.lm_path": "A local Hugging Face causal-LM directory (`*ForCausalLM`), or a vision-language "
                      "model directory (`model_type` `qwen2_5_vl` / `qwen3_vl`, loaded with "
                      "`AutoModelForImageTextToText`, with its `preprocessor_config.json`; "
-                     "`services/lm_support.py`); null builds the tiny Qwen2 LM.",
+                     "`services/lm_support.py`); null builds the tiny Qwen2 LM, or takes a Qwen-Image "
+                     "`generator_path`'s `text_encoder/`.",
     "model.lm_tiny": "Overrides of the tiny LM's `Qwen2Config` (`policy.config.TINY_LM`).",
-    "model.tokenizer_path": "A local tokenizer directory; null trains the tiny byte-level BPE in code.",
+    "model.tokenizer_path": "A local tokenizer directory; null takes the LM's (a Qwen-Image pipeline's "
+                            "`tokenizer/`), else trains the tiny byte-level BPE in code.",
     "model.generator_class": "The diffusers transformer class of the generator.",
     "model.generator_path": "A local diffusers transformer directory, or a diffusers pipeline directory "
-                            "(`model_index.json`; SD3 / SD3.5): its `transformer/`, `vae/` and `scheduler/` "
-                            "load and the scheduler's sigmas (its `shift`) drive the sampler; null builds the "
-                            "tiny DiT (unshifted sigmas).",
+                            "(`model_index.json`; SD3 / SD3.5, or Qwen-Image, whose `text_encoder/` is then "
+                            "the LM): its `transformer/`, `vae/` and `scheduler/` load and the scheduler's "
+                            "sigmas (its `shift`) drive the sampler; null builds the tiny DiT (unshifted sigmas).",
     "model.generator_tiny": "Overrides of the tiny generator's config (`policy.config.TINY_GENERATOR`).",
     "model.vae_path": "A local diffusers VAE directory; null takes the pipeline's `vae/` when "
                       "`generator_path` is a pipeline directory, else builds the tiny VAE.",

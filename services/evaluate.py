@@ -201,9 +201,12 @@ def heldout_reward(pool, reward, cfg: RunConfig) -> dict[str, float]:
     """``heldout_reward`` recipes (UAE / GvU): mean reward (total and per component) of one greedy / seeded
     sample per held-out prompt, scored by the run's reward actor (GvU: with the current policy weights)."""
     t = cfg.task
-    items = list(build_dataset(t.name, size=t.eval_size, seed=cfg.seed, split="eval", image_size=t.image_size,
-                               degradations=t.degradations, severities=[1], degrade_prob=0.0,
-                               question_types=t.question_types, shuffle_choices=t.shuffle_choices))
+    if t.name != "shapes_vqa":  # a file task has no held-out split: its first eval_size rows
+        items = list(build_dataset(t.name, path=t.path, on_bad_row=t.on_bad_row))[: t.eval_size]
+    else:
+        items = list(build_dataset(t.name, size=t.eval_size, seed=cfg.seed, split="eval", image_size=t.image_size,
+                                   degradations=t.degradations, severities=[1], degrade_prob=0.0,
+                                   question_types=t.question_types, shuffle_choices=t.shuffle_choices))
     t0 = time.perf_counter()
     trajs = pool.generate(get_recipe(cfg.recipe).requests(items, t.image_size), cfg.seed,
                           {"group_size": 1, "temperature": 0.0})

@@ -39,6 +39,8 @@ def _parts(name: str) -> dict:
     ("clear_qwen25_sd35", "lm", "Qwen2.5-7B-Instruct"),
     ("gvu_janus", None, "Janus-Pro-7B"),
     ("clear_qwen25_sd35", "generator", "stable-diffusion-3.5-medium/transformer"),
+    ("uae_qwen_image", "lm", "Qwen2.5-VL-7B-Instruct"),  # the pipeline's text encoder
+    ("uae_qwen_image", "generator", "Qwen-Image/transformer"),
 ])
 def test_real_scale_parameter_counts_match_published_sizes(name, part, arch):
     parts = _parts(name)
@@ -51,6 +53,18 @@ def test_frozen_parts_follow_the_config():
     uae = _parts("uae_qwen25vl_sd35")  # model.freeze_generator: the generator side is part of the reward
     assert uae["lm"].trainable and not uae["generator"].trainable and not uae["connector"].trainable
     assert not uae["vae"].trainable and not _parts("gvu_janus")["janus.vq"].trainable
+
+
+def test_qwen_image_pipeline_is_one_model_without_a_connector():
+    parts = _parts("uae_qwen_image")
+    assert set(parts) == {"lm", "bridge", "generator", "vae"}  # the transformer reads the LM's hidden states
+    assert "Qwen-Image/text_encoder" in parts["lm"].source and "Qwen-Image/vae" in parts["vae"].source
+    assert parts["lm"].trainable and not parts["generator"].trainable
+    assert parts["generator"].tokens == (512 // 8 // 2) ** 2 + 256  # packed 2 x 2 latent tokens + condition
+    res = subprocess.run([sys.executable, "-m", "services.cli", "check-config", "--estimate", "--config",
+                          "configs/uae_qwen_image.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ZeRO 3" in res.stdout and "published config of Qwen-Image/transformer" in res.stdout
 
 
 def test_tiny_counts_equal_the_built_policy():

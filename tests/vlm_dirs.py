@@ -57,14 +57,18 @@ TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 def save_qwen25_vl(root: Path, seed: int = 0) -> Path:
     """A tiny Qwen2.5-VL directory (Qwen2_5_VLForConditionalGeneration + tokenizer + image processor)."""
     tok = qwen_tokenizer()
-    cfg = Qwen2_5_VLConfig(
+    return _save(root, tok, qwen25_vl_config(tok), Qwen2_5_VLForConditionalGeneration, seed)
+
+
+def qwen25_vl_config(tok) -> Qwen2_5_VLConfig:
+    """The tiny Qwen2.5-VL's config for tokenizer ``tok``."""
+    return Qwen2_5_VLConfig(
         text_config=dict(**TEXT, vocab_size=len(tok),
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=32,
                            fullatt_block_indexes=[1]),
         **_ids(tok))
-    return _save(root, tok, cfg, Qwen2_5_VLForConditionalGeneration, seed)
 
 
 def save_qwen3_vl(root: Path, seed: int = 0) -> Path:
@@ -81,6 +85,11 @@ def save_qwen3_vl(root: Path, seed: int = 0) -> Path:
     return _save(root, tok, cfg, Qwen3VLForConditionalGeneration, seed)
 
 
+def image_processor() -> Qwen2VLImageProcessorPil:
+    """The tiny VLM's image processor (its ``preprocessor_config.json``)."""
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE)
+
+
 def _save(root: Path, tok, cfg, cls, seed: int) -> Path:
     root = Path(root)
     with torch.random.fork_rng(devices=[]):
@@ -88,6 +97,5 @@ def _save(root: Path, tok, cfg, cls, seed: int) -> Path:
         model = cls(cfg)
     model.save_pretrained(root)
     tok.save_pretrained(root)
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH,
-                             merge_size=MERGE).save_pretrained(root)
+    image_processor().save_pretrained(root)
     return root
