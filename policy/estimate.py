@@ -11,10 +11,15 @@ trainable ones; AdamW):
     weights      w * P (+ buffers)        / R under Z = 3 (DeepSpeed partitions every parameter it manages)
     gradients    w * T                    / R under Z >= 2
     optimizer    (8 + 4 [bf16: fp32 master weights]) * T      / R under Z >= 1   (m and v in fp32)
-    reference    w * P                    when a KL term is on (a plain frozen copy per rank)
+    reference    w * P                    when a KL term is on (a plain frozen copy per rank); with LoRA w * T
+                                          (the adapter and head snapshot: the base is the policy's own)
     activations  LM:  L * s * b * h * (34 without checkpointing, 2 with) + [checkpointing] 34 * s * b * h,
                       times w / 2, plus the fp32 logits 4 * s * b * V          (Korthikanti et al. 2022, flash
                  DiT: the same with s = image + condition tokens, b = rows * window       attention: no s^2 term)
+
+With LoRA (``model.lora``) the base weights are frozen: T is the adapters (``rank * (in + out)`` per adapted
+linear layer, parts ``lm.lora`` / ``generator.lora``) plus the fresh heads (bridge, connector), so gradients
+and optimizer states are those of T alone; activations are still those of the whole adapted stack.
 
 Offloaded optimizer states (and, under Z = 3, parameters) move from the GPU to host memory. The activation
 line is an order of magnitude, not a bound: it assumes ``b`` sequences of ``s`` tokens per micro-batch.
@@ -141,8 +146,8 @@ def _lm_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ parts
-def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
-    from policy.bridge import Connector, LatentBridge
+def _unified_models(cfg: PolicyConfig) -> tuple[torch.nn.Module, str, torch.nn.Module, str, torch.nn.Module, str]:
+    """(LM, its config source, VAE, source, generator, source) at full size on the meta device."""
     from policy.tokenizer import build_tiny_tokenizer
 
     # LM
@@ -154,8 +159,6 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
         lm_conf = {"model_type": "qwen2", **cfg.lm_tiny_config(), "vocab_size": len(build_tiny_tokenizer())}
         lm_src = "tiny (model.lm_tiny)"
     lm = _lm_model(lm_conf)
-    text = lm.config.get_text_config()
-    hidden = int(text.hidden_size)
     # generator (a pipeline directory's transformer/, a transformer directory, or tiny) and VAE
     pipe = cfg.generator_path is not None and (
         (Path(cfg.generator_path).expanduser() / MODEL_INDEX).is_file() or known_config(cfg.generator_path, "vae"))
@@ -174,7 +177,32 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
             raise _unknown("model.generator_path", cfg.generator_path)
     else:
         gen_conf, gen_src = cfg.generator_tiny_config(channels, side), "tiny (model.generator_tiny)"
-    gen = _diffusers_model(cfg.generator_class, gen_conf)
+    return lm, lm_src, vae, vae_src, _diffusers_model(cfg.generator_class, gen_conf), gen_src
+
+
+def lora_plan(cfg: PolicyConfig) -> dict[str, list[str]]:
+    """The layers ``model.lora`` adapts, per side, on the full-size parts; an entry that matches nothing raises
+    ValueError naming its field (``check_paths`` runs this before a run starts)."""
+    from policy.lora import plan
+
+    lm, _, _, _, gen, _ = _unified_models(cfg)
+    return plan(cfg, lm, gen)
+
+
+def _lora_params(model: torch.nn.Module, names: list[str], rank: int) -> int:
+    """Adapter parameters: ``rank * (in + out)`` per adapted linear layer."""
+    return sum(rank * (m.in_features + m.out_features) for m in map(model.get_submodule, names))
+
+
+def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
+    from policy.bridge import Connector, LatentBridge
+    from policy.lora import plan
+
+    lm, lm_src, vae, vae_src, gen, gen_src = _unified_models(cfg)
+    text = lm.config.get_text_config()
+    hidden = int(text.hidden_size)
+    channels = int(vae.config.latent_channels)
+    side = cfg.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
     g = gen.config
     with _meta():
         bridge, connector = LatentBridge(channels, side, cfg.bridge_patch, hidden), Connector(
@@ -182,15 +210,22 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     gen_train = train_gen and not cfg.freeze_generator
     image_tokens = (side // int(g.get("patch_size") or 1)) ** 2 + cfg.cond_tokens
     gen_width = int(g.num_attention_heads) * int(g.attention_head_dim)
-    return [
-        Part("lm", _count(lm), train_lm, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
-             text_tokens + 2 * bridge.n_tokens),
-        Part("bridge", _count(bridge), train_lm, "model.bridge_patch"),
-        Part("generator", _count(gen), gen_train, gen_src, int(g.num_layers), gen_width, 0, image_tokens, window,
-             _buffers(gen)),
-        Part("connector", _count(connector), gen_train, "model.cond_tokens"),
-        Part("vae", _count(vae), False, vae_src),
-    ]
+    lm_geometry = (int(text.num_hidden_layers), hidden, int(text.vocab_size), text_tokens + 2 * bridge.n_tokens)
+    gen_geometry = (int(g.num_layers), gen_width, 0, image_tokens, window)
+    heads = [Part("bridge", _count(bridge), train_lm, "model.bridge_patch"),
+             Part("connector", _count(connector), gen_train, "model.cond_tokens"),
+             Part("vae", _count(vae), False, vae_src)]
+    if not cfg.lora.enabled:
+        return [Part("lm", _count(lm), train_lm, lm_src, *lm_geometry), heads[0],
+                Part("generator", _count(gen), gen_train, gen_src, *gen_geometry, _buffers(gen)), *heads[1:]]
+    # LoRA: the bases are frozen; the adapters carry the activation geometry of the stacks they adapt
+    layers, r = plan(cfg, lm, gen), cfg.lora.rank
+    adapters = [Part(f"{side}.lora", _lora_params(model, layers[side], r), trains, f"model.lora (rank {r}, "
+                     f"{len(layers[side])} layers)", *geometry)
+                for side, model, trains, geometry in (("lm", lm, train_lm, lm_geometry),
+                                                      ("generator", gen, gen_train, gen_geometry)) if layers[side]]
+    return [Part("lm", _count(lm), False, lm_src), Part("generator", _count(gen), False, gen_src, buffers=_buffers(gen)),
+            *adapters, *heads]
 
 
 def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int) -> list[Part]:
@@ -258,8 +293,9 @@ def estimate_memory(parts: list[Part], s: MemorySettings) -> Estimate:
         host, optim = host + optim, 0.0
     if s.offload_params and s.zero_stage >= 3:
         host, weights = host + weights, 0.0
+    lora = any(p.name.endswith(".lora") for p in parts)
     lines = {"weights": weights, "gradients": grads, "optimizer": optim,
-             "reference": w * total if s.kl_reference else 0.0,
+             "reference": (w * (trainable if lora else total)) if s.kl_reference else 0.0,
              "activations": sum(_activations(p, s, w) for p in parts)}
     return Estimate(parts, s, lines, host)
 
@@ -286,13 +322,20 @@ def format_estimate(e: Estimate, title: str = "") -> str:
                f"{' + fp32 master weights' if s.dtype == 'bfloat16' else ''}, gradient checkpointing "
                f"{'on' if s.gradient_checkpointing else 'off'}, offload: optimizer "
                f"{'on' if s.offload_optimizer else 'off'}, parameters {'on' if s.offload_params else 'off'}; "
-               f"LoRA: off (full-model training); {s.rows_per_rank} trajectory(ies) per micro-batch")
+               f"LoRA: {_lora_text(e.parts)}; {s.rows_per_rank} trajectory(ies) per micro-batch")
     for k, v in e.lines.items():
         out.append(f"  {k:<12} {v / GIB:8.2f} GiB")
     out.append(f"  {'total GPU':<12} {e.gpu_bytes / GIB:8.2f} GiB")
     if e.host:
         out.append(f"  {'host (offload)':<12} {e.host / GIB:6.2f} GiB")
     return "\n".join(out) + "\n"
+
+
+def _lora_text(parts: list[Part]) -> str:
+    adapters = [p for p in parts if p.name.endswith(".lora")]
+    if not adapters:
+        return "off (full-model training)"
+    return "on, " + ", ".join(f"{p.name} {_si(p.params)}" for p in adapters) + " (bases frozen)"
 
 
 def rows_per_rank(batch: int, ranks: int, mini_batches: int) -> int:

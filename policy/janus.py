@@ -355,6 +355,10 @@ class JanusPolicy(nn.Module):
         """Copy tensors in place; unknown names or shape mismatches raise. Returns the count."""
         return copy_named_tensors(self.trainable_state_dict(), named_tensors)
 
+    def adapted_modules(self) -> dict[str, list[str]]:
+        """No LoRA on Janus (``model.lora`` is rejected for ``arch: janus``): nothing to verify per module."""
+        return {}
+
 
 def text_image_sequence(policy: JanusPolicy, prompt: list[int], codes: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:

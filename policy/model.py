@@ -31,6 +31,7 @@ from policy.build import (
     torch_dtype,
 )
 from policy.config import PolicyConfig
+from policy.lora import ADAPTERS_FILE, HEADS, Adapters
 from policy.pipeline import SCHEDULER_CONFIG, FlowSchedule
 from policy.prompting import image_slot
 from policy.sde import flow_sigmas
@@ -75,6 +76,7 @@ class UnifiedPolicy(nn.Module):
         self.token_ids: dict[str, int] = special_token_ids(tokenizer)
         if self.vision is not None:
             self.token_ids |= self.vision.token_ids()
+        self.lora = Adapters.attach(self) if cfg.lora.enabled else None  # model.lora: peft adapters (policy.lora)
         self.eval()
 
     # ---- construction / persistence -----------------------------------------------------------
@@ -93,15 +95,21 @@ class UnifiedPolicy(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json + tokenizer/ + lm/ + generator/ + vae/ + heads.safetensors (safetensors only), and
-        scheduler/scheduler_config.json when the policy has a pipeline scheduler."""
+        scheduler/scheduler_config.json when the policy has a pipeline scheduler. With LoRA, adapters.safetensors
+        instead of lm/, generator/ and vae/: the base is the one the ``model`` section in config.json names
+        (``policy.lora.merged`` for a self-contained copy)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(d / "tokenizer")
-        self.lm.save_pretrained(d / "lm")
-        if self.vision is not None:  # lm/ is then a VLM directory as users have it (its preprocessor config)
-            self.vision.processor.save_pretrained(d / "lm")
-        self.generator.save_pretrained(d / "generator", safe_serialization=True)
-        self.vae.save_pretrained(d / "vae", safe_serialization=True)
+        if self.lora is not None:
+            adapters = {k: v for k, v in self.trainable_state_dict().items() if not k.startswith(HEADS)}
+            save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(d / ADAPTERS_FILE))
+        else:
+            self.lm.save_pretrained(d / "lm")
+            if self.vision is not None:  # lm/ is then a VLM directory as users have it (its preprocessor config)
+                self.vision.processor.save_pretrained(d / "lm")
+            self.generator.save_pretrained(d / "generator", safe_serialization=True)
+            self.vae.save_pretrained(d / "vae", safe_serialization=True)
         heads = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
         heads |= {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(d / HEADS_FILE))
@@ -128,20 +136,20 @@ class UnifiedPolicy(nn.Module):
         if not (d / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{d / CONFIG_FILE} does not exist")
         meta = json.loads((d / CONFIG_FILE).read_text())
-        paths = {
+        lora = bool(meta["policy"].get("lora", {}).get("enabled"))
+        paths = {"tokenizer_path": str(d / "tokenizer")} | ({} if lora else {
             "lm_path": str(d / "lm"),
-            "tokenizer_path": str(d / "tokenizer"),
             "generator_path": str(d / "generator"),
             "vae_path": str(d / "vae"),
-        }
+        })
         cfg = PolicyConfig(**{**meta["policy"], **paths})
         policy = cls.from_config(cfg)
         sched = d / SCHEDULER_DIR / SCHEDULER_CONFIG
         if sched.is_file():
             policy.schedule = FlowSchedule.from_config(json.loads(sched.read_text()), str(sched))
-        heads = load_file(str(d / HEADS_FILE))
+        heads = load_file(str(d / HEADS_FILE)) | (load_file(str(d / ADAPTERS_FILE)) if lora else {})
         result = policy.load_state_dict(heads, strict=False)
-        missing = [k for k in result.missing_keys if k.startswith(("bridge.", "connector."))]
+        missing = [k for k in result.missing_keys if k.startswith(HEADS) or ".lora_" in k]
         if missing or result.unexpected_keys:
             raise ValueError(f"{d / HEADS_FILE}: missing {missing}, unexpected {result.unexpected_keys}")
         return policy
@@ -399,10 +407,17 @@ class UnifiedPolicy(nn.Module):
         return frozen
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Name -> tensor for everything but the frozen parts (VAE; generator if frozen).
-        Names are ``load_state_dict(strict=False)`` compatible; tensors share storage with the model."""
+        """Name -> tensor for everything but the frozen parts (VAE; generator if frozen; with LoRA, every
+        base weight: the adapters and heads only). Names are ``load_state_dict(strict=False)`` compatible;
+        tensors share storage with the model."""
+        if self.lora is not None:
+            return self.lora.trainable_state_dict(self)
         skip = self._frozen_prefixes()
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def adapted_modules(self) -> dict[str, list[str]]:
+        """LoRA: adapted module -> its adapter tensors' names (what every weight sync verifies); {} without."""
+        return {} if self.lora is None else self.lora.modules(self)
 
     def weights_digest(self) -> dict[str, float]:
         """Per-tensor float64 sums of the trainable weights: a cheap check that two replicas agree."""

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from . import manifest
 from .base import (
+    ModuleDigest,
     WeightHandle,
     WeightPublisher,
     WeightReceiver,
@@ -25,7 +27,7 @@ from .object_store import RAY_SYSTEM_CONFIG, ObjectStorePublisher, ObjectStoreRe
 
 __all__ = [
     "Bucket", "BucketMeta", "TensorMeta", "bucketize", "unbucketize",
-    "WeightHandle", "WeightPublisher", "WeightReceiver",
+    "ModuleDigest", "WeightHandle", "WeightPublisher", "WeightReceiver", "manifest",
     "WeightSyncError", "WeightSyncTimeout", "WeightSyncLost",
     "ObjectStorePublisher", "ObjectStoreReceiver", "RAY_SYSTEM_CONFIG", "NcclPublisher", "NcclReceiver", "free_port",
     "PUBLISHERS", "RECEIVERS", "BACKENDS", "make_publisher", "make_receiver", "transport",
