@@ -26,9 +26,18 @@ import torch
 
 from policy.factory import Policy, build_policy
 from policy.lora import HEADS, adapters_are_identity
+from policy.model import tensor_sums
 
 
-class CopyReference:
+class _Reference:
+    snapshot: dict[str, torch.Tensor]
+
+    def weights_digest(self) -> dict[str, float]:
+        """Per-tensor sums of the snapshot (to compare with a policy's ``weights_digest``)."""
+        return tensor_sums(self.snapshot)
+
+
+class CopyReference(_Reference):
     """A frozen plain copy of the policy (full training)."""
 
     def __init__(self, policy: Policy, snapshot: dict[str, torch.Tensor]) -> None:
@@ -46,7 +55,7 @@ class CopyReference:
         yield self.model
 
 
-class LoraReference:
+class LoraReference(_Reference):
     """The learner's own LoRA policy with the snapshot's heads, and its adapters off (the snapshot is the base)
     or the snapshot's adapters swapped in (the snapshot is a stage-1 policy)."""
 
