@@ -7,7 +7,7 @@ from __future__ import annotations
 import ray
 import torch
 from safetensors.torch import load_file
-from service_helpers import FAST_VAE_FIT, ray_down, record_syncs, run_config  # noqa: F401
+from service_helpers import FAST_VAE_FIT, metric, ray_down, record_syncs, run_config  # noqa: F401
 
 from learner.batch import collate
 from learner.group import LearnerGroup
@@ -83,18 +83,27 @@ def test_lora_learner_trains_adapters_keeps_the_base_and_resumes_exactly(ray_dow
 
 
 def test_lora_run_trains_through_unigrpo_train(ray_down, tmp_path, monkeypatch):
+    """Stage 1 trains the adapters (so the KL reference is the stage-1 policy, not the base) and one GRPO step
+    trains them further: zero-variance groups are kept and LoRA dropout is on, so the KL term against the
+    (eval-mode) reference has a gradient even where the tiny policy's rewards all agree."""
     monkeypatch.chdir(tmp_path)
-    cfg = run_config(tmp_path, "lora", [*FAST_VAE_FIT, *LORA], "sft.steps=2", "sft.batch_size=4",
-                     "task.train_size=16", "task.eval_size=2", "rollout.prompts_per_step=2", "rollout.group_size=2",
-                     "rollout.max_new_tokens=8", "rollout.num_workers=1", "algorithm.steps=1", "checkpoint.every=1",
-                     "algorithm.beta_text=0.05", "tracking.log_images_every=0")
+    cfg = run_config(tmp_path, "lora", [*FAST_VAE_FIT, *LORA], "model.lora.dropout=0.1", "sft.steps=2",
+                     "sft.batch_size=4", "task.train_size=16", "task.eval_size=2", "rollout.prompts_per_step=2",
+                     "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.num_workers=1", "algorithm.steps=1",
+                     "checkpoint.every=1", "algorithm.beta_text=0.05", "algorithm.zero_variance=zero",
+                     "tracking.log_images_every=0")
     syncs = record_syncs(monkeypatch, lambda run: [run.pool.actor(w) for w in run.pool.health.schedulable()])
     summary = train(cfg)
     assert summary["steps"] == 1
+    uri = cfg.tracking.resolved_uri()
+    assert metric(uri, summary["run_id"], "learn/trained_samples")[0][1] == 4
+    assert metric(uri, summary["run_id"], "text/kl_ref")
     assert [v for v, *_ in syncs] == [1, 2] and all(same and versions == [v] for v, versions, same, _ in syncs)
-    first, last = syncs[0][3], syncs[-1][3]
+    first, last = syncs[0][3], syncs[-1][3]  # after stage 1, after the GRPO step
     assert set(first) == set(last) and all(".lora_" in k or k.startswith(("bridge.", "connector.")) for k in first)
-    assert any(first[k] != last[k] for k in first if ".lora_" in k)  # the GRPO step moved the adapters
+    fresh = UnifiedPolicy.from_config(cfg.model.model_copy(update={"vae_path": None})).weights_digest()
+    assert any(fresh[k] != first[k] for k in first if ".lora_B." in k)  # stage 1 trained the adapters
+    assert any(first[k] != last[k] for k in first if ".lora_" in k)  # and the GRPO step did
     final = checkpoint.latest(tmp_path / "ckpt" / "lora")
     assert final is not None and (final / "policy" / ADAPTERS_FILE).is_file()
     assert not (final / "policy" / "lm").exists()
