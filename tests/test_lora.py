@@ -86,6 +86,28 @@ def test_frozen_generator_gets_no_adapter():
     assert not [k for k in p.trainable_state_dict() if k.startswith("generator.")]
 
 
+@pytest.mark.parametrize("train_tower", [False, True])
+def test_vlm_vision_tower_gets_adapters_only_when_trained(tmp_path, train_tower):
+    """A Qwen2.5-VL ``lm_path``: the text layers are adapted; the vision tower (its ``qkv`` / ``proj`` linears
+    matched by the targets too) only with ``model.train_vision_tower``, and its base stays frozen either way."""
+    from vlm_dirs import save_qwen25_vl
+
+    vl = save_qwen25_vl(tmp_path / "Qwen2.5-VL-tiny")
+    lora = {**LORA, "lm_target_modules": ["q_proj", "qkv"] if train_tower else ["q_proj"]}
+    p = UnifiedPolicy.from_config(PolicyConfig(lm_path=str(vl), cond_tokens=8, train_vision_tower=train_tower,
+                                               lora=lora))
+    lm = [m for m in p.adapted_modules() if m.startswith("lm.")]
+    tower = [m for m in lm if m.startswith("lm.model.visual.")]
+    assert len(lm) - len(tower) == p.lm_config.num_hidden_layers  # one q_proj per text layer
+    assert bool(tower) == train_tower
+    assert not [n for n, q in p.named_parameters() if q.requires_grad and ".lora_" not in n
+                and not n.startswith(("bridge.", "connector."))]
+    if not train_tower:  # the tower's linears are not candidates: 'qkv' matches nothing there
+        with pytest.raises(ValueError, match="model.lora.lm_target_modules: 'qkv' matches no linear layer"):
+            UnifiedPolicy.from_config(PolicyConfig(lm_path=str(vl), cond_tokens=8, lora={**LORA,
+                                                   "lm_target_modules": ["qkv"]}))
+
+
 # ----------------------------------------------------------------------------------------- weight sync
 def _gloo_sync(learner: UnifiedPolicy, cfg: PolicyConfig, send, digests, version: int = 1):
     """Learner rank 0 (a gloo NcclPublisher) -> one real RolloutWorker (``sync_backend: nccl`` on the CPU),
