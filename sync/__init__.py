@@ -19,6 +19,7 @@ from .base import (
     WeightReceiver,
     WeightSyncError,
     WeightSyncLost,
+    WeightSyncMismatch,
     WeightSyncTimeout,
 )
 from .buckets import Bucket, BucketMeta, TensorMeta, bucketize, unbucketize
@@ -28,7 +29,7 @@ from .object_store import RAY_SYSTEM_CONFIG, ObjectStorePublisher, ObjectStoreRe
 __all__ = [
     "Bucket", "BucketMeta", "TensorMeta", "bucketize", "unbucketize",
     "ModuleDigest", "WeightHandle", "WeightPublisher", "WeightReceiver", "manifest",
-    "WeightSyncError", "WeightSyncTimeout", "WeightSyncLost",
+    "WeightSyncError", "WeightSyncTimeout", "WeightSyncLost", "WeightSyncMismatch",
     "ObjectStorePublisher", "ObjectStoreReceiver", "RAY_SYSTEM_CONFIG", "NcclPublisher", "NcclReceiver", "free_port",
     "PUBLISHERS", "RECEIVERS", "BACKENDS", "make_publisher", "make_receiver", "transport",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "WeightSyncError",
     "WeightSyncTimeout",
     "WeightSyncLost",
+    "WeightSyncMismatch",
     "ModuleDigest",
     "WeightHandle",
     "WeightPublisher",
@@ -54,6 +55,11 @@ class WeightSyncTimeout(WeightSyncError, TimeoutError):
 
 class WeightSyncLost(WeightSyncTimeout):
     """The weights can never arrive (object freed, owner died). A WeightSyncTimeout, so one handler covers both."""
+
+
+class WeightSyncMismatch(WeightSyncError):
+    """The sync completed, but what was loaded is not what the publisher shipped (``sync.manifest``: an adapted
+    module missing, short or different). Not a transport fault: retrying cannot help, the run stops."""
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ it ships and a checksum of their contents (:func:`build`); the manifest rides in
 receiver records the names it received and, after loading them, checks every module ITS OWN policy adapts
 (built from the same ``model`` section, so it knows the full list independently of what arrived) against the
 manifest (:func:`verify`): the module is in the manifest, all of its tensors arrived (count = the manifest's =
-its own), and its loaded tensors hash to the manifest's checksum. Any failure raises ``WeightSyncError`` naming
-the module(s): a sync that dropped a module never passes as a successful one.
+its own), and its loaded tensors hash to the manifest's checksum. Any failure raises ``WeightSyncMismatch`` (a
+``WeightSyncError``) naming the module(s): a sync that dropped a module never passes as a successful one, and
+the rollout pool stops the run on it instead of retrying (``rollout.pool``).
 
 Checksum: CRC-32 over, in name order, each tensor's name, shape and dtype and then its raw bytes: exact (any
 changed bit, shape or missing tensor changes it), cheap at adapter sizes (a few MiB to a few hundred).
@@ -19,7 +20,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .base import ModuleDigest, WeightHandle, WeightSyncError
+from .base import ModuleDigest, WeightHandle, WeightSyncMismatch
 from .buckets import dtype_to_str
 
 __all__ = ["build", "checksum", "recording", "verify"]
@@ -58,7 +59,7 @@ def verify(handle: WeightHandle, modules: Mapping[str, Sequence[str]], received:
     """Check every adapted module of the receiver (``modules``) against ``handle.manifest``: in it, all of
     its tensors among ``received``, and the checksum of its ``loaded`` tensors (the receiver's own, after the
     load) equal to the manifest's. Modules in the manifest that the receiver does not adapt are an error too
-    (the two sides were built from different ``model.lora`` settings). Raises WeightSyncError naming them."""
+    (the two sides were built from different ``model.lora`` settings). Raises WeightSyncMismatch naming them."""
     manifest, got = handle.manifest, set(received)
     problems: list[str] = []
     for module, names in sorted(modules.items()):
@@ -76,5 +77,5 @@ def verify(handle: WeightHandle, modules: Mapping[str, Sequence[str]], received:
                         f"({', '.join(extra[:SHOWN])})")
     if problems:
         more = f"; ... ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
-        raise WeightSyncError(f"LoRA weight sync of version {handle.version} via {handle.backend!r} failed "
+        raise WeightSyncMismatch(f"LoRA weight sync of version {handle.version} via {handle.backend!r} failed "
                               f"verification for {len(problems)} module(s): {'; '.join(problems[:SHOWN])}{more}")

@@ -22,7 +22,7 @@ from policy.model import UnifiedPolicy
 from rollout.interleaved import RolloutSettings
 from rollout.worker import RolloutWorker
 from services.cli import main
-from sync import NcclPublisher, WeightSyncError, free_port, manifest
+from sync import NcclPublisher, WeightSyncError, WeightSyncMismatch, free_port, manifest
 
 LORA = {"enabled": True, "rank": 4, "alpha": 8.0}
 
@@ -109,10 +109,11 @@ def test_vlm_vision_tower_gets_adapters_only_when_trained(tmp_path, train_tower)
 
 
 # ----------------------------------------------------------------------------------------- weight sync
-def _gloo_sync(learner: UnifiedPolicy, cfg: PolicyConfig, send, digests, version: int = 1):
-    """Learner rank 0 (a gloo NcclPublisher) -> one real RolloutWorker (``sync_backend: nccl`` on the CPU),
-    in one process; returns (the worker, the error its update raised or None)."""
-    worker = RolloutWorker(0, cfg, RolloutSettings(), sync_backend="nccl")
+def _gloo_sync(learner: UnifiedPolicy, cfg: PolicyConfig, send, digests, version: int = 1, worker=None):
+    """Learner rank 0 (a gloo NcclPublisher) -> one real RolloutWorker (``sync_backend: nccl`` on the CPU), or
+    the given holder (a RewardActor), in one process; returns (the holder, the handle, the error its update
+    raised or None)."""
+    worker = worker or RolloutWorker(0, cfg, RolloutSettings(), sync_backend="nccl")
     pub, port = NcclPublisher(dist_backend="gloo"), free_port()
     join = threading.Thread(target=worker.join_sync_group, args=("127.0.0.1", port, 2, 1, "lora", 60.0))
     join.start()
@@ -132,7 +133,8 @@ def _gloo_sync(learner: UnifiedPolicy, cfg: PolicyConfig, send, digests, version
     pub.wait(30.0)
     t.join(60)
     pub.close()
-    worker.receiver.close()
+    for r in getattr(worker, "_receivers", {"": getattr(worker, "receiver", None)}).values():
+        r.close()
     return worker, handle, error[0]
 
 
@@ -170,11 +172,26 @@ def test_lora_sync_with_one_module_withheld_fails_loudly(how):
         digests, send = manifest.build(state, modules), {k: v.clone() for k, v in state.items()}
         send[modules[module][1]] += 1e-3
     worker, _, error = _gloo_sync(learner, learner.cfg, send, digests)
-    assert isinstance(error, WeightSyncError), error
+    assert isinstance(error, WeightSyncMismatch), error
     msg = str(error)
     assert module in msg and "version 1" in msg and "failed verification for 1 module(s)" in msg
     assert {"dropped": "0/2 tensors arrived", "unlisted": "not in the manifest", "altered": "checksum"}[how] in msg
     assert worker.version() == -1  # the worker did not take the version
+
+
+def test_gvu_reward_policy_follows_a_lora_sync_verified():
+    """The reward actor's own LoRA policy (GvU scores with it): a whole sync is taken, a withheld module fails."""
+    from reward.actor import RewardActor
+
+    learner = _trained(_policy())
+    spec = {"name": "gvu", "weight": 1.0, "kwargs": {"policy_config": learner.cfg.model_dump(mode="json")}}
+    state, modules = learner.trainable_state_dict(), learner.adapted_modules()
+    actor, _, error = _gloo_sync(learner, learner.cfg, state, manifest.build(state, modules), worker=RewardActor([spec]))
+    assert error is None and actor.version() == 1 and actor.weights_digest() == learner.weights_digest()
+    module = "lm.model.layers.1.mlp.down_proj"
+    send = {k: v for k, v in state.items() if k not in modules[module]}
+    actor, _, error = _gloo_sync(learner, learner.cfg, send, manifest.build(send, modules), version=2, worker=actor)
+    assert isinstance(error, WeightSyncError) and module in str(error) and actor.version() == 1
 
 
 def test_lora_sync_without_a_manifest_fails_on_a_lora_worker():

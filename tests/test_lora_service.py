@@ -4,6 +4,7 @@ runs stage 1 and a GRPO step end to end with every sync reaching the workers ver
 
 from __future__ import annotations
 
+import pytest
 import ray
 import torch
 from safetensors.torch import load_file
@@ -17,8 +18,13 @@ from policy.model import UnifiedPolicy
 from rollout.engine import HFTextEngine
 from rollout.interleaved import RolloutSettings, rollout
 from services import checkpoint
+from services.cluster import policy_dir_of, publish_policy_dir, worker_pool
 from services.config import load_config
 from services.driver import train
+from services.vae_fit import with_checkpoint_vae
+from sync import WeightSyncMismatch, make_publisher, manifest
+
+pytestmark = pytest.mark.usefixtures("ray_down")
 
 LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8"]
 
@@ -41,7 +47,7 @@ def _base_sum(group) -> float:
         p.double().sum() for n, p in self.policy.named_parameters() if not p.requires_grad)))
 
 
-def test_lora_learner_trains_adapters_keeps_the_base_and_resumes_exactly(ray_down, tmp_path):
+def test_lora_learner_trains_adapters_keeps_the_base_and_resumes_exactly(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False)
     cfg = load_config(None, [*LORA, "model.lora.lm_target_modules=[q_proj,v_proj,lm_head]",
                              "algorithm.beta_text=0.05", "algorithm.beta_img=0.05"])
@@ -82,10 +88,11 @@ def test_lora_learner_trains_adapters_keeps_the_base_and_resumes_exactly(ray_dow
     assert got == want and again["text/loss"] == third["text/loss"]
 
 
-def test_lora_run_trains_through_unigrpo_train(ray_down, tmp_path, monkeypatch):
+def test_lora_run_trains_through_unigrpo_train(tmp_path, monkeypatch):
     """Stage 1 trains the adapters (so the KL reference is the stage-1 policy, not the base) and one GRPO step
     trains them further: zero-variance groups are kept and LoRA dropout is on, so the KL term against the
-    (eval-mode) reference has a gradient even where the tiny policy's rewards all agree."""
+    (eval-mode) reference has a gradient even where the tiny policy's rewards all agree. Then the checkpoint
+    feeds an evaluation pool (``unigrpo eval``'s path), and a sync that withholds a module stops it."""
     monkeypatch.chdir(tmp_path)
     cfg = run_config(tmp_path, "lora", [*FAST_VAE_FIT, *LORA], "model.lora.dropout=0.1", "sft.steps=2",
                      "sft.batch_size=4", "task.train_size=16", "task.eval_size=2", "rollout.prompts_per_step=2",
@@ -109,3 +116,21 @@ def test_lora_run_trains_through_unigrpo_train(ray_down, tmp_path, monkeypatch):
     assert not (final / "policy" / "lm").exists()
     policy = load_policy_dir(final / "policy")
     assert policy.lora is not None and policy.weights_digest() == last
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    eval_cfg = with_checkpoint_vae(cfg, policy_dir_of(final))
+    assert eval_cfg.model.vae_path == policy.cfg.vae_path is not None  # the fitted VAE the run trained with
+    pool = worker_pool(eval_cfg, 1)
+    try:
+        pool.sync(publish_policy_dir(policy_dir_of(final)))
+        assert pool.wait_ready(120)
+        (wid,) = pool.health.schedulable()
+        assert ray.get(pool.actor(wid).weights_digest.remote()) == last
+        state, modules = policy.trainable_state_dict(), policy.adapted_modules()
+        module = "lm.model.layers.0.self_attn.v_proj"
+        send = {k: v for k, v in state.items() if k not in modules[module]}
+        bad = make_publisher("object_store").publish(2, send.items(), manifest=manifest.build(send, modules))
+        with pytest.raises(WeightSyncMismatch, match=module.replace(".", r"\.")):
+            pool.sync(bad)
+    finally:
+        pool.shutdown()
