@@ -29,6 +29,7 @@ from policy.pipeline import PipelineDirError, check_generator_dir
 from recipes import RECIPES, get_recipe
 from reward.names import KNOWN_REWARDS, unknown_reward
 from services.lm_support import check_lm_dir
+from services.lora_checks import check_lora, check_lora_targets
 from services.overrides import ConfigError, apply_overrides, first_error, format_validation_error
 
 __all__ = [
@@ -448,12 +449,8 @@ class RunConfig(_Section):
                 f"{self.learner.mini_batches} mini-batches > {self.rollout.prompts_per_step} prompt groups per "
                 "step (rollout.prompts_per_step): a mini-batch is whole groups",
             )
-        if self.model.lora.enabled and self.rollout.engine == "vllm":
-            raise ConfigError("rollout.engine", "'vllm' receives full weights through its worker extension; with "
-                              "model.lora.enabled use engine 'hf' (or export a merged model and train it fully)")
-        if self.model.lora.enabled and self.learner.zero_stage == 3 and (self.algorithm.beta_text or self.algorithm.beta_img):
-            raise ConfigError("learner.zero_stage", "3 partitions the adapters, and the LoRA KL reference swaps its "
-                              "snapshot into them in place (learner/reference.py): use ZeRO 0-2 with a KL term")
+        check_lora(self.model, self.rollout.engine, self.learner.zero_stage,
+                   bool(self.algorithm.beta_text or self.algorithm.beta_img))
         if getattr(self.model, "freeze_generator", False) and self.learner.train_generator:
             raise ConfigError("learner.train_generator", "must be false when model.freeze_generator is true")
         if not (  # the pool's size bounds: the autoscaler and `unigrpo scale` stay within them
@@ -501,13 +498,7 @@ class RunConfig(_Section):
                 except PipelineDirError as e:
                     raise ConfigError(e.field, e.message) from None
         if self.model.lora.enabled and uploaded_root is None:  # every target entry matches a layer (meta device)
-            from policy.estimate import lora_plan
-
-            try:
-                lora_plan(self.model)
-            except ValueError as e:
-                field, _, message = str(e).partition(": ")
-                raise ConfigError(field, message) from None
+            check_lora_targets(self.model)
         if self.model.input_image in ("vision", "both") and not self.model.lm_path and self.model.arch == "unified":
             raise ConfigError("model.input_image", f"{self.model.input_image!r} needs a vision-language model "
                                                    "directory in model.lm_path (the tiny LM reads images through "
