@@ -66,7 +66,7 @@ class LoraReference(_Reference):
             raise ValueError(f"KL reference: the snapshot does not match this policy's adapters and heads "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
         self.policy = policy
-        self.snapshot = {k: v.detach().to("cpu", copy=True) for k, v in snapshot.items()}
+        self.snapshot = {k: v.detach().to(own[k].device, copy=True) for k, v in snapshot.items()}  # beside the weights
         self.is_base = adapters_are_identity(self.snapshot)
         self.swapped = [k for k in self.snapshot if k.startswith(HEADS) or not self.is_base]
 
