@@ -73,7 +73,7 @@ class Replica:
 
     def load(self, handle) -> tuple[float, int]:
         """Seconds and page faults of receive + copy."""
-        from policy.model import copy_named_tensors
+        from policy.weights import copy_named_tensors
 
         f0, t0 = _minflt(), time.perf_counter()
         copy_named_tensors(self.params, self.receiver.receive(handle, 120))
@@ -87,7 +87,7 @@ class Replica:
         self.collective.init_group(addr, port, world_size, rank, "bench_weights", 120)
 
     def load_collective(self, handle) -> float:
-        from policy.model import copy_named_tensors
+        from policy.weights import copy_named_tensors
 
         t0 = time.perf_counter()
         copy_named_tensors(self.params, self.collective.receive(handle, 120))

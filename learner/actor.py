@@ -22,12 +22,13 @@ from safetensors.torch import load_file, save_file
 from learner.batch import TrainBatch, average_metrics
 from learner.memory import deepspeed_config
 from learner.objective import GRPOSettings, PolicyOutputs, grpo_loss, policy_outputs, sft_loss
+from learner.reference import CopyReference, LoraReference, make_reference
 from learner.sft import sft_shard
 from learner.sharding import RankShard
 from policy.config import PolicyConfig
-from policy.factory import Policy, build_policy
+from policy.factory import build_policy
 from policy.recompute import enable_gradient_checkpointing
-from sync import free_port, make_publisher, transport
+from sync import free_port, make_publisher, manifest, transport
 
 
 def _cpu_deepspeed_without_jit() -> None:
@@ -90,7 +91,7 @@ class LearnerWorker:
         self.shared_prefix = learner_cfg.shared_prefix
         self.settings = GRPOSettings.from_dict(algo_cfg.model_dump())
         self.publisher = make_publisher(transport(learner_cfg.sync.backend, self.cuda), bucket_mb=learner_cfg.sync.bucket_mb)
-        self.reference: Policy | None = None
+        self.reference: CopyReference | LoraReference | None = None
         self.version = 0
         self.steps_done = 0
         self.sft_generator = torch.Generator().manual_seed(seed + 17)
@@ -110,8 +111,9 @@ class LearnerWorker:
         self.settings.temperature, self.settings.noise_level = temperature, noise_level
 
     def snapshot_reference(self) -> None:
-        """Freeze a plain (not DeepSpeed-managed) copy of the current policy as the KL reference, only
-        when a KL term is on. Built from the config, then loaded with the (gathered) current weights."""
+        """Freeze the current policy as the KL reference, only when a KL term is on (``learner.reference``: a
+        plain copy built from the config and loaded with the (gathered) current weights; with LoRA, the
+        adapter and head tensors only, the base being the learner's own)."""
         if self._kl_on:
             with self._gathered():
                 self._set_reference({k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()})
@@ -121,9 +123,7 @@ class LearnerWorker:
         return bool(self.settings.beta_text or self.settings.beta_img)
 
     def _set_reference(self, trainable: dict[str, torch.Tensor]) -> None:
-        reference = build_policy(self.policy.cfg)
-        reference.load_trainable(trainable)
-        self.reference = reference.to(self.policy.device).eval().requires_grad_(False)
+        self.reference = make_reference(self.policy, trainable)
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -166,7 +166,10 @@ class LearnerWorker:
         outputs = lambda policy, mb: policy_outputs(policy, mb, s.temperature, s.noise_level, self.shared_prefix)  # noqa: E731
         with torch.no_grad():
             olds = [outputs(self.policy, mb) for mb in mbs] if len(mbs) > 1 else None
-            refs = [None if self.reference is None else outputs(self.reference, mb) for mb in mbs]
+            refs = [None] * len(mbs)
+            if self.reference is not None:
+                with self.reference.applied() as reference:
+                    refs = [outputs(reference, mb) for mb in mbs]
         rows, gaps = [], []
         for i, mb in enumerate(mbs):
             out = outputs(self.policy, mb)
@@ -210,7 +213,8 @@ class LearnerWorker:
             if self.rank != 0:
                 return None
             state = {k: v.detach().cpu() for k, v in self.policy.trainable_state_dict().items()}
-            return self.publisher.publish(self.version, state.items())
+            digests = manifest.build(state, self.policy.adapted_modules())  # LoRA: per adapted module
+            return self.publisher.publish(self.version, state.items(), manifest=digests)
 
     def sync_rendezvous(self) -> tuple[str, int]:
         """This rank's node address and a free port there: where a collective weight group meets."""
@@ -239,7 +243,7 @@ class LearnerWorker:
             torch_state = {"sft_generator": self.sft_generator.get_state().tolist()}
             (d / "learner_rng.json").write_text(json.dumps(torch_state))
             if self.reference is not None:  # the KL reference's trainable part (the rest is the base model's)
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.reference.trainable_state_dict().items()},
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.reference.snapshot.items()},
                           str(d / REFERENCE_FILE))
 
     def load(self, directory: str) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from policy.pipeline import QWEN_IMAGE
 
@@ -65,6 +65,52 @@ UNIFIED_FIELDS = ("lm_path", "lm_tiny", "generator_path", "generator_tiny", "vae
 JANUS_FIELDS = ("janus_path", "janus_tiny")
 JANUS_TINY_KEYS = ("text", "vision", "vq")  # overrides of policy.janus_tiny.TINY_TEXT / TINY_VISION / TINY_VQ
 
+#: LoRA targets (``model.lora``): module-name suffixes, as peft matches them. The LM's are the attention and MLP
+#: projections of Qwen2 / Qwen2.5-VL / Qwen3-VL text layers; the generator's the joint-attention projections
+#: of SD3 / SD3.5 blocks (image and context streams).
+LM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GENERATOR_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+class FieldError(ValueError):
+    """A ``model`` section problem tied to one field path inside the section (``lora.lm_target_modules``);
+    ``services.overrides.first_error`` prefixes the section's own path."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        self.field_path, self.message = field_path, message
+        super().__init__(f"{field_path}: {message}")
+
+
+class LoraSettings(BaseModel):
+    """``model.lora``: low-rank adapters (peft) on the LM and on the generator (``policy.lora``). Enabled, only
+    the adapters and the fresh heads (bridge, connector) train, travel in weight syncs and are checkpointed;
+    the base weights are loaded once per replica and never change. An empty target list leaves that side
+    without an adapter (its base frozen)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # the update is (alpha / rank) * B @ A
+    dropout: float = Field(0.0, ge=0, lt=1)
+    lm_target_modules: list[str] = Field(default_factory=lambda: list(LM_LORA_TARGETS))
+    generator_target_modules: list[str] = Field(default_factory=lambda: list(GENERATOR_LORA_TARGETS))
+
+    @field_validator("lm_target_modules", "generator_target_modules")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t or t != t.strip() or t.startswith(".") or t.endswith(".")]
+        if bad:
+            raise ValueError(f"invalid module name(s) {bad}: a module-name suffix such as 'q_proj'")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate module name(s) in {v}")
+        return v
+
+    def generator_targets(self, freeze_generator: bool) -> list[str]:
+        """The generator's targets: none when ``model.freeze_generator`` (the generator is then the reward
+        environment's, never adapted)."""
+        return [] if freeze_generator else list(self.generator_target_modules)
+
 
 class PolicyConfig(BaseModel):
     """The ``model`` section. Unknown keys are errors."""
@@ -92,6 +138,7 @@ class PolicyConfig(BaseModel):
     # a vision-language lm_path (policy/vision.py): how the input image reaches the LM, and its vision tower
     input_image: Literal["vision", "bridge", "both"] | None = None  # null: vision for a VLM, else bridge
     train_vision_tower: bool = False
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @field_validator("image_size")
     @classmethod
@@ -115,6 +162,22 @@ class PolicyConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown key(s) {unknown}; known: {list(JANUS_TINY_KEYS)}")
         return v
+
+    @model_validator(mode="after")
+    def _lora(self) -> PolicyConfig:
+        lo = self.lora
+        if not lo.enabled:
+            return self
+        if self.arch != "unified":
+            raise FieldError("lora.enabled", "LoRA adapts the unified policy's LM and generator; model.arch "
+                             f"{self.arch!r} is not supported with it")
+        if self.freeze_generator and "generator_target_modules" in lo.model_fields_set and lo.generator_target_modules:
+            raise FieldError("lora.generator_target_modules", "model.freeze_generator keeps the generator "
+                             "without an adapter; set [] or drop freeze_generator")
+        if not lo.lm_target_modules and not lo.generator_targets(self.freeze_generator):
+            raise FieldError("lora.lm_target_modules", "empty, and the generator gets no adapter either: "
+                             "LoRA would adapt nothing")
+        return self
 
     def unused_fields(self) -> list[str]:
         """Fields set to a non-default value that ``arch`` does not read (a config mistake)."""

@@ -13,7 +13,8 @@ trainable ones; AdamW):
                                           stage3_max_live_parameters (its default, 1e9)
     gradients    w * T                    / R under Z >= 2
     optimizer    (8 + 4 [bf16: fp32 master weights]) * T      / R under Z >= 1   (m and v in fp32)
-    reference    w * P                    when a KL term is on (a plain frozen copy per rank)
+    reference    w * P                    when a KL term is on (a plain frozen copy per rank); with LoRA w * T
+                                          (the adapter and head snapshot: the base is the policy's own)
     activations  per part that gradients pass through (it trains, or a trained part is reached through it:
                  the image loss reaches a trained LM through a frozen generator; a frozen vision tower's
                  input needs no gradient, so it keeps nothing):
@@ -23,6 +24,10 @@ trainable ones; AdamW):
                  bridge slot, ``model.input_image``) + a generated slot; vision tower: s = patches per image;
                  DiT: s = image + condition tokens, b = rows * window. Checkpointing: the LM's setting for the
                  LM and its tower, the generator's for the DiT.
+
+With LoRA (``model.lora``) the base weights are frozen: T is the adapters (``rank * (in + out)`` per adapted
+linear layer, parts ``lm.lora`` / ``generator.lora``) plus the fresh heads (bridge, connector), so gradients
+and optimizer states are those of T alone; activations are still those of the whole adapted stack.
 
 Offload (``learner.offload_optimizer``, Z >= 1): the optimizer line and the fp32 gradient partitions
 4 * T / R move to host memory, and under Z >= 2 the device holds gradients only as DeepSpeed's reduce buckets
@@ -159,8 +164,8 @@ def _lm_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ parts
-def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
-    from policy.bridge import Connector, LatentBridge
+def _unified_models(cfg: PolicyConfig) -> tuple[torch.nn.Module, str, torch.nn.Module, str, torch.nn.Module, str]:
+    """(LM, its config source, VAE, source, generator, source) at full size on the meta device."""
     from policy.build import vae_factor
     from policy.tokenizer import build_tiny_tokenizer
 
@@ -178,9 +183,6 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
         lm_conf = {"model_type": "qwen2", **cfg.lm_tiny_config(), "vocab_size": len(build_tiny_tokenizer())}
         lm_src = "tiny (model.lm_tiny)"
     lm = _lm_model(lm_conf)
-    text = lm.config.get_text_config()
-    hidden = int(text.hidden_size)
-    tower = getattr(lm.model, "visual", None)  # a VLM's vision tower (policy.vision)
     if cfg.vae_path or pipe:
         vae_conf, vae_src = _config_of(cfg.vae_path, None) if cfg.vae_path else _config_of(cfg.generator_path, "vae")
         if vae_conf is None:
@@ -189,14 +191,44 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
         vae_conf, vae_src = cfg.vae_tiny_config(), "tiny (model.vae_tiny)"
     vae = _diffusers_model(vae_conf.get("_class_name", "AutoencoderKL"), vae_conf)
     factor, channels = vae_factor(vae.config)
-    side = cfg.image_size // factor
+    side = cfg.image_size // factor  # the tiny generator's latent side
     if cfg.generator_path:
         gen_conf, gen_src = _config_of(cfg.generator_path, "transformer" if pipe else None)
         if gen_conf is None:
             raise _unknown("model.generator_path", cfg.generator_path)
     else:
         gen_conf, gen_src = cfg.generator_tiny_config(channels, side), "tiny (model.generator_tiny)"
-    gen = _diffusers_model(cfg.generator_class, gen_conf)
+    return lm, lm_src, vae, vae_src, _diffusers_model(cfg.generator_class, gen_conf), gen_src
+
+
+def lora_plan(cfg: PolicyConfig) -> dict[str, list[str]]:
+    """The layers ``model.lora`` adapts, per side, on the full-size parts; an entry that matches nothing raises
+    ValueError naming its field (``check_paths`` runs this before a run starts)."""
+    from policy.lora import plan
+
+    lm, _, _, _, gen, _ = _unified_models(cfg)
+    return plan(cfg, lm, gen)
+
+
+def _lora_params(model: torch.nn.Module, names: list[str], rank: int) -> int:
+    """Adapter parameters: ``rank * (in + out)`` per adapted linear layer."""
+    return sum(rank * (m.in_features + m.out_features) for m in map(model.get_submodule, names))
+
+
+def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
+    """The parts of a unified policy. With LoRA the bases are frozen (their activations still count: gradients
+    pass through them to the adapters) and the adapters are parts of their own."""
+    from policy.bridge import Connector, LatentBridge
+    from policy.build import vae_factor
+    from policy.lora import plan
+
+    lm, lm_src, vae, vae_src, gen, gen_src = _unified_models(cfg)
+    text = lm.config.get_text_config()
+    hidden = int(text.hidden_size)
+    tower = getattr(lm.model, "visual", None)  # a VLM's vision tower (policy.vision)
+    factor, channels = vae_factor(vae.config)
+    side = cfg.image_size // factor
+    direct = cfg.generator_class in TEXT_ENCODERS  # Qwen-Image: no connector
     g = gen.config
     with _meta():
         bridge = LatentBridge(channels, side, cfg.bridge_patch, hidden)
@@ -216,16 +248,27 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
         parts.append(Part("vision", _count(tower), tower_train, lm_src, int(v.depth), int(v.hidden_size), 0, patches,
                           backprop=tower_train and seen))
     lm_params = _count(lm) - (_count(tower) if tower is not None else 0)
+    lora = cfg.lora.enabled
+    adapters = []
+    if lora:
+        layers, r = plan(cfg, lm, gen), cfg.lora.rank
+        adapters = [Part(f"{name}.lora", _lora_params(model, layers[name], r), trains,
+                         f"model.lora (rank {r}, {len(layers[name])} layers)", side=where)
+                    for name, model, trains, where in (("lm", lm, train_lm, "understanding"),
+                                                       ("generator", gen, gen_train, "generation")) if layers[name]]
+        parts = [Part(p.name, p.params, False, p.source, p.layers, p.width, p.vocab, p.tokens, p.rows_factor,
+                      p.buffers, p.backprop, p.side) for p in parts]  # a tower adapts only when it trains
     parts = [
-        Part("lm", lm_params, train_lm, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
+        Part("lm", lm_params, train_lm and not lora, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
              text_tokens + input_tokens + bridge.n_tokens, backprop=train_lm),
         *parts,
         Part("bridge", _count(bridge), train_lm, "model.bridge_patch"),
-        Part("generator", _count(gen), gen_train, gen_src, int(g.num_layers), gen_width, 0, image_tokens, window,
+        Part("generator", _count(gen), gen_train and not lora, gen_src, int(g.num_layers), gen_width, 0, image_tokens, window,
              _buffers(gen), backprop=gen_train or train_lm, side="generation"),
         Part("connector", _count(connector), gen_train, "model.cond_tokens", side="generation")
         if connector is not None else None,
         Part("vae", _count(vae), False, vae_src, side="generation"),
+        *adapters,
     ]
     return [p for p in parts if p is not None]
 
@@ -307,8 +350,9 @@ def estimate_memory(parts: list[Part], s: MemorySettings) -> Estimate:
             grads = min(grads, float(w * REDUCE_BUCKET))
     if s.offload_params and s.zero_stage >= 3:
         host, weights = host + weights, 0.0
+    lora = any(p.name.endswith(".lora") for p in parts)
     lines = {"weights": weights, "gathered": gathered, "gradients": grads, "optimizer": optim,
-             "reference": w * total if s.kl_reference else 0.0,
+             "reference": (w * (trainable if lora else total)) if s.kl_reference else 0.0,
              "activations": sum(_activations(p, s, w) for p in parts)}
     return Estimate(parts, s, lines, host)
 
@@ -336,13 +380,20 @@ def format_estimate(e: Estimate, title: str = "") -> str:
                f"{'on' if s.gradient_checkpointing_lm else 'off'}, generator "
                f"{'on' if s.gradient_checkpointing_generator else 'off'}, offload: optimizer "
                f"{'on' if s.offload_optimizer else 'off'}, parameters {'on' if s.offload_params else 'off'}; "
-               f"LoRA: off (full-model training); {s.rows_per_rank} trajectory(ies) per micro-batch")
+               f"LoRA: {_lora_text(e.parts)}; {s.rows_per_rank} trajectory(ies) per micro-batch")
     for k, v in e.lines.items():
         out.append(f"  {k:<12} {v / GIB:8.2f} GiB")
     out.append(f"  {'total GPU':<12} {e.gpu_bytes / GIB:8.2f} GiB")
     if e.host:
         out.append(f"  {'host (offload)':<12} {e.host / GIB:6.2f} GiB")
     return "\n".join(out) + "\n"
+
+
+def _lora_text(parts: list[Part]) -> str:
+    adapters = [p for p in parts if p.name.endswith(".lora")]
+    if not adapters:
+        return "off (full-model training)"
+    return "on, " + ", ".join(f"{p.name} {_si(p.params)}" for p in adapters) + " (bases frozen)"
 
 
 def rows_per_rank(batch: int, ranks: int, mini_batches: int) -> int:

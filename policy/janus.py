@@ -48,8 +48,8 @@ from policy.build import build_tokenizer, torch_dtype
 from policy.config import PolicyConfig
 from policy.janus_chat import DEFAULT_IMAGE_TOKEN, JANUS_PRO_SYSTEM_PROMPT, chat_ids, chat_template_of
 from policy.janus_tiny import TINY_TEXT, TINY_VISION, TINY_VQ, tiny_janus_config
-from policy.model import copy_named_tensors, tensor_sums
 from policy.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
+from policy.weights import copy_named_tensors, tensor_sums
 
 PREPROCESSOR_FILE = "preprocessor_config.json"  # image_mean / image_std of the understanding encoder
 
@@ -354,6 +354,10 @@ class JanusPolicy(nn.Module):
     def load_trainable(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy tensors in place; unknown names or shape mismatches raise. Returns the count."""
         return copy_named_tensors(self.trainable_state_dict(), named_tensors)
+
+    def adapted_modules(self) -> dict[str, list[str]]:
+        """No LoRA on Janus (``model.lora`` is rejected for ``arch: janus``): nothing to verify per module."""
+        return {}
 
 
 def text_image_sequence(policy: JanusPolicy, prompt: list[int], codes: torch.Tensor

@@ -34,11 +34,13 @@ from policy.build import (
     torch_dtype,
 )
 from policy.config import PolicyConfig
+from policy.lora import ADAPTERS_FILE, HEADS, Adapters
 from policy.pipeline import SCHEDULER_CONFIG, FlowSchedule
 from policy.prompting import image_slot
 from policy.sde import flow_sigmas
 from policy.tokenizer import special_token_ids
 from policy.vision import LMInputs, VisionSide, cache_keyword, empty_images, input_image_mode, next_positions
+from policy.weights import copy_named_tensors, tensor_sums
 
 HEADS_FILE = "heads.safetensors"
 SCHEDULER_DIR = "scheduler"
@@ -83,6 +85,7 @@ class UnifiedPolicy(nn.Module):
         self.token_ids: dict[str, int] = special_token_ids(tokenizer)
         if self.vision is not None:
             self.token_ids |= self.vision.token_ids()
+        self.lora = Adapters.attach(self) if cfg.lora.enabled else None  # model.lora: peft adapters (policy.lora)
         self.eval()
 
     # ---- construction / persistence -----------------------------------------------------------
@@ -101,15 +104,21 @@ class UnifiedPolicy(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json + tokenizer/ + lm/ + generator/ + vae/ + heads.safetensors (safetensors only), and
-        scheduler/scheduler_config.json when the policy has a pipeline scheduler."""
+        scheduler/scheduler_config.json when the policy has a pipeline scheduler. With LoRA, adapters.safetensors
+        instead of lm/, generator/ and vae/: the base is the one the ``model`` section in config.json names
+        (``policy.lora.merged`` for a self-contained copy)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(d / "tokenizer")
-        self.lm.save_pretrained(d / "lm")
-        if self.vision is not None:  # lm/ is then a VLM directory as users have it (its preprocessor config)
-            self.vision.processor.save_pretrained(d / "lm")
-        self.generator.save_pretrained(d / "generator", safe_serialization=True)
-        self.vae.save_pretrained(d / "vae", safe_serialization=True)
+        if self.lora is not None:
+            adapters = {k: v for k, v in self.trainable_state_dict().items() if not k.startswith(HEADS)}
+            save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(d / ADAPTERS_FILE))
+        else:
+            self.lm.save_pretrained(d / "lm")
+            if self.vision is not None:  # lm/ is then a VLM directory as users have it (its preprocessor config)
+                self.vision.processor.save_pretrained(d / "lm")
+            self.generator.save_pretrained(d / "generator", safe_serialization=True)
+            self.vae.save_pretrained(d / "vae", safe_serialization=True)
         heads = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
         if self.connector is not None:
             heads |= {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
@@ -137,20 +146,20 @@ class UnifiedPolicy(nn.Module):
         if not (d / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{d / CONFIG_FILE} does not exist")
         meta = json.loads((d / CONFIG_FILE).read_text())
-        paths = {
+        lora = bool(meta["policy"].get("lora", {}).get("enabled"))
+        paths = {"tokenizer_path": str(d / "tokenizer")} | ({} if lora else {
             "lm_path": str(d / "lm"),
-            "tokenizer_path": str(d / "tokenizer"),
             "generator_path": str(d / "generator"),
             "vae_path": str(d / "vae"),
-        }
+        })
         cfg = PolicyConfig(**{**meta["policy"], **paths})
         policy = cls.from_config(cfg)
         sched = d / SCHEDULER_DIR / SCHEDULER_CONFIG
         if sched.is_file():
             policy.schedule = FlowSchedule.from_config(json.loads(sched.read_text()), str(sched))
-        heads = load_file(str(d / HEADS_FILE))
+        heads = load_file(str(d / HEADS_FILE)) | (load_file(str(d / ADAPTERS_FILE)) if lora else {})
         result = policy.load_state_dict(heads, strict=False)
-        missing = [k for k in result.missing_keys if k.startswith(("bridge.", "connector."))]
+        missing = [k for k in result.missing_keys if k.startswith(HEADS) or ".lora_" in k]
         if missing or result.unexpected_keys:
             raise ValueError(f"{d / HEADS_FILE}: missing {missing}, unexpected {result.unexpected_keys}")
         return policy
@@ -421,10 +430,17 @@ class UnifiedPolicy(nn.Module):
         return frozen
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Name -> tensor for everything but the frozen parts (VAE; generator if frozen).
-        Names are ``load_state_dict(strict=False)`` compatible; tensors share storage with the model."""
+        """Name -> tensor for everything but the frozen parts (VAE; generator if frozen; with LoRA, every
+        base weight: the adapters and heads only). Names are ``load_state_dict(strict=False)`` compatible;
+        tensors share storage with the model."""
+        if self.lora is not None:
+            return self.lora.trainable_state_dict(self)
         skip = self._frozen_prefixes()
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def adapted_modules(self) -> dict[str, list[str]]:
+        """LoRA: adapted module -> its adapter tensors' names (what every weight sync verifies); {} without."""
+        return {} if self.lora is None else self.lora.modules(self)
 
     def weights_digest(self) -> dict[str, float]:
         """Per-tensor float64 sums of the trainable weights: a cheap check that two replicas agree."""
@@ -435,26 +451,3 @@ class UnifiedPolicy(nn.Module):
     ) -> int:
         """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count."""
         return copy_named_tensors(self.trainable_state_dict(), named_tensors)
-
-
-@torch.no_grad()
-def tensor_sums(named: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Name -> float64 sum of the tensor (a replica's weights digest)."""
-    return {k: float(v.double().sum()) for k, v in named.items()}
-
-
-@torch.no_grad()
-def copy_named_tensors(
-    own: dict[str, torch.Tensor], named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
-) -> int:
-    """Copy (name, tensor) pairs into ``own`` in place; unknown names or shape mismatches raise."""
-    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-    n = 0
-    for name, tensor in items:
-        if name not in own:
-            raise KeyError(f"load_trainable: unknown tensor {name!r}")
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"load_trainable: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
-        own[name].copy_(tensor)
-        n += 1
-    return n

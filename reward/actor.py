@@ -65,7 +65,7 @@ class RewardActor:
         Raises ``WeightSyncTimeout`` within ``timeout_s`` when the weights cannot arrive.
         """
         from reward.gvu import gvu_sync
-        from sync import make_receiver
+        from sync import make_receiver, manifest
 
         policy = self.policy
         if policy is None:
@@ -74,7 +74,9 @@ class RewardActor:
         backend = handle.backend
         if backend not in self._receivers:
             self._receivers[backend] = make_receiver(backend)
-        n = gvu_sync(policy, self._receivers[backend].receive(handle, timeout_s))
+        received: list[str] = []
+        n = gvu_sync(policy, manifest.recording(self._receivers[backend].receive(handle, timeout_s), received))
+        manifest.verify(handle, policy.adapted_modules(), received, policy.trainable_state_dict())
         for ctx in self.rewards.contexts.values():  # GvUState.version: which version scored a batch
             if hasattr(ctx.state, "version"):
                 ctx.state.version = int(handle.version)

@@ -36,7 +36,7 @@ from policy.trajectory import Trajectory
 from rollout.fleet_health import FleetHealth, WorkerState
 from rollout.interleaved import RolloutSettings
 from rollout.worker import RolloutWorker
-from sync import WeightSyncError
+from sync import WeightSyncError, WeightSyncMismatch
 
 log = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -189,6 +189,8 @@ class RolloutPool:
         try:
             version = ray.get(ref, timeout=self.spec.call_timeout_s)
         except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, WeightSyncMismatch):  # loaded, but not what was published: never retried
+                raise e.cause from None
             if self.collective and isinstance(e.cause, WeightSyncError):
                 # a broadcast that broke (another member died): this one is alive, only behind a version;
                 # it loads again from the next group the driver builds

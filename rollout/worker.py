@@ -17,7 +17,7 @@ from policy.trajectory import Trajectory
 from rollout.engine import HFTextEngine, TextEngine
 from rollout.interleaved import RolloutSettings
 from rollout.registry import get_rollout
-from sync import WeightHandle, make_receiver, transport
+from sync import WeightHandle, make_receiver, manifest, transport
 
 
 class RolloutWorker:
@@ -44,9 +44,12 @@ class RolloutWorker:
         self.policy_version = -1
 
     def update_weights(self, handle: WeightHandle, timeout_s: float = 60.0) -> int:
-        """Load the published weights (bucketed) and take their version."""
+        """Load the published weights (bucketed), verify every adapted module against the handle's manifest
+        (LoRA, ``sync.manifest``: a module that did not arrive whole raises WeightSyncError), take their version."""
         t0 = time.perf_counter()
-        self.engine.load_weights(self.receiver.receive(handle, timeout_s))
+        received: list[str] = []
+        self.engine.load_weights(manifest.recording(self.receiver.receive(handle, timeout_s), received))
+        manifest.verify(handle, self.policy.adapted_modules(), received, self.policy.trainable_state_dict())
         self.policy_version = handle.version
         self.last_sync_s = time.perf_counter() - t0
         return self.policy_version

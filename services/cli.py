@@ -126,6 +126,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    _check_dir("--checkpoint", args.checkpoint)
+    export = _resolve("services.export", "export")
+    result = export(args.checkpoint, args.out)
+    return result if isinstance(result, int) else EXIT_OK
+
+
 def _cmd_degrade(args: argparse.Namespace) -> int:
     degrade_folder = _resolve("tasks.degrade", "degrade_folder")
     result = degrade_folder(args.in_dir, args.out_dir, types=args.types, seed=args.seed)
@@ -213,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     _add_verbose_arg(p)
     p.set_defaults(handler=_cmd_serve)
+
+    p = sub.add_parser("export", help="write a checkpoint's policy as a self-contained directory (LoRA adapters "
+                                      "merged into the base: lm/ and generator/ load with plain transformers / "
+                                      "diffusers)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or a saved policy directory")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("degrade", help="write degraded copies of a folder of images")
     p.add_argument("in_dir", metavar="IN_DIR")

@@ -17,7 +17,7 @@ from rollout.interleaved import RolloutSettings
 from rollout.pool import PoolSpec, RolloutPool
 from services.config import RunConfig
 from services.console import ray_runtime_env
-from sync import RAY_SYSTEM_CONFIG, WeightHandle, make_publisher
+from sync import RAY_SYSTEM_CONFIG, WeightHandle, make_publisher, manifest
 
 
 def start_ray(cfg: RunConfig) -> bool:
@@ -75,4 +75,6 @@ def publish_policy_dir(policy_dir: Path) -> WeightHandle:
     from policy.model import UnifiedPolicy
 
     policy = UnifiedPolicy.from_pretrained(policy_dir)
-    return make_publisher("object_store").publish(1, policy.trainable_state_dict().items())
+    state = policy.trainable_state_dict()
+    return make_publisher("object_store").publish(1, state.items(),
+                                                  manifest=manifest.build(state, policy.adapted_modules()))

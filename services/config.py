@@ -25,6 +25,7 @@ from services.config_learner import LearnerConfig, SyncConfig
 from services.config_types import NonNegFloat, NonNegInt, PosFloat, PosInt, Prob
 from services.config_types import Section as _Section
 from services.lm_support import check_lm_dir, check_pipeline_lm
+from services.lora_checks import check_lora, check_lora_targets
 from services.overrides import ConfigError, apply_overrides, first_error, format_validation_error
 
 __all__ = [
@@ -397,6 +398,8 @@ class RunConfig(_Section):
                 f"{self.learner.mini_batches} mini-batches > {self.rollout.prompts_per_step} prompt groups per "
                 "step (rollout.prompts_per_step): a mini-batch is whole groups",
             )
+        check_lora(self.model, self.rollout.engine, self.learner.zero_stage,
+                   bool(self.algorithm.beta_text or self.algorithm.beta_img))
         if getattr(self.model, "freeze_generator", False) and self.learner.train_generator:
             raise ConfigError("learner.train_generator", "must be false when model.freeze_generator is true")
         if not (  # the pool's size bounds: the autoscaler and `unigrpo scale` stay within them
@@ -444,6 +447,8 @@ class RunConfig(_Section):
                     pipe = check_generator_dir(where, self.model.generator_class)
                 except PipelineDirError as e:
                     raise ConfigError(e.field, e.message) from None
+        if self.model.lora.enabled and uploaded_root is None:  # every target entry matches a layer (meta device)
+            check_lora_targets(self.model)
         if pipe is not None and pipe.holds_lm:
             check_pipeline_lm(pipe, local(self.model.lm_path) if self.model.lm_path else None, self.model.input_image)
         elif self.model.input_image in ("vision", "both") and not self.model.lm_path and self.model.arch == "unified":

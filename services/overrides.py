@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from policy.config import FieldError
+
 __all__ = ["ConfigError", "apply_overrides", "first_error", "format_validation_error"]
 
 
@@ -144,6 +146,8 @@ def first_error(e: ValidationError) -> tuple[str, str]:
     loc = _loc_path(err.get("loc", ()))
     if isinstance(ctx_err, ConfigError):
         path, msg = ctx_err.field_path or loc, ctx_err.message
+    elif isinstance(ctx_err, FieldError):  # a section's own validator: the path inside that section
+        path, msg = ".".join(p for p in (loc, ctx_err.field_path) if p), ctx_err.message
     else:
         path, msg = loc, err.get("msg", "invalid value")
         if err.get("type") == "extra_forbidden":

@@ -205,8 +205,13 @@ def reconstruction_strip(cfg: RunConfig, vae_dir: Path, n: int = 6) -> np.ndarra
 
 def with_checkpoint_vae(cfg: RunConfig, policy_dir: str | os.PathLike[str]) -> RunConfig:
     """The config to build actors that evaluate a saved policy: a tiny-VAE model (``model.vae_path`` null)
-    takes the policy's own ``vae/`` (the fitted one the run trained with), so decoded latents match it."""
+    takes the policy's own ``vae/`` (the fitted one the run trained with), so decoded latents match it; a LoRA
+    policy directory (no ``vae/``: ``policy.lora``) takes the ``model.vae_path`` its ``config.json`` names."""
     vae = Path(policy_dir) / "vae"
+    if not (vae / "config.json").is_file():
+        meta = Path(policy_dir) / "config.json"
+        saved = json.loads(meta.read_text()).get("policy", {}).get("vae_path") if meta.is_file() else None
+        vae = Path(saved) if saved else vae
     if cfg.model.arch != "unified" or cfg.model.vae_path is not None or not (vae / "config.json").is_file():
         return cfg
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vae_path": str(vae)})})

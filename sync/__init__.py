@@ -11,12 +11,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from . import manifest
 from .base import (
+    ModuleDigest,
     WeightHandle,
     WeightPublisher,
     WeightReceiver,
     WeightSyncError,
     WeightSyncLost,
+    WeightSyncMismatch,
     WeightSyncTimeout,
 )
 from .buckets import Bucket, BucketMeta, TensorMeta, bucketize, unbucketize
@@ -25,8 +28,8 @@ from .object_store import RAY_SYSTEM_CONFIG, ObjectStorePublisher, ObjectStoreRe
 
 __all__ = [
     "Bucket", "BucketMeta", "TensorMeta", "bucketize", "unbucketize",
-    "WeightHandle", "WeightPublisher", "WeightReceiver",
-    "WeightSyncError", "WeightSyncTimeout", "WeightSyncLost",
+    "ModuleDigest", "WeightHandle", "WeightPublisher", "WeightReceiver", "manifest",
+    "WeightSyncError", "WeightSyncTimeout", "WeightSyncLost", "WeightSyncMismatch",
     "ObjectStorePublisher", "ObjectStoreReceiver", "RAY_SYSTEM_CONFIG", "NcclPublisher", "NcclReceiver", "free_port",
     "PUBLISHERS", "RECEIVERS", "BACKENDS", "make_publisher", "make_receiver", "transport",
 ]

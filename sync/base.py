@@ -8,6 +8,8 @@ Phases (every backend):
    starts shipping them; ``handle`` is a small picklable :class:`WeightHandle` the driver sends to workers.
    Collective backends then need ``publisher.wait(timeout_s)`` while the workers receive.
 3. **receive**: ``for name, t in receiver.receive(handle, timeout_s): ...`` inside each rollout worker.
+4. **verify** (LoRA): ``publish(..., manifest=...)`` puts a count and checksum per adapted module into the
+   handle; after loading, each receiver checks every module it adapts against it (``sync.manifest.verify``).
 
 A sync that cannot finish raises :class:`WeightSyncTimeout` within ``timeout_s``; it never hangs.
 """
@@ -27,6 +29,8 @@ __all__ = [
     "WeightSyncError",
     "WeightSyncTimeout",
     "WeightSyncLost",
+    "WeightSyncMismatch",
+    "ModuleDigest",
     "WeightHandle",
     "WeightPublisher",
     "WeightReceiver",
@@ -53,12 +57,27 @@ class WeightSyncLost(WeightSyncTimeout):
     """The weights can never arrive (object freed, owner died). A WeightSyncTimeout, so one handler covers both."""
 
 
+class WeightSyncMismatch(WeightSyncError):
+    """The sync completed, but what was loaded is not what the publisher shipped (``sync.manifest``: an adapted
+    module missing, short or different). Not a transport fault: retrying cannot help, the run stops."""
+
+
+@dataclass(frozen=True)
+class ModuleDigest:
+    """What the publisher shipped of one adapted module: its tensor count and the checksum of their contents
+    (``sync.manifest.checksum``)."""
+
+    count: int
+    checksum: str
+
+
 @dataclass(frozen=True)
 class WeightHandle:
     """What the driver hands to rollout workers: small and picklable, no tensor data.
 
     ``refs``: one Ray ObjectRef per bucket (``object_store``), empty for collective backends;
-    ``buckets``: layout of every bucket (names, shapes, offsets, dtype); ``group``: collective metadata.
+    ``buckets``: layout of every bucket (names, shapes, offsets, dtype); ``group``: collective metadata;
+    ``manifest``: adapted module -> :class:`ModuleDigest` of this version (LoRA; empty otherwise).
     """
 
     version: int
@@ -67,6 +86,7 @@ class WeightHandle:
     total_bytes: int
     refs: tuple[Any, ...] = ()
     group: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, ModuleDigest] = field(default_factory=dict)
 
     @property
     def num_tensors(self) -> int:
@@ -85,8 +105,10 @@ class WeightPublisher(ABC):
         """Phase 1; no-op unless the backend needs a transport group."""
 
     @abstractmethod
-    def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightHandle:
-        """Phase 2: bucket and ship ``named_tensors`` as ``version`` (strictly increasing)."""
+    def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                manifest: dict[str, ModuleDigest] | None = None) -> WeightHandle:
+        """Phase 2: bucket and ship ``named_tensors`` as ``version`` (strictly increasing); ``manifest`` rides
+        in the handle (phase 4)."""
 
     def wait(self, timeout_s: float) -> None:  # noqa: B027 - optional phase
         """Block until the last publish is delivered (collectives); no-op for object_store."""

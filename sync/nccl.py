@@ -23,7 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .base import WeightHandle, WeightPublisher, WeightReceiver, WeightSyncError, WeightSyncTimeout
+from .base import (
+    ModuleDigest,
+    WeightHandle,
+    WeightPublisher,
+    WeightReceiver,
+    WeightSyncError,
+    WeightSyncTimeout,
+)
 from .buckets import BucketMeta, bucketize, unbucketize
 
 __all__ = ["NcclPublisher", "NcclReceiver", "free_port", "new_group"]
@@ -141,7 +148,8 @@ class NcclPublisher(_Collective, WeightPublisher):
         super().init_group(master_addr, master_port, world_size, 0, group_name, timeout_s)
         self.last_version = None  # a new membership: its first broadcast may repeat the version the old one had
 
-    def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightHandle:
+    def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                manifest: dict[str, ModuleDigest] | None = None) -> WeightHandle:
         group = self._require_group()
         if self._pending:
             raise WeightSyncError(f"version {self._pending_version} is still in flight: call wait() first")
@@ -152,6 +160,7 @@ class NcclPublisher(_Collective, WeightPublisher):
             version=version, backend=self.backend, buckets=tuple(b.meta for b in buckets),
             total_bytes=sum(b.nbytes for b in buckets),
             group={"world_size": self.world_size, "dist_backend": self.dist_backend, "name": self.group_name},
+            manifest=dict(manifest or {}),
         )
         # Buffers stay referenced until wait(): the async ops read them.
         self._pending = [(_broadcast(group, b.buffer), b.buffer) for b in buckets]

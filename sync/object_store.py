@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .base import (
+    ModuleDigest,
     WeightHandle,
     WeightPublisher,
     WeightReceiver,
@@ -91,7 +92,8 @@ class ObjectStorePublisher(WeightPublisher):
         self._live: deque[tuple[int, list]] = deque()  # (version, its ObjectRefs)
         self.last_version: int | None = None
 
-    def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightHandle:
+    def publish(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                manifest: dict[str, ModuleDigest] | None = None) -> WeightHandle:
         if self.last_version is not None and version <= self.last_version:
             raise ValueError(f"version {version} is not newer than the last published {self.last_version}")
         import ray  # imported on use: the plain worker classes import this module where Ray is absent
@@ -116,6 +118,7 @@ class ObjectStorePublisher(WeightPublisher):
             buckets=tuple(metas),
             total_bytes=sum(m.nbytes for m in metas),
             refs=tuple(refs),
+            manifest=dict(manifest or {}),
         )
 
     def _put_all(self, ray, parts: list) -> list:

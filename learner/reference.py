@@ -1,0 +1,96 @@
+"""The KL reference the learner's ``beta_text`` / ``beta_img`` terms are measured against: the policy as it was
+at ``snapshot_reference`` (the start of stage 2, after stage 1 when it ran), frozen.
+
+- Full training: a second, plain (not DeepSpeed-managed) policy built from the config and loaded with the
+  snapshot of the trainable weights (:class:`CopyReference`).
+- LoRA (``model.lora``): no second model. The snapshot is only the adapter and head tensors, and the reference
+  forward runs on the learner's own policy (:class:`LoraReference`): the heads (bridge, connector) are swapped
+  to the snapshot for the pass and swapped back after it. The adapters: when the snapshot's adapters are the
+  identity (every ``lora_B`` zero: stage 2 starts from the base, no stage 1 or a stage 1 that did not move
+  them), the reference IS the base, and the pass runs with every adapter off (peft's ``enable_adapters(False)``).
+  When stage 1 trained the adapters, the reference is the stage-1 policy (base + stage-1 adapter), not the base:
+  the snapshot's adapter tensors are swapped in for the pass, like the heads. Either way the reference pass runs
+  in eval mode (no LoRA dropout), and only ``snapshot`` (adapters + heads) is checkpointed.
+
+The swap writes the snapshot into the parameters in place and restores the exact values (a copy taken just
+before), so it holds where every rank keeps full parameters: ZeRO 0-2 (``services.config`` rejects a KL term
+with LoRA under ZeRO 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from policy.factory import Policy, build_policy
+from policy.lora import HEADS, adapters_are_identity
+from policy.weights import tensor_sums
+
+
+class _Reference:
+    snapshot: dict[str, torch.Tensor]
+
+    def weights_digest(self) -> dict[str, float]:
+        """Per-tensor sums of the snapshot (to compare with a policy's ``weights_digest``)."""
+        return tensor_sums(self.snapshot)
+
+
+class CopyReference(_Reference):
+    """A frozen plain copy of the policy (full training)."""
+
+    def __init__(self, policy: Policy, snapshot: dict[str, torch.Tensor]) -> None:
+        reference = build_policy(policy.cfg)
+        reference.load_trainable(snapshot)
+        self.model = reference.to(policy.device).eval().requires_grad_(False)
+
+    @property
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The trainable weights the reference holds (``kl_reference.safetensors``)."""
+        return self.model.trainable_state_dict()
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[Policy]:
+        yield self.model
+
+
+class LoraReference(_Reference):
+    """The learner's own LoRA policy with the snapshot's heads, and its adapters off (the snapshot is the base)
+    or the snapshot's adapters swapped in (the snapshot is a stage-1 policy)."""
+
+    def __init__(self, policy: Policy, snapshot: dict[str, torch.Tensor]) -> None:
+        own = policy.trainable_state_dict()
+        if set(snapshot) != set(own):
+            missing, extra = sorted(set(own) - set(snapshot)), sorted(set(snapshot) - set(own))
+            raise ValueError(f"KL reference: the snapshot does not match this policy's adapters and heads "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        self.policy = policy
+        self.snapshot = {k: v.detach().to(own[k].device, copy=True) for k, v in snapshot.items()}  # beside the weights
+        self.is_base = adapters_are_identity(self.snapshot)
+        self.swapped = [k for k in self.snapshot if k.startswith(HEADS) or not self.is_base]
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[Policy]:
+        """The policy as the reference, for the block (no gradients: the caller runs it under no_grad)."""
+        p, own = self.policy, self.policy.trainable_state_dict()
+        live = {k: own[k].detach().clone() for k in self.swapped}
+        was_training = p.training
+        with torch.no_grad():
+            for k in self.swapped:
+                own[k].copy_(self.snapshot[k])
+        p.eval()
+        try:
+            with p.lora.disabled(p) if self.is_base else contextlib.nullcontext():
+                yield p
+        finally:
+            with torch.no_grad():
+                for k in self.swapped:
+                    own[k].copy_(live[k])
+            p.train(was_training)
+
+
+def make_reference(policy: Policy, snapshot: dict[str, torch.Tensor]) -> CopyReference | LoraReference:
+    """The KL reference of ``policy`` from a snapshot of its trainable weights."""
+    return LoraReference(policy, snapshot) if getattr(policy, "lora", None) is not None else CopyReference(
+        policy, snapshot)
