@@ -98,7 +98,8 @@ def concat(batches: list[TrainBatch]) -> TrainBatch:
     kw = {name: torch.cat([getattr(b, name) for b in batches]) for name in (*_ROW_FIELDS, *_SEG_FIELDS, "slot_latents")
           if name != "seg_cond_ids"}
     width = max(b.seg_cond_ids.shape[1] for b in batches)
-    kw["seg_cond_ids"] = torch.cat([b.seg_cond_ids.reshape(-1, width) for b in batches])
+    kw["seg_cond_ids"] = torch.cat([b.seg_cond_ids if b.seg_cond_ids.shape[1] == width
+                                    else b.seg_cond_ids.new_zeros((0, width)) for b in batches])
     kw["seg_rows"] = torch.cat([b.seg_rows + off for b, off in zip(batches, offsets)])
     kw["vision_images"] = stack_images([b.vision_images for b in batches])
     return TrainBatch(**kw)
