@@ -157,7 +157,7 @@ def test_estimate_reads_the_directorys_parts(qi_dir, data, tmp_path, policy):
     """``check-config --estimate`` on the tiny directory: the parts the policy builds, from the pipeline's folders
     (the LM's vocabulary before the special tokens are added)."""
     parts = {p.name: p for p in model_parts(tiny(qi_dir, data, tmp_path).model, train_generator=False)}
-    assert set(parts) == {"lm", "bridge", "generator", "vae"}
+    assert set(parts) == {"lm", "vision", "bridge", "generator", "vae"} and not parts["vision"].trainable
     for name in ("bridge", "generator", "vae"):
         assert parts[name].params == sum(p.numel() for p in getattr(policy, name).parameters())
     assert parts["lm"].source == str(qi_dir / "text_encoder" / "config.json")
