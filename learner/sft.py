@@ -88,8 +88,9 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
     local = [examples[i] for i in picked]
     clean = policy.encode_image(_pixels([e["clean_image"] for e in local])).cpu()  # the batch is built on the CPU
     # each input image as the rollouts show it: (token run, slot latents (0 or 1, C,h,w), tower images (0 or 1))
-    shown = [policy.input_image(e["image"]) if e.get("image") is not None else ([], clean[:0], empty_images())
-             for e in local]
+    with_image = [j for j, e in enumerate(local) if e.get("image") is not None]
+    read = dict(zip(with_image, policy.input_images([local[j]["image"] for j in with_image])))  # one VAE pass
+    shown = [read.get(j, ([], clean[:0], empty_images())) for j in range(len(local))]
     inputs, vision = [lat for _, lat, _ in shown], [vis for _, _, vis in shown]
     prompts = [run + encode_prompt(tok, e["text"], n, with_image=False) for (run, _, _), e in zip(shown, local)]
     gen_local = [j for j, i in enumerate(picked) if examples[i]["generate"]]

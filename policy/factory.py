@@ -16,7 +16,8 @@ from typing import Any
 
 from policy.config import PolicyConfig
 from policy.janus import JanusPolicy
-from policy.model import CONFIG_FILE, UnifiedPolicy
+from policy.model import UnifiedPolicy
+from policy.persist import CONFIG_FILE
 from policy.protocol import Policy
 
 POLICY_CLASSES: dict[str, type] = {"unified": UnifiedPolicy, "janus": JanusPolicy}

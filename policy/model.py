@@ -12,13 +12,11 @@ has no connector: its transformer reads the LM's hidden states directly, with th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policy import qwen_image
@@ -34,18 +32,14 @@ from policy.build import (
     torch_dtype,
 )
 from policy.config import PolicyConfig
-from policy.lora import ADAPTERS_FILE, HEADS, Adapters
-from policy.pipeline import SCHEDULER_CONFIG, FlowSchedule
+from policy.lora import Adapters
+from policy.persist import load_policy, save_policy
+from policy.pipeline import FlowSchedule
 from policy.prompting import image_slot
 from policy.sde import flow_sigmas
 from policy.tokenizer import special_token_ids
 from policy.vision import LMInputs, VisionSide, cache_keyword, empty_images, input_image_mode, next_positions
 from policy.weights import copy_named_tensors, tensor_sums
-
-HEADS_FILE = "heads.safetensors"
-SCHEDULER_DIR = "scheduler"
-CONFIG_FILE = "config.json"
-FORMAT = "unigrpo-policy/1"
 
 
 class UnifiedPolicy(nn.Module):
@@ -103,66 +97,13 @@ class UnifiedPolicy(nn.Module):
             return cls(cfg, tokenizer, lm, generator, vae, build_schedule(cfg), build_image_processor(cfg))
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """config.json + tokenizer/ + lm/ + generator/ + vae/ + heads.safetensors (safetensors only), and
-        scheduler/scheduler_config.json when the policy has a pipeline scheduler. With LoRA, adapters.safetensors
-        instead of lm/, generator/ and vae/: the base is the one the ``model`` section in config.json names
-        (``policy.lora.merged`` for a self-contained copy)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(d / "tokenizer")
-        if self.lora is not None:
-            adapters = {k: v for k, v in self.trainable_state_dict().items() if not k.startswith(HEADS)}
-            save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(d / ADAPTERS_FILE))
-        else:
-            self.lm.save_pretrained(d / "lm")
-            if self.vision is not None:  # lm/ is then a VLM directory as users have it (its preprocessor config)
-                self.vision.processor.save_pretrained(d / "lm")
-            self.generator.save_pretrained(d / "generator", safe_serialization=True)
-            self.vae.save_pretrained(d / "vae", safe_serialization=True)
-        heads = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
-        if self.connector is not None:
-            heads |= {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
-        save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(d / HEADS_FILE))
-        meta = {
-            "format": FORMAT,
-            "policy": self.cfg.model_dump(mode="json"),
-            "lm": self.lm.config.to_dict(),
-            "generator_class": type(self.generator).__name__,
-            "generator": dict(self.generator.config),
-            "vae": dict(self.vae.config),
-            "latent_shape": list(self.latent_shape),
-            "n_image_tokens": self.n_image_tokens,
-            "token_ids": self.token_ids,
-        }
-        if self.schedule is not None:
-            (d / SCHEDULER_DIR).mkdir(exist_ok=True)
-            (d / SCHEDULER_DIR / SCHEDULER_CONFIG).write_text(json.dumps(self.schedule.to_config(), indent=2))
-        (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        """The policy directory (``policy.persist.save_policy``: config.json, tokenizer, weights or adapters)."""
+        save_policy(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> UnifiedPolicy:
         """Load what :meth:`save_pretrained` wrote (local files only, no network)."""
-        d = Path(directory)
-        if not (d / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{d / CONFIG_FILE} does not exist")
-        meta = json.loads((d / CONFIG_FILE).read_text())
-        lora = bool(meta["policy"].get("lora", {}).get("enabled"))
-        paths = {"tokenizer_path": str(d / "tokenizer")} | ({} if lora else {
-            "lm_path": str(d / "lm"),
-            "generator_path": str(d / "generator"),
-            "vae_path": str(d / "vae"),
-        })
-        cfg = PolicyConfig(**{**meta["policy"], **paths})
-        policy = cls.from_config(cfg)
-        sched = d / SCHEDULER_DIR / SCHEDULER_CONFIG
-        if sched.is_file():
-            policy.schedule = FlowSchedule.from_config(json.loads(sched.read_text()), str(sched))
-        heads = load_file(str(d / HEADS_FILE)) | (load_file(str(d / ADAPTERS_FILE)) if lora else {})
-        result = policy.load_state_dict(heads, strict=False)
-        missing = [k for k in result.missing_keys if k.startswith(HEADS) or ".lora_" in k]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{d / HEADS_FILE}: missing {missing}, unexpected {result.unexpected_keys}")
-        return policy
+        return load_policy(cls, directory)
 
     def train(self, mode: bool = True) -> UnifiedPolicy:
         super().train(mode)
@@ -216,17 +157,22 @@ class UnifiedPolicy(nn.Module):
         ``bridge``: ``<img_start> <img>*n <img_end>``; ``vision``: the VLM's ``<|vision_start|> <|image_pad|>*n
         <|vision_end|>`` (the image read at ``model.image_size`` square); ``both``: the vision run, then the bridge
         slot (CLEAR stage 1)."""
-        tokens: list[int] = []
-        latents = torch.zeros((0, *self.latent_shape))
-        vision = empty_images()
+        return self.input_images([image])[0]
+
+    def input_images(self, images: list) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """:meth:`input_image` of each image, the bridge latents from ONE VAE pass over all of them (under
+        ZeRO-3 every rank must run each sub-module equally often, whatever its share of images)."""
+        out = [([], torch.zeros((0, *self.latent_shape)), empty_images()) for _ in images]
         if self.input_image_mode in ("vision", "both"):
-            vision = self.vision.sized(image, self.cfg.image_size)[None]
-            tokens += self.vision.slot(vision[0])
-        if self.input_image_mode in ("bridge", "both"):
-            pixels = torch.as_tensor(image).permute(2, 0, 1)[None].float() / 255.0
+            for k, image in enumerate(images):
+                vision = self.vision.sized(image, self.cfg.image_size)[None]
+                out[k] = (self.vision.slot(vision[0]), out[k][1], vision)
+        if self.input_image_mode in ("bridge", "both") and images:
+            pixels = torch.stack([torch.as_tensor(x).permute(2, 0, 1) for x in images]).float() / 255.0
             latents = self.encode_image(pixels).cpu()  # trajectories hold CPU tensors
-            tokens += image_slot(self.token_ids, self.n_image_tokens)
-        return tokens, latents, vision
+            slot = image_slot(self.token_ids, self.n_image_tokens)
+            out = [(tokens + slot, latents[k : k + 1], vision) for k, (tokens, _, vision) in enumerate(out)]
+        return out
 
     def lm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   slot_latents: torch.Tensor | None = None, images: torch.Tensor | None = None) -> LMInputs:

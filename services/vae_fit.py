@@ -34,6 +34,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
+from policy.pipeline import is_pipeline_dir
 from services.config import RunConfig
 from tasks import build_dataset
 from tasks.quality import psnr, ssim
@@ -43,10 +44,11 @@ CACHE_DIR = "tiny-vae"
 
 
 def applies(cfg: RunConfig) -> bool:
-    """Whether this run fits its VAE: enabled, a tiny unified-model VAE, and a task with images."""
+    """Whether this run fits its VAE: enabled, a tiny unified-model VAE (no ``vae_path``, and no pipeline
+    directory in ``generator_path``, whose ``vae/`` is the model's), and a task with images."""
     m = cfg.model
     return (cfg.vae_fit.enabled and m.arch == "unified" and m.vae_path is None
-            and cfg.task.name == "shapes_vqa")
+            and not is_pipeline_dir(m.generator_path) and cfg.task.name == "shapes_vqa")
 
 
 def clean_images(cfg: RunConfig, split: str, n: int) -> np.ndarray:
