@@ -1,6 +1,7 @@
 """GvU on a Janus policy (``model.arch: janus``): the rollout's trajectories and the learner's recomputation
 (in process), the run on the real service (local Ray, DeepSpeed learner on CPU, MLflow on a temporary SQLite
-file, the tiny Janus built from ``configs/gvu_janus_tiny.yaml``), and the config rules of the architecture."""
+file, the tiny Janus of ``configs/gvu_janus_tiny.yaml`` saved as a Janus directory), and the config rules of the
+architecture."""
 
 from __future__ import annotations
 
@@ -68,9 +69,13 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_down")
 def test_janus_gvu_trains_on_the_service(tmp_path, monkeypatch):
+    """GvU on a Janus directory as users have it (``model.janus_path``: the tiny Janus saved with its tokenizer
+    and chat template), through the service: one learner, a rollout worker and the reward actor all load it."""
+    janus_dir = tmp_path / "Janus-Pro-tiny"
+    build_policy(load_config(CONFIG, []).model).save_pretrained(janus_dir)
     # the reward actor and every rollout worker
     seen = record_syncs(monkeypatch, lambda run: [run.reward.actor] + [m.actor for m in run.pool.members.values()])
-    cfg = run_config(tmp_path, "gvu-janus-tiny", RECIPE_TINY, config=CONFIG)
+    cfg = run_config(tmp_path, "gvu-janus-tiny", RECIPE_TINY, f"model.janus_path={janus_dir}", config=CONFIG)
     assert cfg.model.arch == "janus" and not cfg.sft.enabled
     summary = driver.train(cfg)
     assert summary["steps"] == 2

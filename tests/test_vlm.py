@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pipeline_dirs import save_sd3_pipeline
 from transformers import Qwen2_5_VLForConditionalGeneration
 from vlm_dirs import save_qwen3_vl, save_qwen25_vl
 
@@ -37,6 +38,16 @@ QUESTION = "What colour is the shape? A) red B) green C) blue D) yellow"
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory) -> Path:
     return save_qwen25_vl(tmp_path_factory.mktemp("models") / "Qwen2.5-VL-tiny")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> Path:
+    """A tiny SD3 pipeline directory (the generator a VLM is paired with in the real-scale configs)."""
+    root = tmp_path_factory.mktemp("sd3") / "sd3"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        save_sd3_pipeline(root)
+    return root
 
 
 def _image(seed: int) -> np.ndarray:
@@ -141,12 +152,12 @@ def test_vision_tower_gradients_follow_the_config(vl_dir, train_tower):
     assert policy.lm.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, tmp_path):
-    """One group of CLEAR rollouts on the VLM + tiny generator, the reward, one learner step (the learner builds
-    the same policy from the same config and reports the behaviour-vs-recomputed gap), weight sync into a rollout
-    policy, and a checkpoint that loads back as a VLM with the trained weights."""
-    cfg = load_config(None, [f"model.lm_path={vl_dir}", "model.cond_tokens=8", "model.train_vision_tower=true",
-                             "rollout.sde.steps=4", "rollout.sde.window=2"])
+def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, sd3_dir, tmp_path):
+    """One group of CLEAR rollouts on the VLM + an SD3 pipeline directory, the reward, one learner step (the
+    learner builds the same policy from the same config and reports the behaviour-vs-recomputed gap), weight sync
+    into a rollout policy, and a checkpoint that loads back as a VLM with the trained weights."""
+    cfg = load_config(None, [f"model.lm_path={vl_dir}", f"model.generator_path={sd3_dir}", "model.cond_tokens=8",
+                             "model.train_vision_tower=true", "rollout.sde.steps=4", "rollout.sde.window=2"])
     cfg.check_paths()
     policy = UnifiedPolicy.from_config(cfg.model)  # the learner builds the same policy from the same config
     trajs = _rollout(policy, [_image(0)], group_size=4, generation="force")  # every sample generates
@@ -185,9 +196,10 @@ def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, tmp
 
 
 @pytest.mark.slow
-def test_unigrpo_train_runs_a_tiny_vl_config_to_the_end(vl_dir, tmp_path):
+def test_unigrpo_train_runs_a_tiny_vl_config_to_the_end(vl_dir, sd3_dir, tmp_path):
+    """CLEAR's two stages through ``unigrpo train`` from the directories: a Qwen2.5-VL and an SD3 pipeline."""
     config = yaml.safe_load((ROOT / "configs" / "clear_qwen25vl_tiny.yaml").read_text())
-    config["model"]["lm_path"] = str(vl_dir)
+    config["model"]["lm_path"], config["model"]["generator_path"] = str(vl_dir), str(sd3_dir)
     config["checkpoint"]["dir"] = str(tmp_path / "ckpt")
     config["tracking"]["uri"] = f"sqlite:///{tmp_path}/vl.db"
     path = tmp_path / "vl.yaml"
@@ -202,6 +214,8 @@ def test_unigrpo_train_runs_a_tiny_vl_config_to_the_end(vl_dir, tmp_path):
     assert len(gaps) == config["algorithm"]["steps"] and max(gaps) < 1e-4, gaps
     final = tmp_path / "ckpt" / config["run_name"] / f"step-{config['algorithm']['steps']:06d}" / "policy"
     assert (final / "lm" / "preprocessor_config.json").is_file()
+    assert json.loads((final / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0  # SD3's
+    assert json.loads((final / "vae" / "config.json").read_text())["latent_channels"] == 16  # its VAE, not a fit
 
 
 def test_vllm_multimodal_prompt_collapses_each_image_run(vl_dir):
