@@ -181,8 +181,10 @@ def test_failure_after_the_learner_step_resumes_to_the_same_weights(tmp_path, mo
 
     monkeypatch.setattr(Run, "deliver", fails_after_step_3)
     cfg = _cfg(tmp_path, "split", "algorithm.steps=4")
-    with pytest.raises(WeightSyncError, match="injected"):
+    with pytest.raises(WeightSyncError, match="injected") as e:
         train(cfg)
+    note = " ".join(getattr(e.value, "__notes__", []))
+    assert "stopped at step 3" in note and "step-000003" in note and "--resume" in note, note
     root = tmp_path / "ckpt" / "split"
     saved = checkpoint.latest(root)
     assert saved.name == "step-000003"  # written after the failure (checkpoint.every=2 writes steps 2 and 4)
