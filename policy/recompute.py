@@ -24,29 +24,35 @@ def _diffusers_models(modules: list[nn.Module]) -> list[nn.Module]:
     return [m for m in modules if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing]
 
 
+def _enable(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of one model's blocks (transformers >= 5.x names it
+    ``activation_checkpointing_enable``; before, and in diffusers, ``*gradient_checkpointing_enable``)."""
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        model.enable_gradient_checkpointing()
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def enable_gradient_checkpointing(policy, lm: bool, generator: bool) -> list[str]:
     """Checkpoint the understanding side's transformers models (``lm``: a unified policy's LM / VLM, Janus's
     language and vision models) and the generation side's diffusers transformers (``generator``), found in
     ``policy.module_groups()``. Returns the class names turned on; ValueError when a side asked for has none."""
     groups = policy.module_groups()
     done: list[str] = []
-    if lm:
-        found = _transformers_models(groups["understanding"])
+    sides = (("lm", lm, "understanding", _transformers_models, "transformers model"),
+             ("generator", generator, "generation", _diffusers_models, "diffusers transformer"))
+    for field, asked, side, find, kind in sides:
+        if not asked:
+            continue
+        found = find(groups[side])
         if not found:
-            raise ValueError("learner.gradient_checkpointing_lm: the policy's understanding side has no "
-                             "transformers model that supports gradient checkpointing")
+            raise ValueError(f"learner.gradient_checkpointing_{field}: the policy's {side} side has no {kind} "
+                             "that supports gradient checkpointing")
         for m in found:
-            # activation_checkpointing_enable: transformers >= 5.x's name; gradient_checkpointing_enable before
-            enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
-            enable({"use_reentrant": False})
-            done.append(type(m).__name__)
-    if generator:
-        found = _diffusers_models(groups["generation"])
-        if not found:
-            raise ValueError("learner.gradient_checkpointing_generator: the policy's generation side has no "
-                             "diffusers transformer that supports gradient checkpointing")
-        for m in found:
-            m.enable_gradient_checkpointing()
+            _enable(m)
             done.append(type(m).__name__)
     return done
 
