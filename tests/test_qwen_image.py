@@ -39,6 +39,8 @@ from rollout.engine import HFTextEngine
 from rollout.interleaved import RolloutSettings
 from services import driver
 from services.config import ConfigError, load_config
+from sync import manifest
+from sync.object_store import ObjectStoreReceiver
 
 torch.set_num_threads(1)
 
@@ -183,12 +185,14 @@ def test_pipeline_processor_gives_the_lm_its_vision_tower(tmp_path, data):
     assert images.shape == (1, 32, 32, 3) and p.token_ids["vision_pad"] in tokens
 
 
-def test_uae_rollouts_reward_learner_step_and_checkpoint_reload(local_ray, qi_dir, data, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_uae_rollouts_reward_learner_step_and_checkpoint_reload(local_ray, qi_dir, data, tmp_path, lora):
     """One group of UAE rollouts from the directory's policy, the config's reward, one learner step (the learner
-    builds the same policy from the same config; LM and generator both train here), a checkpoint that loads back
-    with the scheduler and the trained weights."""
+    builds the same policy from the same config; LM and generator both train here: all their weights, or their
+    LoRA adapters), a weight sync into a fresh replica (verified per adapted module with LoRA), a checkpoint that
+    loads back with the scheduler and the trained weights."""
     cfg = tiny(qi_dir, data, tmp_path, "model.freeze_generator=false", "learner.train_generator=true",
-               "algorithm.lambda_img=1.0")
+               "algorithm.lambda_img=1.0", f"model.lora.enabled={str(lora).lower()}")
     policy = UnifiedPolicy.from_config(cfg.model)
     img = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
     trajs = uae_rollout(policy, HFTextEngine(policy), [{"prompt_id": "p0", "image": img, "meta": {}}],
@@ -207,8 +211,15 @@ def test_uae_rollouts_reward_learner_step_and_checkpoint_reload(local_ray, qi_di
         m = group.train_step(collate(trajs, adv / (adv.std() + 1e-6), policy.token_ids["pad"]))
         after = group.call("weights_digest")
         assert m["image/loss"] == m["image/loss"] and 0 < m["grad_norm"] < float("inf")
-        changed = {k.split(".")[0] for k in before if before[k] != after[k]}
-        assert changed == {"lm", "bridge", "generator"}
+        changed = {k for k in before if before[k] != after[k]}
+        assert {k.split(".")[0] for k in changed} == {"lm", "bridge", "generator"}
+        assert not lora or all(".lora_" in k for k in changed if not k.startswith("bridge."))  # adapters only
+        handle = group.publish()
+        replica, received = UnifiedPolicy.from_config(cfg.model), []
+        HFTextEngine(replica).load_weights(manifest.recording(ObjectStoreReceiver().receive(handle, 60), received))
+        manifest.verify(handle, replica.adapted_modules(), received, replica.trainable_state_dict())
+        assert bool(handle.manifest) == lora and set(handle.manifest) == set(replica.adapted_modules())
+        assert replica.weights_digest() == pytest.approx(after, rel=1e-6, abs=1e-6)
         group.call_all("save", str(tmp_path / "ckpt"))
     finally:
         group.shutdown()
