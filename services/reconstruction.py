@@ -1,7 +1,8 @@
 """The reconstruction benchmark: UAE's Unified-Score of a checkpoint over a folder of images.
 
-For every image x: the policy captions it (greedy), the generator reconstructs x' from the caption's hidden
-states (``rollout.caption.uae_rollout``, the same path as training), and each vision backbone b scores
+For every image x: the policy captions it (greedy), the generator reconstructs x' from the caption alone, read
+as a generation prompt without the image (``rollout.caption.uae_rollout``, the same path as training), and each
+vision backbone b scores
 ``cos(f_b(x), f_b(x'))``. The Unified-Score is the weighted mean over backbones of the per-image mean;
 per-backbone means are reported too. Scores lie in [-1, 1].
 
