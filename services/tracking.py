@@ -52,7 +52,11 @@ class Tracker:
         mlflow.log_image(image, path)
 
     def log_figure(self, fig, path: str) -> None:
+        """Log a matplotlib figure as a PNG artifact, then close it (pyplot keeps open figures alive)."""
+        import matplotlib.pyplot as plt
+
         mlflow.log_figure(fig, path)
+        plt.close(fig)
 
     def log_file(self, local: str | Path, artifact_dir: str | None = None) -> None:
         mlflow.log_artifact(str(local), artifact_dir)
