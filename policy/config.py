@@ -67,9 +67,13 @@ JANUS_TINY_KEYS = ("text", "vision", "vq")  # overrides of policy.janus_tiny.TIN
 
 #: LoRA targets (``model.lora``): module-name suffixes, as peft matches them. The LM's are the attention and MLP
 #: projections of Qwen2 / Qwen2.5-VL / Qwen3-VL text layers; the generator's the joint-attention projections
-#: of SD3 / SD3.5 blocks (image and context streams).
+#: of SD3 / SD3.5 blocks (image and context streams) for ``arch: unified``; for ``arch: janus`` (whose LM, a
+#: Llama, also generates) the first layer of the generation aligner and the two of the generation head.
 LM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GENERATOR_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+GENERATOR_LORA_TARGETS = {
+    "unified": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    "janus": ("fc1", "proj_out", "vision_head"),
+}
 
 
 class FieldError(ValueError):
@@ -94,11 +98,13 @@ class LoraSettings(BaseModel):
     alpha: float = Field(32.0, gt=0)  # the update is (alpha / rank) * B @ A
     dropout: float = Field(0.0, ge=0, lt=1)
     lm_target_modules: list[str] = Field(default_factory=lambda: list(LM_LORA_TARGETS))
-    generator_target_modules: list[str] = Field(default_factory=lambda: list(GENERATOR_LORA_TARGETS))
+    generator_target_modules: list[str] | None = None  # null: GENERATOR_LORA_TARGETS[model.arch]
 
     @field_validator("lm_target_modules", "generator_target_modules")
     @classmethod
-    def _names(cls, v: list[str]) -> list[str]:
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
         bad = [t for t in v if not t or t != t.strip() or t.startswith(".") or t.endswith(".")]
         if bad:
             raise ValueError(f"invalid module name(s) {bad}: a module-name suffix such as 'q_proj'")
@@ -106,10 +112,13 @@ class LoraSettings(BaseModel):
             raise ValueError(f"duplicate module name(s) in {v}")
         return v
 
-    def generator_targets(self, freeze_generator: bool) -> list[str]:
-        """The generator's targets: none when ``model.freeze_generator`` (the generator is then the reward
-        environment's, never adapted)."""
-        return [] if freeze_generator else list(self.generator_target_modules)
+    def generator_targets(self, arch: str, freeze_generator: bool) -> list[str]:
+        """The generator's targets (``arch``'s defaults when unset): none when ``model.freeze_generator`` (the
+        generator is then the reward environment's, never adapted)."""
+        if freeze_generator:
+            return []
+        given = self.generator_target_modules
+        return list(GENERATOR_LORA_TARGETS[arch] if given is None else given)
 
 
 class PolicyConfig(BaseModel):
@@ -168,13 +177,10 @@ class PolicyConfig(BaseModel):
         lo = self.lora
         if not lo.enabled:
             return self
-        if self.arch != "unified":
-            raise FieldError("lora.enabled", "LoRA adapts the unified policy's LM and generator; model.arch "
-                             f"{self.arch!r} is not supported with it")
-        if self.freeze_generator and "generator_target_modules" in lo.model_fields_set and lo.generator_target_modules:
+        if self.freeze_generator and lo.generator_target_modules:
             raise FieldError("lora.generator_target_modules", "model.freeze_generator keeps the generator "
                              "without an adapter; set [] or drop freeze_generator")
-        if not lo.lm_target_modules and not lo.generator_targets(self.freeze_generator):
+        if not lo.lm_target_modules and not lo.generator_targets(self.arch, self.freeze_generator):
             raise FieldError("lora.lm_target_modules", "empty, and the generator gets no adapter either: "
                              "LoRA would adapt nothing")
         return self

@@ -206,13 +206,32 @@ def lora_plan(cfg: PolicyConfig) -> dict[str, list[str]]:
     ValueError naming its field (``check_paths`` runs this before a run starts)."""
     from policy.lora import plan
 
+    if cfg.arch == "janus":
+        return plan(cfg, _janus_lora_roots(_janus_model(cfg)[0]))
     lm, _, _, _, gen, _ = _unified_models(cfg)
-    return plan(cfg, lm, gen)
+    return plan(cfg, _unified_lora_roots(lm, gen))
 
 
-def _lora_params(model: torch.nn.Module, names: list[str], rank: int) -> int:
-    """Adapter parameters: ``rank * (in + out)`` per adapted linear layer."""
-    return sum(rank * (m.in_features + m.out_features) for m in map(model.get_submodule, names))
+def _unified_lora_roots(lm: torch.nn.Module, gen: torch.nn.Module) -> dict[str, dict[str, torch.nn.Module]]:
+    return {"lm": {"lm": lm}, "generator": {"generator": gen}}  # as UnifiedPolicy.lora_roots
+
+
+def _janus_lora_roots(model: torch.nn.Module) -> dict[str, dict[str, torch.nn.Module]]:
+    from policy.janus import lora_roots
+
+    return lora_roots(model, "model")
+
+
+def _adapter_parts(cfg: PolicyConfig, sides: dict[str, dict[str, torch.nn.Module]], train_lm: bool,
+                   train_gen: bool) -> list[Part]:
+    """One part per side that ``model.lora`` adapts: its adapter parameters."""
+    from policy.lora import adapter_params, plan
+
+    layers, r = plan(cfg, sides), cfg.lora.rank
+    return [Part(f"{side}.lora", adapter_params(sides, layers[side], r), trains,
+                 f"model.lora (rank {r}, {len(layers[side])} layers)", side=where)
+            for side, trains, where in (("lm", train_lm, "understanding"), ("generator", train_gen, "generation"))
+            if layers[side]]
 
 
 def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
@@ -220,7 +239,6 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     pass through them to the adapters) and the adapters are parts of their own."""
     from policy.bridge import Connector, LatentBridge
     from policy.build import vae_factor
-    from policy.lora import plan
 
     lm, lm_src, vae, vae_src, gen, gen_src = _unified_models(cfg)
     text = lm.config.get_text_config()
@@ -251,11 +269,7 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     lora = cfg.lora.enabled
     adapters = []
     if lora:
-        layers, r = plan(cfg, lm, gen), cfg.lora.rank
-        adapters = [Part(f"{name}.lora", _lora_params(model, layers[name], r), trains,
-                         f"model.lora (rank {r}, {len(layers[name])} layers)", side=where)
-                    for name, model, trains, where in (("lm", lm, train_lm, "understanding"),
-                                                       ("generator", gen, gen_train, "generation")) if layers[name]]
+        adapters = _adapter_parts(cfg, _unified_lora_roots(lm, gen), train_lm, gen_train)
         parts = [Part(p.name, p.params, False, p.source, p.layers, p.width, p.vocab, p.tokens, p.rows_factor,
                       p.buffers, p.backprop, p.side) for p in parts]  # a tower adapts only when it trains
     parts = [
@@ -280,7 +294,8 @@ def _vision_patches(image_size: int, patch: int, merge: int) -> int:
     return (max(1, round(image_size / unit)) * merge) ** 2
 
 
-def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int) -> list[Part]:
+def _janus_model(cfg: PolicyConfig) -> tuple[torch.nn.Module, str]:
+    """The full-size Janus of ``cfg`` on the meta device, and where its config came from."""
     from transformers import JanusConfig, JanusForConditionalGeneration
 
     if cfg.janus_path:
@@ -298,16 +313,28 @@ def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens
         src = "tiny (model.janus_tiny)"
     with _meta():
         model = JanusForConditionalGeneration(jc)
-    m, text = model.model, jc.text_config
+    return model, src
+
+
+def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int) -> list[Part]:
+    """The parts of a Janus policy; with LoRA every base part is frozen and the adapters are parts of their own
+    (the LM's activations still count: gradients pass through it to the adapters)."""
+    model, src = _janus_model(cfg)
+    m, jc = model.model, model.config
+    text = jc.text_config
     lm = _count(m.language_model) + (0 if jc.tie_word_embeddings else _count(model.lm_head))
     n_codes = int(jc.vq_config.num_patches) ** 2
+    full = not cfg.lora.enabled
+    train_gen = train_gen and not cfg.freeze_generator
+    adapters = _adapter_parts(cfg, _janus_lora_roots(model), train_lm, train_gen) if cfg.lora.enabled else []
     return [
-        Part("janus.lm", lm, train_lm, src, int(text.num_hidden_layers), int(text.hidden_size),
+        Part("janus.lm", lm, train_lm and full, src, int(text.num_hidden_layers), int(text.hidden_size),
              int(text.vocab_size), text_tokens + n_codes, backprop=train_lm or train_gen),
-        Part("janus.vision", _count(m.vision_model) + _count(m.aligner), train_lm, src),
+        Part("janus.vision", _count(m.vision_model) + _count(m.aligner), train_lm and full, src),
         Part("janus.generation", sum(_count(x) for x in (m.generation_embeddings, m.generation_aligner,
-                                                        m.generation_head)), train_gen, src, side="generation"),
+                                                        m.generation_head)), train_gen and full, src, side="generation"),
         Part("janus.vq", _count(m.vqmodel), False, src, side="generation"),
+        *adapters,
     ]
 
 

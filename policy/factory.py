@@ -40,7 +40,8 @@ def build_policy(cfg: PolicyConfig | Mapping[str, Any]) -> Policy:
 
 def load_policy_dir(directory: str | Path) -> Policy:
     """A saved policy directory: ``UnifiedPolicy.save_pretrained``'s layout, or a Janus checkpoint (a Hugging
-    Face directory whose ``config.json`` has ``model_type: janus``, e.g. ``JanusPolicy.save_pretrained``)."""
+    Face directory whose ``config.json`` has ``model_type: janus``, e.g. ``JanusPolicy.save_pretrained``), or a
+    LoRA Janus's adapters directory."""
     d = Path(directory)
     meta_file = d / CONFIG_FILE
     if not meta_file.is_file():
@@ -48,6 +49,8 @@ def load_policy_dir(directory: str | Path) -> Policy:
     meta = json.loads(meta_file.read_text())
     if meta.get("model_type") == "janus":
         return JanusPolicy.from_pretrained(str(d)).eval()
+    if meta.get("policy", {}).get("arch") == "janus":
+        return JanusPolicy.from_adapters(d).eval()
     return UnifiedPolicy.from_pretrained(d).eval()
 
 

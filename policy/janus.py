@@ -28,8 +28,11 @@ real Janus tokenizer ``img_start`` / ``img_end`` are its ``boi_token`` / ``eoi_t
 ``<end_of_image>``), so prompts follow Janus's own image layout. Prompts are Janus-Pro conversations
 (``policy.janus_chat``): the checkpoint's chat template, else Janus-Pro's format written in code.
 
-The VQ model is frozen (Janus keeps it in eval); everything else is trainable. ``from_config`` builds one
-from the run's ``model`` section (``arch: janus``; see ``policy.factory.build_policy``).
+The VQ model is frozen (Janus keeps it in eval); everything else is trainable. With ``model.lora``
+(``policy.lora``) only adapters train: on the language model's projections (the LM side) and on the generation
+aligner and head (the generator side); the vision encoder, its aligner, the embeddings and the text head stay
+the base's. ``from_config`` builds one from the run's ``model`` section (``arch: janus``; see
+``policy.factory.build_policy``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policy.bridge import positions_from_mask
@@ -48,7 +52,10 @@ from policy.build import build_tokenizer, torch_dtype
 from policy.config import PolicyConfig
 from policy.janus_chat import DEFAULT_IMAGE_TOKEN, JANUS_PRO_SYSTEM_PROMPT, chat_ids, chat_template_of
 from policy.janus_tiny import TINY_TEXT, TINY_VISION, TINY_VQ, tiny_janus_config
+from policy.lora import ADAPTERS_FILE, Adapters
+from policy.persist import CONFIG_FILE, FORMAT
 from policy.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
+from policy.vision import cache_keyword
 from policy.weights import copy_named_tensors, tensor_sums
 
 PREPROCESSOR_FILE = "preprocessor_config.json"  # image_mean / image_std of the understanding encoder
@@ -76,6 +83,7 @@ class JanusPolicy(nn.Module):
         self.image_mean, self.image_std = [float(x) for x in image_mean], [float(x) for x in image_std]
         self.chat_template = chat_template or chat_template_of(tokenizer)
         self.model.model.vqmodel.requires_grad_(False)
+        self.lora: Adapters | None = None  # model.lora: set by from_config
         self.eval()
 
     # ---- construction ---------------------------------------------------------------------------
@@ -92,6 +100,8 @@ class JanusPolicy(nn.Module):
             policy = cls.from_tiny(cfg.seed, t.get("text"), t.get("vision"), t.get("vq"), build_tokenizer(cfg))
             policy.model.to(dtype)
         policy.cfg = cfg
+        if cfg.lora.enabled:
+            policy.lora = Adapters.attach(policy)
         return policy
 
     @classmethod
@@ -127,11 +137,30 @@ class JanusPolicy(nn.Module):
         return cls(model, tok, norm.get("image_mean") or (0.5,) * 3, norm.get("image_std") or (0.5,) * 3,
                    chat_template=chat_template_of(tok, tokenizer_path or path))
 
+    @classmethod
+    def from_adapters(cls, directory: str | Path) -> JanusPolicy:
+        """What :meth:`save_pretrained` writes for a LoRA policy: the base its ``model`` section names, then
+        the saved adapters (every one, or ValueError)."""
+        d = Path(directory)
+        policy = cls.from_config(PolicyConfig(**json.loads((d / CONFIG_FILE).read_text())["policy"]))
+        own = policy.trainable_state_dict()
+        if policy.load_trainable(load_file(str(d / ADAPTERS_FILE))) != len(own):
+            raise ValueError(f"{d / ADAPTERS_FILE}: does not hold every adapter of {len(own)} tensors")
+        return policy
+
     def save_pretrained(self, directory: str | Path) -> None:
         """A plain Hugging Face Janus directory (safetensors + tokenizer + image mean / std) that
-        :meth:`from_pretrained` (and ``model.janus_path``) loads back."""
+        :meth:`from_pretrained` (and ``model.janus_path``) loads back. With LoRA: the adapters
+        (``adapters.safetensors``) and the ``model`` section naming the base (:meth:`from_adapters`;
+        ``policy.lora.merged`` for a plain directory)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
+                      str(d / ADAPTERS_FILE))
+            meta = {"format": FORMAT, "policy": self.cfg.model_dump(mode="json")}
+            (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            return
         self.model.save_pretrained(d)
         self.tokenizer.chat_template = self.chat_template  # saved as chat_template.jinja, read back as its own
         self.tokenizer.save_pretrained(d)
@@ -233,10 +262,9 @@ class JanusPolicy(nn.Module):
 
     def _lm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None):
         positions = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1]:]
-        out = self.model.model.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions,
-            past_key_values=past_key_values, use_cache=past_key_values is not None,
-        )
+        lm = self.model.model.language_model
+        out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions,
+                 use_cache=past_key_values is not None, **{cache_keyword(lm): past_key_values})
         return out.last_hidden_state, out.past_key_values
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -346,8 +374,15 @@ class JanusPolicy(nn.Module):
         """Per-tensor float64 sums of the trainable weights: a cheap check that two replicas agree."""
         return tensor_sums(self.trainable_state_dict())
 
+    def lora_roots(self) -> dict[str, dict[str, nn.Module]]:
+        """Where ``model.lora`` puts adapters (``policy.lora``): the language model; the generation path."""
+        return lora_roots(self.model, "model")
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen VQ model (what weight sync ships); tied weights appear once."""
+        """Everything but the frozen VQ model (what weight sync ships; with LoRA, the adapters only); tied
+        weights appear once."""
+        if self.lora is not None:
+            return self.lora.trainable_state_dict(self)
         skip = "model.model.vqmodel."
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
@@ -356,8 +391,17 @@ class JanusPolicy(nn.Module):
         return copy_named_tensors(self.trainable_state_dict(), named_tensors)
 
     def adapted_modules(self) -> dict[str, list[str]]:
-        """No LoRA on Janus (``model.lora`` is rejected for ``arch: janus``): nothing to verify per module."""
-        return {}
+        """LoRA: adapted module -> its adapter tensors' names (what every weight sync verifies); {} without."""
+        return {} if self.lora is None else self.lora.modules(self)
+
+
+def lora_roots(model: nn.Module, prefix: str) -> dict[str, dict[str, nn.Module]]:
+    """The LoRA sides of a ``JanusForConditionalGeneration`` named ``prefix``: the LM side is its language
+    model, the generator side its generation aligner and head (image codes are embedded and predicted there)."""
+    m = model.model
+    return {"lm": {f"{prefix}.model.language_model": m.language_model},
+            "generator": {f"{prefix}.model.generation_aligner": m.generation_aligner,
+                          f"{prefix}.model.generation_head": m.generation_head}}
 
 
 def text_image_sequence(policy: JanusPolicy, prompt: list[int], codes: torch.Tensor

@@ -1,12 +1,15 @@
-"""LoRA on the unified policy (``model.lora``): peft adapters injected in place into the LM and the generator.
+"""LoRA on a policy (``model.lora``): peft adapters injected in place into its two sides, each a set of roots
+the policy names (``lora_roots()``): the LM and the generator of a unified policy (``lm``, ``generator``);
+Janus's language model (which understands and generates) and its generation aligner + head.
 
-- **What trains**: the adapters (``lora_A`` / ``lora_B`` of every targeted linear layer) and the fresh heads
-  (bridge, connector). The base weights are frozen, built once per replica from the ``model`` section (paths,
+- **What trains**: the adapters (``lora_A`` / ``lora_B`` of every targeted linear layer) and a unified
+  policy's fresh heads (bridge, connector). Every other weight is frozen, built once per replica from the ``model`` section (paths,
   or the tiny parts from ``model.seed``), and never synced or checkpointed.
 - **The update**: a targeted ``W x`` becomes ``W x + (alpha / rank) * B A dropout(x)`` with ``A`` (rank x in)
   peft's Kaiming-uniform init and ``B`` (out x rank) zeros, so a fresh adapter is the identity on the base.
 - **Targets**: ``model.lora.lm_target_modules`` / ``generator_target_modules`` are module-name suffixes matched
-  as peft matches them (the name, or a name ending in ``.<target>``), among linear layers. Every entry must
+  as peft matches them (the name, or a name ending in ``.<target>``), among the linear layers under the side's
+  roots. Every entry must
   match at least one layer, or the build fails naming the field. A VLM's vision tower is adapted only when
   ``model.train_vision_tower`` (its base stays frozen either way).
 - **Names**: injection keeps the module classes (no ``PeftModel`` wrapper): a targeted ``q_proj`` becomes a
@@ -36,16 +39,19 @@ ADAPTERS_FILE = "adapters.safetensors"  # a LoRA policy directory's adapter weig
 HEADS = ("bridge.", "connector.")  # the fresh modules that train in full
 
 
+Roots = dict[str, nn.Module]  # full name prefix in the policy -> the module under it (one side's roots)
+
+
 def matches(name: str, target: str) -> bool:
     """peft's suffix rule: the module named ``target`` or ending in ``.target``."""
     return name == target or name.endswith("." + target)
 
 
-def target_names(model: nn.Module, targets: list[str], field: str, what: str,
-                 exclude: tuple[str, ...] = ()) -> list[str]:
-    """Full names of the linear layers of ``model`` that ``targets`` match (none under an ``exclude`` prefix).
-    An entry that matches no layer raises ValueError naming ``field``."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(exclude)]
+def target_names(roots: Roots, targets: list[str], field: str, what: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Full names (``<root prefix>.<name>``) of the linear layers under ``roots`` that ``targets`` match (none
+    under an ``exclude`` prefix). An entry that matches no layer raises ValueError naming ``field``."""
+    linear = [f"{prefix}.{n}" for prefix, root in roots.items() for n, m in root.named_modules()
+              if isinstance(m, nn.Linear) and not f"{prefix}.{n}".startswith(exclude)]
     names: list[str] = []
     for t in targets:
         hit = [n for n in linear if matches(n, t)]
@@ -58,9 +64,9 @@ def target_names(model: nn.Module, targets: list[str], field: str, what: str,
 
 
 def lm_exclude(cfg: PolicyConfig) -> tuple[str, ...]:
-    """Module prefixes of the LM no adapter goes to: a VLM's vision tower (``model.visual``, as in
+    """Module prefixes of the LM no adapter goes to: a VLM's vision tower (``lm.model.visual``, as in
     ``UnifiedPolicy._frozen_prefixes``) unless ``model.train_vision_tower``."""
-    return () if cfg.train_vision_tower else ("model.visual.",)
+    return () if cfg.train_vision_tower else ("lm.model.visual.",)
 
 
 def _peft_config(settings: LoraSettings, names: list[str]) -> LoraConfig:
@@ -68,48 +74,55 @@ def _peft_config(settings: LoraSettings, names: list[str]) -> LoraConfig:
                       target_modules=names, bias="none")
 
 
-def inject(model: nn.Module, settings: LoraSettings, names: list[str]) -> None:
-    """Adapters on the named layers of ``model`` (in place; peft freezes every other parameter of it)."""
-    inject_adapter_in_model(_peft_config(settings, names), model, adapter_name=ADAPTER)
-    for n, p in model.named_parameters():
-        p.requires_grad_(".lora_" in n)
-
-
-def plan(cfg: PolicyConfig, lm: nn.Module, generator: nn.Module) -> dict[str, list[str]]:
-    """Per side (``lm``, ``generator``), the full names of the layers that get an adapter."""
+def plan(cfg: PolicyConfig, sides: dict[str, Roots]) -> dict[str, list[str]]:
+    """Per side (``lm``, ``generator``: the policy's ``lora_roots()``), the full names of the layers that get an
+    adapter."""
     lo = cfg.lora
     return {
-        "lm": target_names(lm, lo.lm_target_modules, "model.lora.lm_target_modules", "LM", lm_exclude(cfg)),
-        "generator": target_names(generator, lo.generator_targets(cfg.freeze_generator),
+        "lm": target_names(sides["lm"], lo.lm_target_modules, "model.lora.lm_target_modules", "LM", lm_exclude(cfg)),
+        "generator": target_names(sides["generator"], lo.generator_targets(cfg.arch, cfg.freeze_generator),
                                   "model.lora.generator_target_modules", "generator"),
     }
 
 
+def adapter_params(sides: dict[str, Roots], names: list[str], rank: int) -> int:
+    """Adapter parameters of the named layers: ``rank * (in + out)`` each."""
+    roots = {p: r for side in sides.values() for p, r in side.items()}
+    total = 0
+    for name in names:
+        prefix = next(p for p in roots if name.startswith(p + "."))
+        m = roots[prefix].get_submodule(name[len(prefix) + 1:])
+        total += rank * (m.in_features + m.out_features)
+    return total
+
+
 @dataclass(frozen=True)
 class Adapters:
-    """The adapters of one policy: per side, the adapted layers' names (relative to ``policy.lm`` /
-    ``policy.generator``)."""
+    """The adapters of one policy: per side, the full names (in the policy) of the adapted layers."""
 
     settings: LoraSettings
     layers: dict[str, list[str]]
 
     @classmethod
     def attach(cls, policy: nn.Module) -> Adapters:
-        """Inject the adapters of ``policy.cfg.lora`` into ``policy.lm`` and ``policy.generator``."""
-        layers = plan(policy.cfg, policy.lm, policy.generator)
-        for side, names in layers.items():
-            if names:
-                inject(getattr(policy, side), policy.cfg.lora, names)
-            else:
-                getattr(policy, side).requires_grad_(False)
+        """Inject the adapters of ``policy.cfg.lora`` under ``policy.lora_roots()`` (in place); afterwards only
+        the adapters and the heads (``HEADS``) require gradients."""
+        sides = policy.lora_roots()
+        layers = plan(policy.cfg, sides)
+        for side, roots in sides.items():
+            for prefix, root in roots.items():
+                names = [n[len(prefix) + 1:] for n in layers[side] if n.startswith(prefix + ".")]
+                if names:
+                    inject_adapter_in_model(_peft_config(policy.cfg.lora, names), root, adapter_name=ADAPTER)
+        for n, p in policy.named_parameters():
+            p.requires_grad_(".lora_" in n or n.startswith(HEADS))
         return cls(policy.cfg.lora, layers)
 
     def lora_layers(self, policy: nn.Module) -> Iterator[tuple[str, BaseTunerLayer]]:
-        """(policy-level name, peft layer) of every adapted layer."""
-        for side, names in self.layers.items():
-            root = getattr(policy, side)
+        """(full name, peft layer) of every adapted layer."""
+        for names in self.layers.values():
             for n in names:
-                yield f"{side}.{n}", root.get_submodule(n)
+                yield n, policy.get_submodule(n)
 
     def modules(self, policy: nn.Module) -> dict[str, list[str]]:
         """Adapted module -> the names of its adapter tensors (``trainable_state_dict`` names)."""
@@ -154,9 +167,7 @@ def merged(policy: nn.Module) -> nn.Module:
     if getattr(policy, "lora", None) is None:
         return policy
     out = copy.deepcopy(policy)
-    for side, names in out.lora.layers.items():
-        if names:
-            _unload(getattr(out, side))
+    _unload(out)
     out.cfg = out.cfg.model_copy(update={"lora": LoraSettings()})
     out.lora = None
     return out

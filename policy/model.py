@@ -384,6 +384,10 @@ class UnifiedPolicy(nn.Module):
         skip = self._frozen_prefixes()
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
+    def lora_roots(self) -> dict[str, dict[str, nn.Module]]:
+        """Where ``model.lora`` puts adapters (``policy.lora``): the LM side and the generator side."""
+        return {"lm": {"lm": self.lm}, "generator": {"generator": self.generator}}
+
     def adapted_modules(self) -> dict[str, list[str]]:
         """LoRA: adapted module -> its adapter tensors' names (what every weight sync verifies); {} without."""
         return {} if self.lora is None else self.lora.modules(self)

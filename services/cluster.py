@@ -72,9 +72,9 @@ def policy_dir_of(checkpoint: str | os.PathLike[str]) -> Path:
 
 def publish_policy_dir(policy_dir: Path) -> WeightHandle:
     """Publish a saved policy's trainable weights through the object store (version 1)."""
-    from policy.model import UnifiedPolicy
+    from policy.factory import load_policy_dir
 
-    policy = UnifiedPolicy.from_pretrained(policy_dir)
+    policy = load_policy_dir(policy_dir)
     state = policy.trainable_state_dict()
     return make_publisher("object_store").publish(1, state.items(),
                                                   manifest=manifest.build(state, policy.adapted_modules()))

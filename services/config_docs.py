@@ -9,8 +9,9 @@ SECTION_DOCS: dict[str, str] = {
     "model": "What the policy is built from (`policy/config.py`). A null `*_path` builds that part tiny, "
              "random-init from config (no download).",
     "task": "Where prompts come from (`tasks/`): the synthetic degraded shapes VQA, or a JSONL / TSV file.",
-    "model.lora": "LoRA adapters (peft, `policy/lora.py`) on the LM and the generator: only the adapters and "
-                  "the fresh heads (bridge, connector) train, sync (each adapted module verified) and are "
+    "model.lora": "LoRA adapters (peft, `policy/lora.py`) on the LM and the generator (Janus: its language "
+                  "model and its generation aligner + head): only the adapters and the fresh heads (bridge, "
+                  "connector) train, sync (each adapted module verified) and are "
                   "checkpointed; `unigrpo export` merges them into a self-contained directory.",
     "rollout": "The rollout worker pool (`rollout/`): sampling, resources, the SDE sampler, vLLM, autoscaling.",
     "rollout.sde": "The stochastic flow-matching sampler (`policy/sde.py`): a window of SDE steps with "
@@ -82,8 +83,8 @@ FIELD_DOCS: dict[str, str] = {
     "model.seed": "Seed of the random initialisation of tiny parts.",
     "model.freeze_generator": "Freeze the generator (UAE's LM-only mode: it becomes part of the reward "
                               "environment); needs `learner.train_generator: false`.",
-    "model.lora.enabled": "Train LoRA adapters instead of the full LM and generator (`model.arch: unified`, "
-                          "`rollout.engine: hf`).",
+    "model.lora.enabled": "Train LoRA adapters instead of the full LM and generator (`rollout.engine: hf`; "
+                          "either `model.arch`).",
     "model.lora.rank": "Adapter rank r: each adapted linear layer gets A (r x in) and B (out x r).",
     "model.lora.alpha": "Adapter scale: the update is (alpha / rank) * B A.",
     "model.lora.dropout": "Dropout on the adapters' input in the learner's training forwards (the KL "
@@ -92,8 +93,10 @@ FIELD_DOCS: dict[str, str] = {
                                     "(peft matching); each must match a layer; [] leaves the LM frozen; a VLM's "
                                     "vision tower only with `model.train_vision_tower`.",
     "model.lora.generator_target_modules": "Module-name suffixes of the generator's linear layers that get "
-                                           "an adapter; each must match a layer; [] (or "
-                                           "`model.freeze_generator`) leaves the generator frozen.",
+                                           "an adapter; null: the architecture's (unified: the SD3 joint-"
+                                           "attention projections; janus: `fc1`, `proj_out`, `vision_head`); "
+                                           "each must match a layer; [] (or `model.freeze_generator`) leaves "
+                                           "the generator frozen.",
     # task
     "task.name": "`shapes_vqa` (synthetic, generated in code), `jsonl` or `tsv` (VLMEvalKit-style); the "
                  "file types need `task.path`.",

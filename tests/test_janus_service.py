@@ -68,14 +68,18 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_down")
-def test_janus_gvu_trains_on_the_service(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_janus_gvu_trains_on_the_service(tmp_path, monkeypatch, lora):
     """GvU on a Janus directory as users have it (``model.janus_path``: the tiny Janus saved with its tokenizer
-    and chat template), through the service: one learner, a rollout worker and the reward actor all load it."""
+    and chat template), through the service: one learner, a rollout worker and the reward actor all load it.
+    With ``model.lora``: adapters only train and travel (every sync verified per adapted module), and the
+    checkpoint holds them, not a copy of the base."""
     janus_dir = tmp_path / "Janus-Pro-tiny"
     build_policy(load_config(CONFIG, []).model).save_pretrained(janus_dir)
     # the reward actor and every rollout worker
     seen = record_syncs(monkeypatch, lambda run: [run.reward.actor] + [m.actor for m in run.pool.members.values()])
-    cfg = run_config(tmp_path, "gvu-janus-tiny", RECIPE_TINY, f"model.janus_path={janus_dir}", config=CONFIG)
+    adapters = ["model.lora.enabled=true", "model.lora.rank=4"] if lora else []
+    cfg = run_config(tmp_path, "gvu-janus-tiny", RECIPE_TINY, f"model.janus_path={janus_dir}", *adapters, config=CONFIG)
     assert cfg.model.arch == "janus" and not cfg.sft.enabled
     summary = driver.train(cfg)
     assert summary["steps"] == 2
@@ -92,9 +96,13 @@ def test_janus_gvu_trains_on_the_service(tmp_path, monkeypatch):
     assert metric(uri, rid, "eval/heldout/reward/gvu") and not metric(uri, rid, "sft/text_ce")
     arts = mlflow.tracking.MlflowClient(uri).list_artifacts(rid, "samples")
     assert any(a.path.endswith(".png") for a in arts)
-    # the step-2 checkpoint is a Janus directory that loads back with the learner's weights
-    saved = load_policy_dir(tmp_path / "ckpt" / cfg.run_name / "step-000002" / "policy")
+    # the step-2 checkpoint is a Janus directory (LoRA: the adapters) that loads back with the learner's weights
+    policy_dir = tmp_path / "ckpt" / cfg.run_name / "step-000002" / "policy"
+    saved = load_policy_dir(policy_dir)
     assert isinstance(saved, JanusPolicy) and saved.weights_digest() == pytest.approx(seen[-1][3], rel=1e-6)
+    assert (saved.lora is not None) == lora == (not (policy_dir / "model.safetensors").exists())
+    if lora:
+        assert set(seen[-1][3]) == set(saved.trainable_state_dict()) and all(".lora_" in k for k in seen[-1][3])
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -270,7 +270,6 @@ def test_kl_reference_after_stage1_trained_the_adapter_is_the_stage1_policy():
     (["model.lora.generator_target_modules=[to_qq]"], "model.lora.generator_target_modules", "'to_qq'"),
     (["model.lora.lm_target_modules=[]", "model.lora.generator_target_modules=[]"], "model.lora.lm_target_modules",
      "adapt nothing"),
-    (["model.arch=janus"], "model.lora.enabled", "janus"),
     (["rollout.engine=vllm", "rollout.num_gpus_per_worker=1"], "rollout.engine", "'hf'"),
     (["learner.zero_stage=3", "algorithm.beta_text=0.1"], "learner.zero_stage", "ZeRO 0-2"),
     (["model.freeze_generator=true", "learner.train_generator=false", "model.lora.generator_target_modules=[to_q]"],
@@ -304,3 +303,91 @@ def test_estimate_counts_adapters_and_heads_as_the_trainable_part():
     e = estimate_memory(parts, MemorySettings(kl_reference=True))
     assert e.lines["optimizer"] == 8 * trainable and e.lines["gradients"] == 4 * trainable
     assert e.lines["reference"] == 4 * trainable  # the adapter + head snapshot, not a copy of the base
+
+
+# ------------------------------------------------------------------------------------------------ Janus
+JANUS = {"arch": "janus", "janus_tiny": {"text": {"num_hidden_layers": 2}}}
+
+
+def _janus(lora: bool = True):
+    from policy.janus import JanusPolicy
+
+    return JanusPolicy.from_config(PolicyConfig(**JANUS, **({"lora": LORA} if lora else {})))
+
+
+def _janus_outputs(policy):
+    """Log-probs of a prompt followed by image codes: the text head and the generation head both count."""
+    ids = policy.generation_prompt("a red square") + policy.image_ids(torch.arange(policy.n_image_tokens)).tolist()
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        return (policy.token_logprobs(ids, torch.ones_like(ids))[0],)
+
+
+def test_janus_lora_adapts_the_language_model_and_the_generation_head_only():
+    p = _janus()
+    trainable = {n for n, q in p.named_parameters() if q.requires_grad}
+    assert trainable == set(p.trainable_state_dict()) and all(".lora_" in n for n in trainable)
+    modules = p.adapted_modules()
+    lm = [m for m in modules if m.startswith("model.model.language_model.")]
+    gen = [m for m in modules if m.startswith(("model.model.generation_aligner.", "model.model.generation_head."))]
+    assert len(lm) == 2 * 7 and sorted(m.rsplit(".", 1)[-1] for m in gen) == ["fc1", "proj_out", "vision_head"]
+    assert len(modules) == len(lm) + len(gen)  # nothing in the vision encoder, the aligner or the VQ model
+    assert _close(_janus_outputs(p), _janus_outputs(_janus(lora=False)), 0.0)  # a fresh adapter is the base
+    _trained(p)
+    assert not _close(_janus_outputs(p), _janus_outputs(_janus(lora=False)), 1e-3)
+    with p.lora.disabled(p):
+        assert _close(_janus_outputs(p), _janus_outputs(_janus(lora=False)), 0.0)
+
+
+def test_janus_lora_sync_is_verified_per_module_and_fails_on_a_withheld_one():
+    learner = _trained(_janus())
+    state, modules = learner.trainable_state_dict(), learner.adapted_modules()
+    fresh = lambda: RolloutWorker(0, learner.cfg, RolloutSettings(), sync_backend="nccl", rollout_kind="image")  # noqa: E731
+    worker, handle, error = _gloo_sync(learner, learner.cfg, state, manifest.build(state, modules), worker=fresh())
+    assert error is None and worker.version() == 1 and worker.weights_digest() == learner.weights_digest()
+    assert set(handle.manifest) == set(modules) and _close(_janus_outputs(worker.policy), _janus_outputs(learner), 0.0)
+    module = "model.model.generation_head.vision_head"
+    send = {k: v for k, v in state.items() if k not in modules[module]}
+    worker, _, error = _gloo_sync(learner, learner.cfg, send, manifest.build(send, modules), worker=fresh())
+    assert isinstance(error, WeightSyncMismatch) and module in str(error) and worker.version() == -1
+
+
+def test_janus_lora_dir_reloads_and_exports_a_plain_janus_dir(tmp_path, capsys):
+    from transformers import JanusForConditionalGeneration
+
+    p = _trained(_janus())
+    p.save_pretrained(tmp_path / "pol")
+    assert {f.name for f in (tmp_path / "pol").iterdir()} == {ADAPTERS_FILE, "config.json"}  # no base copy
+    q = load_policy_dir(tmp_path / "pol")
+    assert q.lora is not None and q.weights_digest() == p.weights_digest()
+    assert _close(_janus_outputs(q), _janus_outputs(p), 0.0)
+    assert main(["export", "--checkpoint", str(tmp_path / "pol"), "--out", str(tmp_path / "merged")]) == 0
+    assert "adapters merged" in capsys.readouterr().out
+    plain = JanusForConditionalGeneration.from_pretrained(tmp_path / "merged", local_files_only=True)
+    assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
+    r = load_policy_dir(tmp_path / "merged")
+    assert r.lora is None and _close(_janus_outputs(r), _janus_outputs(p))
+
+
+def test_janus_lora_kl_reference_is_the_base_with_the_adapter_off():
+    p = _janus()
+    ref = LoraReference(p, {k: v.clone() for k, v in p.trainable_state_dict().items()})
+    _trained(p)
+    moved = _janus_outputs(p)
+    with ref.applied() as r:
+        assert _close(_janus_outputs(r), _janus_outputs(_janus(lora=False)), 0.0)
+    assert _close(_janus_outputs(p), moved, 0.0)  # swapped back
+
+
+def test_janus_lora_estimate_and_a_target_that_matches_nothing(capsys):
+    cfg = PolicyConfig(**JANUS, lora=LORA)
+    parts = model_parts(cfg)
+    p = _janus()
+    assert sum(x.params for x in parts if x.trainable) == sum(q.numel() for q in p.parameters() if q.requires_grad)
+    assert {x.name for x in parts if x.trainable} == {"lm.lora", "generator.lora"}
+    with pytest.raises(ValueError, match=r"model\.lora\.generator_target_modules: 'to_q' matches no linear"):
+        model_parts(PolicyConfig(**JANUS, lora={**LORA, "generator_target_modules": ["to_q"]}))
+    assert main(["check-config", "--config", "configs/gvu_janus.yaml", "--estimate",
+                 "--set", "model.lora.enabled=true"]) == 0
+    out = capsys.readouterr().out
+    assert "lm.lora" in out and "generator.lora" in out
