@@ -151,6 +151,23 @@ def adapters_are_identity(state: dict[str, torch.Tensor]) -> bool:
     return all(not bool(v.any()) for k, v in state.items() if ".lora_B." in k)
 
 
+@torch.no_grad()
+def merged_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight of every adapted linear layer of ``module`` with its adapter merged in, ``W + (alpha / rank) B
+    A`` (peft's ``get_delta_weight``), under the plain (peft-free) name ``<layer>.weight``: what a replica that
+    holds merged weights (vLLM) reloads after a sync; nothing else of the base ever changes."""
+    return {f"{name}.weight": m.get_base_layer().weight + m.get_delta_weight(ADAPTER)
+            for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as the module without peft would have it: adapters merged into their base
+    weights (:func:`merged_weights`), ``.base_layer`` dropped from the names, no adapter tensors (what
+    ``save_pretrained(state_dict=...)`` writes as a plain transformers directory)."""
+    plain = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+    return plain | merged_weights(module)
+
+
 def _unload(model: nn.Module) -> None:
     """Merge each peft layer of ``model`` into its base layer and put the base layer back in its place."""
     for name, module in list(model.named_modules()):

@@ -16,13 +16,17 @@ How the pieces of the unified model reach vLLM:
   then recomputes the behaviour log-probs with one teacher-forced pass of the policy's LM (``logprobs=
   "recompute"`` forces that always, e.g. for a vLLM without ``logprobs_mode``).
 - **Weights**: the policy's LM is written with ``policy.lm.save_pretrained`` (+ tokenizer) to a temporary
-  directory that vLLM loads. ``load_weights`` copies every tensor into the policy (bridge / connector /
-  embeddings are used here to build the prompt embeddings) and sends the ``lm.*`` tensors, renamed to
-  the HF checkpoint names vLLM's model classes expect (``lm.model.layers.0...`` ->
-  ``model.layers.0...``), to each vLLM worker through ``LLM.collective_rpc`` on a worker extension
-  (``worker_extension_cls``, vLLM's documented RLHF hook), which calls
-  ``worker.model_runner.model.load_weights(weights)``; vLLM's loader handles fused (qkv / gate-up)
-  parameters itself.
+  directory that vLLM loads (LoRA: the base with the adapters merged, plain names: ``policy.lora.plain_state_dict``).
+  ``load_weights`` copies every received tensor into the policy (bridge / connector / embeddings are used here
+  to build the prompt embeddings), then hands vLLM's worker process the LM tensors as the policy now holds them
+  on the GPU, under the HF checkpoint names vLLM's model classes expect (``lm.model.layers.0...`` ->
+  ``model.layers.0...``); with LoRA, the merged weight of every adapted layer (``W + (alpha / rank) B A``). The
+  tensors go as CUDA IPC handles (``torch.multiprocessing.reductions.reduce_tensor``) through
+  ``LLM.collective_rpc`` on a worker extension (``worker_extension_cls``, vLLM's documented RLHF hook): the
+  RPC carries a few hundred bytes per tensor, the vLLM process maps the same device memory and calls
+  ``model.load_weights``, whose loader handles fused (qkv / gate-up) parameters itself. No tensor data is
+  pickled. The rollout worker's actor and its vLLM process share one GPU, where NCCL cannot put two ranks, so
+  the actor is the member of the driver's collective group and the hop to vLLM is this device-local mapping.
 
 - **Vision-language models** (``policy.vision``): the VLM directory vLLM loads also holds the image
   processor's ``preprocessor_config.json``. A prompt whose input image the VLM's tower reads and that holds no
@@ -44,6 +48,7 @@ from typing import Any, Literal
 
 import torch
 
+from policy.lora import merged_weights, plain_state_dict
 from policy.prompting import mask_unsampleable, unsampleable_ids
 from rollout.engine import SamplingSettings, TextCompletion, TextRequest
 
@@ -78,15 +83,31 @@ def vllm_weight_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list
     return [(name[len(LM_PREFIX):], t) for name, t in named_tensors if name.startswith(LM_PREFIX)]
 
 
+def ipc_handles(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple]]:
+    """(name, CUDA IPC handle) per tensor: ``reduce_tensor``'s (rebuild function, arguments), which another
+    process on the same GPU turns back into a tensor on the same memory. The tensors must stay alive until the
+    receiver has loaded them (the caller holds them across the blocking RPC)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    torch.cuda.synchronize()  # the producer's writes are done before another process reads the memory
+    return [(name, reduce_tensor(t.detach())) for name, t in named_tensors]
+
+
 class UnigrpoWorkerExtension:
     """Mixed into vLLM's GPU worker (``LLM(worker_extension_cls="rollout.vllm_engine.UnigrpoWorkerExtension")``);
     methods are called with ``llm.collective_rpc(name, args=...)`` and run in every worker process."""
 
-    def unigrpo_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+    def unigrpo_load_ipc(self, handles: list[tuple[str, tuple]]) -> int:
+        """Load the tensors of :func:`ipc_handles` (mapped, not copied, until ``load_weights`` copies them in)."""
         model = self.model_runner.model  # type: ignore[attr-defined]
-        device = next(model.parameters()).device
-        loaded = model.load_weights(weights=((n, t.to(device)) for n, t in weights))
-        torch.cuda.synchronize(device)
+        device = torch.cuda.current_device()
+        weights = []
+        for name, (rebuild, args) in handles:
+            args = list(args)
+            args[6] = device  # the handle's device index, as this process numbers the same GPU
+            weights.append((name, rebuild(*args)))
+        loaded = model.load_weights(weights=weights)
+        torch.cuda.synchronize()
         return len(loaded) if loaded is not None else len(weights)
 
 
@@ -110,7 +131,9 @@ class VLLMTextEngine:
         self.policy = policy
         self.logprobs = logprobs
         self._dir = tempfile.mkdtemp(prefix="unigrpo-vllm-")
-        policy.lm.save_pretrained(self._dir, safe_serialization=True)
+        lora = getattr(policy, "lora", None) is not None
+        policy.lm.save_pretrained(self._dir, safe_serialization=True,
+                                  state_dict=plain_state_dict(policy.lm) if lora else None)
         policy.tokenizer.save_pretrained(self._dir)
         if getattr(policy, "vision", None) is not None:  # what vLLM needs to load the VL model's processor
             policy.vision.processor.save_pretrained(self._dir)
@@ -139,11 +162,15 @@ class VLLMTextEngine:
 
     # ---- weights ------------------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        items = list(named_tensors)
-        self.policy.load_trainable(items)  # bridge / connector / embeddings build the prompt embeddings
-        lm = [(n, t.detach().cpu().contiguous()) for n, t in vllm_weight_names(items)]
+        p, items = self.policy, list(named_tensors)
+        p.load_trainable(items)  # bridge / connector / embeddings build the prompt embeddings here
+        if getattr(p, "lora", None) is not None:  # vLLM holds merged weights: the adapted layers change
+            lm = list(merged_weights(p.lm).items())
+        else:  # the policy's GPU copies of the LM tensors that arrived
+            own = p.trainable_state_dict()
+            lm = vllm_weight_names((n, own[n]) for n, _ in items)
         if lm:
-            self.llm.collective_rpc("unigrpo_load_weights", args=(lm,))
+            self.llm.collective_rpc("unigrpo_load_ipc", args=(ipc_handles(lm),))
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     # ---- sampling -----------------------------------------------------------------------------------

@@ -398,7 +398,7 @@ class RunConfig(_Section):
                 f"{self.learner.mini_batches} mini-batches > {self.rollout.prompts_per_step} prompt groups per "
                 "step (rollout.prompts_per_step): a mini-batch is whole groups",
             )
-        check_lora(self.model, self.rollout.engine, self.learner.zero_stage,
+        check_lora(self.model, self.learner.zero_stage,
                    bool(self.algorithm.beta_text or self.algorithm.beta_img))
         if getattr(self.model, "freeze_generator", False) and self.learner.train_generator:
             raise ConfigError("learner.train_generator", "must be false when model.freeze_generator is true")

@@ -83,8 +83,8 @@ FIELD_DOCS: dict[str, str] = {
     "model.seed": "Seed of the random initialisation of tiny parts.",
     "model.freeze_generator": "Freeze the generator (UAE's LM-only mode: it becomes part of the reward "
                               "environment); needs `learner.train_generator: false`.",
-    "model.lora.enabled": "Train LoRA adapters instead of the full LM and generator (`rollout.engine: hf`; "
-                          "either `model.arch`).",
+    "model.lora.enabled": "Train LoRA adapters instead of the full LM and generator (either `model.arch`; "
+                          "a vLLM engine holds the merged weights).",
     "model.lora.rank": "Adapter rank r: each adapted linear layer gets A (r x in) and B (out x r).",
     "model.lora.alpha": "Adapter scale: the update is (alpha / rank) * B A.",
     "model.lora.dropout": "Dropout on the adapters' input in the learner's training forwards (the KL "

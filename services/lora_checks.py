@@ -1,4 +1,4 @@
-"""The run config's LoRA checks that span sections (``model.lora`` against the rollout engine and the learner)
+"""The run config's LoRA checks that span sections (``model.lora`` against the learner)
 or read the model's layers; ``services.config`` calls them, each problem one ConfigError naming its field."""
 
 from __future__ import annotations
@@ -7,13 +7,10 @@ from policy.config import PolicyConfig
 from services.overrides import ConfigError
 
 
-def check_lora(model: PolicyConfig, engine: str, zero_stage: int, kl: bool) -> None:
-    """``model.lora`` with the rollout engine, the ZeRO stage and a KL term (``algorithm.beta_*`` > 0)."""
+def check_lora(model: PolicyConfig, zero_stage: int, kl: bool) -> None:
+    """``model.lora`` with the ZeRO stage and a KL term (``algorithm.beta_*`` > 0)."""
     if not model.lora.enabled:
         return
-    if engine == "vllm":
-        raise ConfigError("rollout.engine", "'vllm' receives full weights through its worker extension; with "
-                          "model.lora.enabled use engine 'hf' (or export a merged model and train it fully)")
     if zero_stage == 3 and kl:
         raise ConfigError("learner.zero_stage", "3 partitions the adapters, and the LoRA KL reference swaps its "
                           "snapshot into them in place (learner/reference.py): use ZeRO 0-2 with a KL term")

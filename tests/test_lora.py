@@ -17,7 +17,7 @@ from learner.reference import LoraReference
 from policy.config import PolicyConfig
 from policy.estimate import MemorySettings, estimate_memory, model_parts
 from policy.factory import load_policy_dir
-from policy.lora import ADAPTERS_FILE, merged
+from policy.lora import ADAPTERS_FILE, merged, merged_weights, plain_state_dict
 from policy.model import UnifiedPolicy
 from rollout.interleaved import RolloutSettings
 from rollout.worker import RolloutWorker
@@ -235,6 +235,17 @@ def test_export_merges_into_plain_transformers_and_diffusers_dirs(tmp_path, caps
     assert _close(_outputs(merged(p)), _outputs(p))
 
 
+def test_plain_lm_state_is_the_merged_lm_and_the_adapted_layers_are_what_changes():
+    """What a vLLM engine loads at start (``plain_state_dict``) and after each sync (``merged_weights``)."""
+    p = _trained(_policy())
+    plain, ref = plain_state_dict(p.lm), merged(p).lm.state_dict()
+    assert set(plain) == set(ref) and all(torch.allclose(plain[k], ref[k], atol=1e-6) for k in ref)
+    changed = merged_weights(p.lm)
+    assert set(changed) == {m[len("lm."):] + ".weight" for m in p.adapted_modules() if m.startswith("lm.")}
+    base = _policy(lora=False).lm.state_dict()
+    assert all(torch.equal(plain[k], base[k]) for k in base if k not in changed)  # the rest is the base
+
+
 # --------------------------------------------------------------------------------------- KL reference
 def test_kl_reference_is_the_base_with_the_adapter_off_when_the_snapshot_is_the_base():
     p = _policy()
@@ -270,7 +281,6 @@ def test_kl_reference_after_stage1_trained_the_adapter_is_the_stage1_policy():
     (["model.lora.generator_target_modules=[to_qq]"], "model.lora.generator_target_modules", "'to_qq'"),
     (["model.lora.lm_target_modules=[]", "model.lora.generator_target_modules=[]"], "model.lora.lm_target_modules",
      "adapt nothing"),
-    (["rollout.engine=vllm", "rollout.num_gpus_per_worker=1"], "rollout.engine", "'hf'"),
     (["learner.zero_stage=3", "algorithm.beta_text=0.1"], "learner.zero_stage", "ZeRO 0-2"),
     (["model.freeze_generator=true", "learner.train_generator=false", "model.lora.generator_target_modules=[to_q]"],
      "model.lora.generator_target_modules", "freeze_generator"),

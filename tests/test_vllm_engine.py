@@ -124,3 +124,35 @@ def test_vllm_load_weights_changes_samples(engine) -> None:
         assert c.logprobs == pytest.approx(engine.policy_logprobs(r, c.token_ids, 1.0), abs=2e-3)
     assert [c.logprobs for c in outs] != [c.logprobs for c in before]
     engine.load_weights(state.items())
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_vllm_lora_engine_holds_the_merged_weights() -> None:
+    """A LoRA policy: vLLM starts from the merged LM and, after a sync of the adapters, holds the merged
+    weights of the adapted layers (handed over as CUDA IPC handles): its log-probs are the policy's."""
+    from policy.config import PolicyConfig
+    from policy.model import UnifiedPolicy
+    from rollout.engine import SamplingSettings
+    from rollout.vllm_engine import VLLMTextEngine
+
+    policy = UnifiedPolicy.from_config(PolicyConfig(lora={"enabled": True, "rank": 4})).to("cuda")
+    g = torch.Generator().manual_seed(3)
+
+    def move_adapters():
+        with torch.no_grad():
+            for t in policy.trainable_state_dict().values():
+                t.add_(torch.randn(t.shape, generator=g).to(t) * 0.05)
+
+    move_adapters()
+    eng = VLLMTextEngine(policy, gpu_memory_utilization=0.2, enforce_eager=True)
+    try:
+        reqs, s = _requests(policy, n=2, max_new=8), SamplingSettings(temperature=1.0, stop_ids=())
+        for _ in range(2):
+            outs = eng.generate(reqs, s, torch.Generator().manual_seed(2))
+            for r, c in zip(reqs, outs):
+                assert c.logprobs == pytest.approx(eng.policy_logprobs(r, c.token_ids, 1.0), abs=2e-3)
+            move_adapters()
+            eng.load_weights([(k, v.clone()) for k, v in policy.trainable_state_dict().items()])
+    finally:
+        eng.close()
