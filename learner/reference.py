@@ -13,8 +13,9 @@ at ``snapshot_reference`` (the start of stage 2, after stage 1 when it ran), fro
   in eval mode (no LoRA dropout), and only ``snapshot`` (adapters + heads) is checkpointed.
 
 The swap writes the snapshot into the parameters in place and restores the exact values (a copy taken just
-before), so it holds where every rank keeps full parameters: ZeRO 0-2 (``services.config`` rejects a KL term
-with LoRA under ZeRO 3).
+before). Under ZeRO 3 the swapped parameters (adapters and heads: small) are gathered for the write and
+re-partitioned after it (``deepspeed.zero.GatheredParameters`` with a modifier rank; every rank holds the same
+snapshot), so the reference pass runs through ZeRO-3's own hooks like any forward.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from policy.factory import Policy, build_policy
 from policy.lora import HEADS, adapters_are_identity
@@ -73,21 +75,37 @@ class LoraReference(_Reference):
     @contextlib.contextmanager
     def applied(self) -> Iterator[Policy]:
         """The policy as the reference, for the block (no gradients: the caller runs it under no_grad)."""
-        p, own = self.policy, self.policy.trainable_state_dict()
-        live = {k: own[k].detach().clone() for k in self.swapped}
+        p = self.policy
+        params = dict(p.named_parameters())
+        targets = [params[k] for k in self.swapped]
+        with torch.no_grad(), _writable(targets):
+            live = [t.detach().clone() for t in targets]
+            for t, k in zip(targets, self.swapped, strict=True):
+                t.copy_(self.snapshot[k])
         was_training = p.training
-        with torch.no_grad():
-            for k in self.swapped:
-                own[k].copy_(self.snapshot[k])
         p.eval()
         try:
             with p.lora.disabled(p) if self.is_base else contextlib.nullcontext():
                 yield p
         finally:
-            with torch.no_grad():
-                for k in self.swapped:
-                    own[k].copy_(live[k])
+            with torch.no_grad(), _writable(targets):
+                for t, v in zip(targets, live, strict=True):
+                    t.copy_(v)
             p.train(was_training)
+
+
+@contextlib.contextmanager
+def _writable(params: list[nn.Parameter]) -> Iterator[None]:
+    """``params`` whole and writable in place for the block: under ZeRO 3 (partitioned parameters carry a
+    ``ds_id``) gathered on every rank, rank 0's values re-partitioned on exit (every rank writes the same);
+    otherwise as they are."""
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
+        yield
 
 
 def make_reference(policy: Policy, snapshot: dict[str, torch.Tensor]) -> CopyReference | LoraReference:

@@ -25,7 +25,7 @@ from services.config_learner import LearnerConfig, SyncConfig
 from services.config_types import NonNegFloat, NonNegInt, PosFloat, PosInt, Prob
 from services.config_types import Section as _Section
 from services.lm_support import check_lm_dir, check_pipeline_lm
-from services.lora_checks import check_lora, check_lora_targets
+from services.lora_checks import check_lora_targets
 from services.overrides import ConfigError, apply_overrides, first_error, format_validation_error
 
 __all__ = [
@@ -398,8 +398,6 @@ class RunConfig(_Section):
                 f"{self.learner.mini_batches} mini-batches > {self.rollout.prompts_per_step} prompt groups per "
                 "step (rollout.prompts_per_step): a mini-batch is whole groups",
             )
-        check_lora(self.model, self.learner.zero_stage,
-                   bool(self.algorithm.beta_text or self.algorithm.beta_img))
         if getattr(self.model, "freeze_generator", False) and self.learner.train_generator:
             raise ConfigError("learner.train_generator", "must be false when model.freeze_generator is true")
         if not (  # the pool's size bounds: the autoscaler and `unigrpo scale` stay within them

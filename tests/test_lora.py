@@ -281,7 +281,6 @@ def test_kl_reference_after_stage1_trained_the_adapter_is_the_stage1_policy():
     (["model.lora.generator_target_modules=[to_qq]"], "model.lora.generator_target_modules", "'to_qq'"),
     (["model.lora.lm_target_modules=[]", "model.lora.generator_target_modules=[]"], "model.lora.lm_target_modules",
      "adapt nothing"),
-    (["learner.zero_stage=3", "algorithm.beta_text=0.1"], "learner.zero_stage", "ZeRO 0-2"),
     (["model.freeze_generator=true", "learner.train_generator=false", "model.lora.generator_target_modules=[to_q]"],
      "model.lora.generator_target_modules", "freeze_generator"),
 ])

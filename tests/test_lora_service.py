@@ -137,20 +137,30 @@ def test_lora_run_trains_through_unigrpo_train(tmp_path, monkeypatch):
         pool.shutdown()
 
 
-def test_lora_learner_under_zero3_two_ranks(tmp_path):
-    """ZeRO 3 over two ranks (no KL term: ``services.config`` rejects one with LoRA there): DeepSpeed partitions
-    the frozen base too, a step moves the adapters and heads only, and the gathered publish is whole."""
+def test_lora_learner_under_zero3_two_ranks_with_kl_equals_one_rank(tmp_path):
+    """ZeRO 3 over two ranks with a KL term: DeepSpeed partitions the frozen base too, the reference pass
+    gathers the adapters and heads to swap them, two steps move the adapters and heads only and take the
+    same steps (gradient norms, weights) as one rank at ZeRO 0; the gathered publish is whole."""
     ray.init(num_cpus=2, include_dashboard=False)
-    cfg = load_config(None, [*LORA, "learner.zero_stage=3", "learner.num_workers=2", "learner.num_cpus_per_worker=0.5"])
-    batch = _batch(cfg)
-    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
-    try:
-        start = group.call("weights_digest")
-        m = group.train_step(batch)
-        after = group.call("weights_digest")
-        assert 0 < m["grad_norm"] < float("inf")
-        assert {k.split(".")[0] for k in start if start[k] != after[k]} == {"lm", "generator", "bridge", "connector"}
-        handle = group.publish()
-        assert set(handle.names()) == set(start) and len(handle.manifest) == 29
-    finally:
-        group.shutdown()
+    kl = [*LORA, "algorithm.beta_text=0.1", "algorithm.beta_img=0.1", "learner.num_cpus_per_worker=0.5"]
+    runs = {}
+    for name, sets in (("one", ["learner.zero_stage=0"]), ("zero3", ["learner.zero_stage=3", "learner.num_workers=2"])):
+        cfg = load_config(None, [*kl, *sets])
+        batch = _batch(cfg)
+        group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
+        try:
+            group.call("snapshot_reference")
+            start = group.call("weights_digest")
+            steps = [group.train_step(batch) for _ in range(2)]
+            runs[name] = (start, steps, group.call("weights_digest"))
+            if name == "zero3":
+                handle = group.publish()
+                assert set(handle.names()) == set(start) and len(handle.manifest) == 29
+        finally:
+            group.shutdown()
+    (start, steps, after), (_, steps3, after3) = runs["one"], runs["zero3"]
+    assert {k.split(".")[0] for k in start if start[k] != after[k]} == {"lm", "generator", "bridge", "connector"}
+    assert steps[1]["text/kl_ref"] > 0 and steps3[1]["text/kl_ref"] > 0  # the policy left its reference
+    for m, m3 in zip(steps, steps3, strict=True):
+        assert m3["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-4)
+    assert after3 == pytest.approx(after, rel=1e-5, abs=1e-6)
