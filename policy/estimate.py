@@ -234,7 +234,8 @@ def _adapter_parts(cfg: PolicyConfig, sides: dict[str, dict[str, torch.nn.Module
             if layers[side]]
 
 
-def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int) -> list[Part]:
+def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int, window: int,
+                   reads_generated: bool) -> list[Part]:
     """The parts of a unified policy. With LoRA the bases are frozen (their activations still count: gradients
     pass through them to the adapters) and the adapters are parts of their own."""
     from policy.bridge import Connector, LatentBridge
@@ -274,7 +275,7 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
                       p.buffers, p.backprop, p.side) for p in parts]  # a tower adapts only when it trains
     parts = [
         Part("lm", lm_params, train_lm and not lora, lm_src, int(text.num_hidden_layers), hidden, int(text.vocab_size),
-             text_tokens + input_tokens + bridge.n_tokens, backprop=train_lm),
+             text_tokens + input_tokens + (bridge.n_tokens if reads_generated else 0), backprop=train_lm),
         *parts,
         Part("bridge", _count(bridge), train_lm, "model.bridge_patch"),
         Part("generator", _count(gen), gen_train and not lora, gen_src, int(g.num_layers), gen_width, 0, image_tokens, window,
@@ -339,12 +340,14 @@ def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens
 
 
 def model_parts(cfg: PolicyConfig, train_lm: bool = True, train_generator: bool = True, text_tokens: int = 128,
-                window: int = 1) -> list[Part]:
+                window: int = 1, reads_generated: bool = True) -> list[Part]:
     """The parts of ``cfg``'s policy at full size (meta device). ``text_tokens``: text per trajectory (prompt +
-    response) for the activation estimate; ``window``: SDE steps per image the learner recomputes."""
+    response) for the activation estimate; ``window``: SDE steps per image the learner recomputes;
+    ``reads_generated``: the LM reads the generated image back through the bridge (CLEAR's answer after it),
+    so its slot counts in the LM's tokens."""
     if cfg.arch == "janus":
         return _janus_parts(cfg, train_lm, train_generator, text_tokens)
-    return _unified_parts(cfg, train_lm, train_generator, text_tokens, window)
+    return _unified_parts(cfg, train_lm, train_generator, text_tokens, window, reads_generated)
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -26,8 +26,10 @@ def memory_settings(cfg: RunConfig):
 def estimate_text(cfg: RunConfig, title: str = "") -> str:
     """The parts table and the per-rank memory lines of ``cfg``."""
     from policy.estimate import estimate_memory, format_estimate, model_parts
+    from recipes import get_recipe
 
     le = cfg.learner
+    reads_generated = get_recipe(cfg.recipe).rollout == "interleaved"  # CLEAR answers after reading its image
     parts = model_parts(cfg.model, le.train_lm, le.train_generator, PROMPT_TOKENS + cfg.rollout.max_new_tokens,
-                        cfg.rollout.sde.window)
+                        cfg.rollout.sde.window, reads_generated)
     return format_estimate(estimate_memory(parts, memory_settings(cfg)), title)
