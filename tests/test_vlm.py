@@ -28,6 +28,7 @@ from reward.actor import RewardActor
 from rollout.engine import HFTextEngine
 from rollout.interleaved import RolloutSettings, rollout
 from services.config import ConfigError, load_config
+from sync import manifest
 from sync.object_store import ObjectStoreReceiver
 
 torch.set_num_threads(1)
@@ -152,12 +153,15 @@ def test_vision_tower_gradients_follow_the_config(vl_dir, train_tower):
     assert policy.lm.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, sd3_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, sd3_dir, tmp_path, lora):
     """One group of CLEAR rollouts on the VLM + an SD3 pipeline directory, the reward, one learner step (the
     learner builds the same policy from the same config and reports the behaviour-vs-recomputed gap), weight sync
-    into a rollout policy, and a checkpoint that loads back as a VLM with the trained weights."""
+    into a rollout policy (verified per adapted module with LoRA), and a checkpoint that loads back as a VLM with
+    the trained weights (LoRA: adapters and heads only, on the base the config names)."""
     cfg = load_config(None, [f"model.lm_path={vl_dir}", f"model.generator_path={sd3_dir}", "model.cond_tokens=8",
-                             "model.train_vision_tower=true", "rollout.sde.steps=4", "rollout.sde.window=2"])
+                             "model.train_vision_tower=true", "rollout.sde.steps=4", "rollout.sde.window=2",
+                             *(["model.lora.enabled=true", "model.lora.rank=4"] if lora else [])])
     cfg.check_paths()
     policy = UnifiedPolicy.from_config(cfg.model)  # the learner builds the same policy from the same config
     trajs = _rollout(policy, [_image(0)], group_size=4, generation="force")  # every sample generates
@@ -173,11 +177,14 @@ def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, sd3
         assert 0 < m["grad_norm"] < float("inf") and m["image/loss"] == m["image/loss"]
         assert m["learn/logp_gap_text"] < 1e-5 and m["learn/logp_gap_image"] < 1e-4, m
         changed = {k for k in before if before[k] != after[k]}
-        assert any(k.startswith("lm.model.visual.") for k in changed)  # the tower trained
+        assert any(k.startswith("lm.model.visual.") for k in changed)  # the tower trained (LoRA: its adapters)
         assert {"generator", "connector", "bridge"} <= {k.split(".")[0] for k in changed}
+        assert not lora or all(".lora_" in k for k in changed if not k.startswith(("bridge.", "connector.")))
         handle = group.publish()
-        engine = HFTextEngine(policy)
-        engine.load_weights(ObjectStoreReceiver().receive(handle, 60))
+        assert bool(handle.manifest) == lora and set(handle.manifest) == set(policy.adapted_modules())
+        received: list[str] = []
+        HFTextEngine(policy).load_weights(manifest.recording(ObjectStoreReceiver().receive(handle, 60), received))
+        manifest.verify(handle, policy.adapted_modules(), received, policy.trainable_state_dict())
         synced = policy.weights_digest()
         assert synced.keys() == after.keys()
         assert all(abs(synced[k] - after[k]) <= 1e-6 * (1 + abs(after[k])) for k in after)
@@ -185,9 +192,10 @@ def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, sd3
     finally:
         group.shutdown()
     saved = tmp_path / "ckpt" / "policy"
-    assert (saved / "lm" / "preprocessor_config.json").is_file()
+    assert (saved / "lm" / "preprocessor_config.json").is_file() != lora  # LoRA: no copy of the base
     loaded = UnifiedPolicy.from_pretrained(saved)
     assert isinstance(loaded.lm, Qwen2_5_VLForConditionalGeneration) and loaded.vision is not None
+    assert (loaded.lora is not None) == lora
     digest = loaded.weights_digest()
     assert digest.keys() == after.keys()
     assert all(abs(digest[k] - after[k]) <= 1e-6 * (1 + abs(after[k])) for k in after)
