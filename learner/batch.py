@@ -37,6 +37,8 @@ class TrainBatch:
     # (S, Tc) long, right-padded: each segment's own condition sequence, of length seg_cond_end (UAE: the caption
     # alone); Tc = 0 (None): every segment is conditioned on its row's prefix input_ids[row, :seg_cond_end]
     seg_cond_ids: torch.Tensor | None = None
+    # (S,) long: where each segment's condition starts (ImageSegment.cond_start; None: zeros)
+    seg_cond_start: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         dev = self.input_ids.device
@@ -44,6 +46,8 @@ class TrainBatch:
             self.vision_counts = torch.zeros(self.input_ids.shape[0], dtype=torch.long, device=dev)
         if self.seg_cond_ids is None:
             self.seg_cond_ids = torch.zeros((self.seg_rows.shape[0], 0), dtype=torch.long, device=dev)
+        if self.seg_cond_start is None:
+            self.seg_cond_start = torch.zeros(self.seg_rows.shape[0], dtype=torch.long, device=dev)
 
     @property
     def num_rows(self) -> int:
@@ -87,7 +91,7 @@ class TrainBatch:
 _ROW_FIELDS = ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts", "row_group",
                "row_weight", "vision_counts")
 _SEG_FIELDS = ("seg_cond_end", "seg_latents", "seg_next_latents", "seg_sigmas", "seg_sigma_nexts", "seg_log_probs",
-               "seg_final", "seg_weight", "seg_cond_ids")
+               "seg_final", "seg_weight", "seg_cond_ids", "seg_cond_start")
 
 
 def concat(batches: list[TrainBatch]) -> TrainBatch:
@@ -150,7 +154,7 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         row_weight=torch.ones(b), seg_weight=torch.ones(len(segs)),
         vision_images=stack_images([tr.vision_images for tr in trajs]),
         vision_counts=torch.tensor([tr.vision_images.shape[0] for tr in trajs], dtype=torch.long),
-        seg_cond_ids=cond_ids,
+        seg_cond_ids=cond_ids, seg_cond_start=torch.tensor([s.cond_start for _, s in segs], dtype=torch.long),
     )
 
 

@@ -51,16 +51,16 @@ class PolicyOutputs:
 
 
 def _conditioning(policy, hidden: torch.Tensor, batch: TrainBatch, repeat: int):
-    """The generator's condition of each segment: from its row's hidden states up to ``seg_cond_end``, or,
-    for segments with a condition sequence of their own (``seg_cond_ids``), from an LM pass over that
-    sequence alone (the rollout's ``generate_images`` on the same ids)."""
+    """The generator's condition of each segment: from its row's hidden states in [``seg_cond_start``,
+    ``seg_cond_end``), or, for segments with a condition sequence of their own (``seg_cond_ids``), from an LM
+    pass over that sequence alone (the rollout's ``generate_images`` on the same ids)."""
     if batch.seg_cond_ids.shape[1]:
         ids = batch.seg_cond_ids
         attn = (torch.arange(ids.shape[1], device=ids.device)[None] < batch.seg_cond_end[:, None]).long()
         hidden = policy.lm_hidden(ids, attn)
-        enc, pooled = policy.condition(hidden, batch.seg_cond_end)
+        enc, pooled = policy.condition(hidden, batch.seg_cond_end, cond_start=batch.seg_cond_start)
     else:
-        enc, pooled = policy.condition(hidden[batch.seg_rows], batch.seg_cond_end)
+        enc, pooled = policy.condition(hidden[batch.seg_rows], batch.seg_cond_end, cond_start=batch.seg_cond_start)
     return enc.repeat_interleave(repeat, 0), pooled.repeat_interleave(repeat, 0)
 
 

@@ -294,17 +294,22 @@ class UnifiedPolicy(nn.Module):
         hidden: torch.Tensor,
         cond_end: torch.Tensor | list[int] | int,
         attention_mask: torch.Tensor | None = None,
+        cond_start: torch.Tensor | list[int] | int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last ``cond_tokens`` hidden states before ``cond_end`` (left zero-padded; positions where
-        ``attention_mask`` is 0 count as padding) -> the connector's (encoder_hidden_states (B,L,D), pooled (B,P)),
-        or for Qwen-Image the states themselves and their mask (B,L) (``policy.qwen_image.text_condition``)."""
+        """Last ``cond_tokens`` hidden states of positions [``cond_start``, ``cond_end``) (left zero-padded;
+        positions where ``attention_mask`` is 0 count as padding; ``cond_start`` > 0: a Qwen-Image template's
+        system part, ``policy.qwen_image.generation_prompt``) -> the connector's (encoder_hidden_states (B,L,D),
+        pooled (B,P)), or for Qwen-Image the states themselves and their mask (B,L)
+        (``policy.qwen_image.text_condition``)."""
         b, t, h = hidden.shape
         end = torch.as_tensor(cond_end, device=hidden.device, dtype=torch.long).reshape(-1).expand(b)
-        if bool(((end <= 0) | (end > t)).any()):
-            raise ValueError(f"condition: cond_end {end.tolist()} outside (0, {t}]")
+        start = torch.as_tensor(cond_start, device=hidden.device, dtype=torch.long).reshape(-1).expand(b)
+        if bool(((end <= start) | (start < 0) | (end > t)).any()):
+            raise ValueError(f"condition: cond_start {start.tolist()}, cond_end {end.tolist()}: not 0 <= start < "
+                             f"end <= {t}")
         n = self.cfg.cond_tokens
         idx = end[:, None] - n + torch.arange(n, device=hidden.device)[None]
-        valid = idx >= 0
+        valid = idx >= start[:, None]
         idx = idx.clamp(min=0)
         if attention_mask is not None:
             valid = valid & attention_mask.bool().gather(1, idx)

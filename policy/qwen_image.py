@@ -4,11 +4,17 @@ Qwen2.5-VL that is the policy's LM (``policy.pipeline.lm_sources``): no connecto
 
 What carries over from diffusers' QwenImagePipeline (``pipeline_qwenimage.py``):
 
+- **Prompt.** A standalone text-to-image prompt (GvU's description, UAE's caption) is the pipeline's
+  ``prompt_template_encode`` around the prompt's tokens (:func:`generation_prompt`); the condition skips the
+  template's system part, ``<|im_start|>system ... <|im_end|>\\n<|im_start|>user\\n`` (the pipeline's
+  ``prompt_template_encode_start_idx`` = 34 tokens with Qwen's tokenizer; here the length of the prefix as the
+  policy's tokenizer encodes it), so it holds the prompt's tokens and the template's suffix. A generation in
+  the middle of a conversation (CLEAR's ``<gen>``) conditions on its context as it is.
 - **Condition.** The pipeline feeds the transformer the text encoder's last hidden states of the prompt tokens
   after its system template (``drop_idx``), left-aligned and right-padded, with their mask
   (``encoder_hidden_states`` + ``encoder_hidden_states_mask``). Here the tokens are the last ``model.cond_tokens``
-  of the trajectory's own context before ``cond_end`` (what the LM has read when it generates), packed the same
-  way: real tokens first (text RoPE positions 0..n-1, as the pipeline's), padding after, masked.
+  of the trajectory's own context in [``cond_start``, ``cond_end``) (what the LM has read when it generates,
+  less a template's system part), packed the same way: real tokens first, padding after, masked.
 - **Latents.** The VAE's latents are 5-D (B, C, T=1, H, W), normalised per channel with the config's
   ``latents_mean`` / ``latents_std``: z_norm = (z - mean) / std, z = z_norm * std + mean. The policy keeps them as
   (B, C, h, w) (the sampler's math is elementwise); the transformer reads them as 2 x 2 patches packed into
@@ -26,6 +32,10 @@ from torch import nn
 from policy.pipeline import QWEN_IMAGE
 
 QWEN_IMAGE_VAE = "AutoencoderKLQwenImage"
+# QwenImagePipeline.prompt_template_encode: the prompt goes where "{}" is
+PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                   "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                   "<|im_end|>\n<|im_start|>assistant\n")
 # transformer options of the other Qwen-Image variants (guidance-distilled, layered): their inputs are not built here
 _UNSUPPORTED = ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
 
@@ -49,6 +59,15 @@ def check_transformer(generator: nn.Module, lm_hidden: int) -> None:
     if int(c.joint_attention_dim) != lm_hidden:
         raise ValueError(f"model.lm_path: the LM's hidden size {lm_hidden} != the transformer's joint_attention_dim "
                          f"{c.joint_attention_dim}: Qwen-Image reads its text encoder's hidden states directly")
+
+
+def generation_prompt(tokenizer, prompt_ids: list[int]) -> tuple[list[int], int]:
+    """A text-to-image prompt as the pipeline encodes it: (the template's prefix ids + ``prompt_ids`` + its suffix
+    ids, the prefix's length), the prefix and suffix being :data:`PROMPT_TEMPLATE`'s two halves tokenized
+    alone. The length is how many leading tokens the condition skips (``cond_start``), as the pipeline drops
+    ``prompt_template_encode_start_idx`` tokens (its prefix under Qwen's tokenizer)."""
+    prefix, suffix = (tokenizer.encode(part, add_special_tokens=False) for part in PROMPT_TEMPLATE.split("{}"))
+    return prefix + list(prompt_ids) + suffix, len(prefix)
 
 
 def text_condition(window: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,8 @@ class ImageSegment(_WireTensors):
     The generator was conditioned on the LM's last hidden states of ``tokens[:cond_end]``, where ``tokens``
     is the trajectory's own sequence, or ``cond_ids`` when set: a sequence of its own (UAE reconstructs
     from the caption alone, read as a generation prompt without the image; then ``cond_end = len(cond_ids)``).
+    The condition reads positions [``cond_start``, ``cond_end``): ``cond_start`` > 0 skips a Qwen-Image
+    prompt template's system part (``policy.qwen_image.generation_prompt``).
     Shapes: latents / next_latents (W, C, h, w); sigmas / sigma_nexts / log_probs (W,); cond_ids (cond_end,).
     """
 
@@ -71,6 +73,7 @@ class ImageSegment(_WireTensors):
     log_probs: torch.Tensor
     final_latent: torch.Tensor
     cond_ids: torch.Tensor | None = None
+    cond_start: int = 0
 
     @property
     def window(self) -> int:
@@ -128,3 +131,5 @@ class Trajectory(_WireTensors):
                     raise ValueError(f"images[{i}]: cond_ids must be 1-D long of length cond_end={seg.cond_end}")
             elif not (0 < seg.cond_end <= t):
                 raise ValueError(f"images[{i}]: cond_end={seg.cond_end} outside the sequence of length {t}")
+            if not 0 <= seg.cond_start < seg.cond_end:
+                raise ValueError(f"images[{i}]: cond_start={seg.cond_start} not in [0, cond_end={seg.cond_end})")

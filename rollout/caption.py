@@ -7,7 +7,10 @@
                                                   own vision run (its tower's features) and / or the slot
     caption  ~ pi(. | prompt)                                               (text, GRPO)
     cond     = "\\n" caption "\\n" <gen>                                    (a generation prompt: GvU's layout,
-                                                                              the caption's own tokens, no image)
+                                                                              the caption's own tokens, no image;
+                                                                              Qwen-Image: its pipeline's template
+                                                                              around the caption, see
+                                                                              ``caption_condition``)
     z_0      ~ SDE sampler conditioned on hidden(cond)                      (window recorded: Flow-GRPO,
                                                                               or ignored with a frozen generator)
     meta["source_image"] = image (3,H,W) in [0,1];  meta["reconstruction"] = D(z_0) (3,H,W) in [0,1]
@@ -22,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from policy import qwen_image
 from policy.prompting import decode_response, encode_prompt
 from policy.trajectory import Trajectory
 from policy.vision import image_to_uint8
@@ -41,13 +45,17 @@ def image_to_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def caption_condition(policy, caption_ids: list[int]) -> list[int]:
-    """The generation prompt of a caption: "\\n" caption "\\n" <gen> (GvU's layout, ``rollout.image``), built
-    from the sampled ids (its end-of-sequence token dropped), so it is exactly what the policy wrote."""
+def caption_condition(policy, caption_ids: list[int]) -> tuple[list[int], int]:
+    """The generation prompt of a caption and how many of its leading tokens the condition skips, built from
+    the sampled ids (its end-of-sequence token dropped), so the caption is exactly what the policy wrote:
+    "\\n" caption "\\n" <gen> and 0 (GvU's layout, ``rollout.image``); for Qwen-Image, its pipeline's prompt
+    template around the caption and the template's system part (``policy.qwen_image.generation_prompt``)."""
     tok, ids = policy.tokenizer, policy.token_ids
     body = [t for t in caption_ids if t != ids["eos"]]
+    if qwen_image.is_qwen_image(policy.cfg.generator_class):
+        return qwen_image.generation_prompt(tok, body)
     newline = tok.encode("\n", add_special_tokens=False)
-    return newline + body + newline + [ids["gen"]]
+    return newline + body + newline + [ids["gen"]], 0
 
 
 @torch.no_grad()
@@ -74,9 +82,9 @@ def uae_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSett
                                sampling, generator)
     contexts = [list(p) + c.token_ids for (_, _, p, _, _), c in zip(rows, captions)]
     # z_0 ~ p_gen(. | hidden(cond)): the caption alone, as a generation prompt
-    conds = [caption_condition(policy, c.token_ids) for c in captions]
+    conds, starts = zip(*(caption_condition(policy, c.token_ids) for c in captions))
     no_slots = torch.zeros((0, *policy.latent_shape))
-    segs, finals = generate_images(policy, conds, [no_slots] * len(conds), s, generator)
+    segs, finals = generate_images(policy, list(conds), [no_slots] * len(conds), s, generator, cond_starts=list(starts))
     for seg, cond in zip(segs, conds):
         seg.cond_ids = torch.tensor(cond, dtype=torch.long)
     recon = policy.decode_latent(finals.to(policy.device)).cpu()

@@ -1,7 +1,9 @@
 """GvU's rollouts: prompt -> image, on either architecture. Signature of :func:`rollout.interleaved.rollout`.
 
 Unified policy (``gvu_rollout``)
-    prompt   = "\\n" description "\\n" <gen>                                (no image, loss_mask False)
+    prompt   = "\\n" description "\\n" <gen>                                (no image, loss_mask False;
+                                                                              Qwen-Image: its pipeline's template
+                                                                              around the description, ``gvu_prompt``)
     z_0      ~ SDE sampler conditioned on hidden(prompt)                    (window recorded)
     No text is sampled (loss_mask all False). meta["generated_latent"] = z_0 (C,h,w),
     meta["prompt_text"] = the description; the "gvu" reward (reward/gvu.py) scores it.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from policy import qwen_image
 from policy.janus import text_image_sequence
 from policy.prompting import encode_prompt
 from policy.trajectory import Trajectory
@@ -26,10 +29,14 @@ from rollout.engine import TextEngine
 from rollout.interleaved import RolloutSettings, generate_images
 
 
-def gvu_prompt(policy, description: str) -> list[int]:
-    """GvU's prompt ids: "\\n" description "\\n" <gen> (no image slot)."""
-    body = encode_prompt(policy.tokenizer, description, policy.n_image_tokens, with_image=False)
-    return body + [policy.token_ids["gen"]]
+def gvu_prompt(policy, description: str) -> tuple[list[int], int]:
+    """GvU's prompt ids (no image slot) and how many of its leading tokens the condition skips:
+    "\\n" description "\\n" <gen> and 0; for Qwen-Image, its pipeline's prompt template around the
+    description's tokens and the template's system part (``policy.qwen_image.generation_prompt``)."""
+    tok = policy.tokenizer
+    if qwen_image.is_qwen_image(policy.cfg.generator_class):
+        return qwen_image.generation_prompt(tok, tok.encode(description, add_special_tokens=False))
+    return encode_prompt(tok, description, policy.n_image_tokens, with_image=False) + [policy.token_ids["gen"]], 0
 
 
 @torch.no_grad()
@@ -38,16 +45,17 @@ def gvu_rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSett
     """GvU: G images per request from its ``text`` (the description). ``engine`` is unused (no text is
     sampled); it is kept for the common signature. Any request image is ignored."""
     del engine
-    rows = []  # (request, group index, prompt ids)
+    rows = []  # (request, group index, (prompt ids, condition start))
     for r in requests:
         rows += [(r, g, gvu_prompt(policy, r["text"])) for g in range(s.group_size)]
     if not rows:
         return []
     empty = torch.zeros((0, *policy.latent_shape))
     # z_0 ~ p_gen(. | hidden(prompt)); cond_end = len(prompt)
-    segs, finals = generate_images(policy, [p for *_, p in rows], [empty] * len(rows), s, generator)
+    segs, finals = generate_images(policy, [p for *_, (p, _) in rows], [empty] * len(rows), s, generator,
+                                   cond_starts=[k for *_, (_, k) in rows])
     out = []
-    for i, (r, g, prompt) in enumerate(rows):
+    for i, (r, g, (prompt, _)) in enumerate(rows):
         t = len(prompt)
         meta = dict(r.get("meta") or {})
         meta["generated_latent"] = finals[i]

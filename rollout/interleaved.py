@@ -58,17 +58,18 @@ def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tensor], s: RolloutSettings,
-                    generator: torch.Generator | None, vision: list[torch.Tensor] | None = None
-                    ) -> tuple[list[ImageSegment], torch.Tensor]:
-    """Latents conditioned on each context's hidden states; returns their segments and final latents, on
-    the CPU. The LM and the sampler run on the policy's device; the noise is drawn on ``generator``'s (the
-    CPU) and moved, so a seed gives the same noise on any device."""
+                    generator: torch.Generator | None, vision: list[torch.Tensor] | None = None,
+                    cond_starts: list[int] | None = None) -> tuple[list[ImageSegment], torch.Tensor]:
+    """Latents conditioned on each context's hidden states (from ``cond_starts``, default 0, to its end);
+    returns their segments and final latents, on the CPU. The LM and the sampler run on the policy's device;
+    the noise is drawn on ``generator``'s (the CPU) and moved, so a seed gives the same noise on any device."""
     dev = policy.device
     ids, attn = _right_padded(contexts, policy.token_ids["pad"])
     _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), torch.cat(latents).to(dev),
                                   images=None if vision is None else stack_images(vision))
     cond_end = torch.tensor([len(c) for c in contexts])
-    enc, pooled = policy.condition(hidden, cond_end)
+    cond_start = torch.tensor(cond_starts or [0] * len(contexts))
+    enc, pooled = policy.condition(hidden, cond_end, cond_start=cond_start)
     b = len(contexts)
     noise = draw_normal((b, *policy.latent_shape), generator, dev)
     starts = window_starts(b, s.sde_steps, s.sde_window, s.sde_window_position, s.sde_window_start, generator)
@@ -78,7 +79,7 @@ def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tenso
     segs = [
         ImageSegment(cond_end=int(cond_end[i]), latents=rec.latents[i], next_latents=rec.next_latents[i],
                      sigmas=rec.sigmas[i], sigma_nexts=rec.sigma_nexts[i], log_probs=rec.log_probs[i],
-                     final_latent=rec.final[i])
+                     final_latent=rec.final[i], cond_start=int(cond_start[i]))
         for i in range(b)
     ]
     return segs, rec.final

@@ -61,7 +61,7 @@ def test_qwen_image_pipeline_is_one_model_without_a_connector():
     assert set(parts) == {"lm", "vision", "bridge", "generator", "vae"} and not parts["vision"].trainable
     assert "Qwen-Image/text_encoder" in parts["lm"].source and "Qwen-Image/vae" in parts["vae"].source
     assert parts["lm"].trainable and not parts["generator"].trainable
-    assert parts["generator"].tokens == (512 // 8 // 2) ** 2 + 256  # packed 2 x 2 latent tokens + condition
+    assert parts["generator"].tokens == (512 // 8 // 2) ** 2 + 264  # packed 2 x 2 latent tokens + condition
     res = subprocess.run([sys.executable, "-m", "services.cli", "check-config", "--estimate", "--config",
                           "configs/uae_qwen_image.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

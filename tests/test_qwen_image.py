@@ -1,8 +1,9 @@
 """Qwen-Image pipeline directories (policy/qwen_image.py): a tiny random-init ``QwenImagePipeline`` saved by diffusers
 (tests/qwen_image_dirs.py) is the whole unified model of a config that differs from configs/uae_qwen_image.yaml
 only in paths and sizes. Its text encoder is the LM, its transformer reads the LM's hidden states directly, its
-scheduler's dynamic shift gives the sampler's sigmas, and sampling through the policy equals diffusers' own
-pipeline on the same condition and noise. With Ray: a group of UAE rollouts, the reward, one learner step, a
+scheduler's dynamic shift gives the sampler's sigmas, a text-to-image prompt is encoded as the pipeline encodes
+it (its template, its condition), and sampling through the policy equals diffusers' own pipeline on the same
+condition and noise. With Ray: a group of UAE rollouts, the reward, one learner step, a
 checkpoint that reloads; and a whole short ``unigrpo train`` from the directory, the workers following the
 learner's weights."""
 
@@ -28,14 +29,16 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from learner.batch import collate
 from learner.group import LearnerGroup
+from learner.objective import policy_outputs
 from policy import qwen_image
 from policy.estimate import model_parts
 from policy.model import UnifiedPolicy
 from policy.pipeline import FlowSchedule
 from policy.sde import flow_sigmas, sample_ode
 from reward.registry import combine
-from rollout.caption import uae_rollout
+from rollout.caption import caption_condition, uae_rollout
 from rollout.engine import HFTextEngine
+from rollout.image import gvu_prompt, gvu_rollout
 from rollout.interleaved import RolloutSettings
 from services import driver
 from services.config import ConfigError, load_config
@@ -68,7 +71,7 @@ def data(tmp_path_factory):
 def tiny(qi_dir, data, tmp_path, *extra: str):
     """configs/uae_qwen_image.yaml with local paths and CPU sizes (nothing else differs)."""
     return load_config(REAL, [
-        f"model.generator_path={qi_dir}", "model.image_size=32", "model.cond_tokens=8", "model.bridge_patch=2",
+        f"model.generator_path={qi_dir}", "model.image_size=32", "model.cond_tokens=32", "model.bridge_patch=2",
         "model.dtype=float32", f"task.path={data}", "task.train_size=8", "task.eval_size=2", "task.image_size=32",
         "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6",
         "rollout.num_cpus_per_worker=0.5", "rollout.num_gpus_per_worker=0", "rollout.sde.steps=4",
@@ -155,6 +158,76 @@ def test_sampling_and_decoding_equal_diffusers_pipeline(qi_dir, policy):
     assert torch.allclose(v_pad, v_cut, atol=1e-5)
 
 
+def _template(tok) -> tuple[list[int], list[int]]:
+    """The pipeline template's prefix and suffix ids, each half tokenized alone."""
+    prefix, suffix = qwen_image.PROMPT_TEMPLATE.split("{}")
+    return tok.encode(prefix, add_special_tokens=False), tok.encode(suffix, add_special_tokens=False)
+
+
+def test_text_to_image_condition_is_the_pipelines(qi_dir, policy):
+    """GvU's prompt and UAE's caption condition are QwenImagePipeline's prompt template around the text, and the
+    generator's condition (encoder_hidden_states + mask) is what its ``_get_qwen_prompt_embeds`` gives for the same
+    texts, with the same text encoder weights and tokenizer: the hidden states after the template's system part,
+    left-aligned, right-padded, masked. The pipeline tokenizes the whole formatted string; on these texts that is
+    the prefix, the text and the suffix tokenized apart (asserted). Its drop index (34) is the prefix's length under
+    Qwen's tokenizer; the test directory's tiny tokenizer encodes the prefix in more tokens, so the pipeline is
+    given that count (the policy computes it the same way, from its own tokenization of the prefix)."""
+    pipe = QwenImagePipeline.from_pretrained(qi_dir)
+    assert pipe.prompt_template_encode == qwen_image.PROMPT_TEMPLATE
+    tok, ids = policy.tokenizer, policy.token_ids
+    prefix, suffix = _template(tok)
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])  # Qwen's chat tokens, single ids
+    assert [t for t in prefix + suffix if t in (start, end)] == [start, end, start, end, start]
+    texts = ["what colour is the shape", "a red circle"]
+    prompts = [gvu_prompt(policy, t) for t in texts]
+    for text, (prompt, start) in zip(texts, prompts):
+        assert prompt == prefix + tok.encode(text, add_special_tokens=False) + suffix and start == len(prefix)
+        assert prompt == pipe.tokenizer(qwen_image.PROMPT_TEMPLATE.format(text)).input_ids
+    caption = tok.encode(texts[1], add_special_tokens=False) + [ids["eos"]]  # as sampled: eos dropped
+    assert caption_condition(policy, caption) == prompts[1]
+    pipe.prompt_template_encode_start_idx = len(prefix)
+    width = max(len(p) for p, _ in prompts)
+    batch = torch.tensor([p + [ids["pad"]] * (width - len(p)) for p, _ in prompts])
+    attn = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p, _ in prompts])
+    with torch.no_grad():
+        theirs, theirs_mask = pipe._get_qwen_prompt_embeds(texts, device=torch.device("cpu"))
+        _, hidden = policy.lm_forward(batch, attn)
+        enc, mask = policy.condition(hidden, attn.sum(1), cond_start=[s for _, s in prompts])
+    n = theirs.shape[1]
+    assert n == max(len(p) - s for p, s in prompts) <= policy.cfg.cond_tokens  # the whole text and suffix
+    assert torch.equal(mask[:, :n], theirs_mask.bool()) and not mask[:, n:].any() and not enc[:, n:].any()
+    gap = float((enc[:, :n] - theirs).abs().max())
+    assert gap < 1e-5, gap
+
+
+def test_template_rollouts_match_the_learners_recomputation(policy):
+    """UAE (the caption's own condition sequence) and GvU (the row's prompt) on Qwen-Image: the segments record
+    the template's system part as ``cond_start``, and the learner's recomputed window log-probs equal the
+    behaviour ones; the window reaches back to the prefix, so the skip changes them."""
+    prefix, suffix = _template(policy.tokenizer)
+    s = RolloutSettings(group_size=2, max_new_tokens=6, sde_steps=4, sde_window=2)
+    img = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
+    uae = uae_rollout(policy, HFTextEngine(policy), [{"prompt_id": "p0", "image": img}], s, 1,
+                      torch.Generator().manual_seed(0))
+    gvu = gvu_rollout(policy, HFTextEngine(policy), [{"prompt_id": "q0", "text": "a red circle"}], s, 1,
+                      torch.Generator().manual_seed(1))
+    for trajs in (uae, gvu):
+        for t in trajs:
+            t.validate()
+            (seg,) = t.images
+            cond = (t.input_ids if seg.cond_ids is None else seg.cond_ids)[:seg.cond_end].tolist()
+            assert cond[:len(prefix)] == prefix and cond[-len(suffix):] == suffix and seg.cond_start == len(prefix)
+            assert seg.cond_end - seg.cond_start < policy.cfg.cond_tokens  # the window would reach the prefix
+        batch = collate(trajs, torch.zeros(len(trajs)), policy.token_ids["pad"])
+        with torch.no_grad():
+            out = policy_outputs(policy, batch, s.temperature, s.sde_noise_level)
+            batch.seg_cond_start = torch.zeros_like(batch.seg_cond_start)
+            unskipped = policy_outputs(policy, batch, s.temperature, s.sde_noise_level)
+        gap = float((out.img_logp - batch.seg_log_probs).abs().max())
+        assert gap < 1e-5, gap
+        assert float((unskipped.img_logp - batch.seg_log_probs).abs().max()) > 1e-3
+
+
 def test_estimate_reads_the_directorys_parts(qi_dir, data, tmp_path, policy):
     """``check-config --estimate`` on the tiny directory: the parts the policy builds, from the pipeline's folders
     (the LM's vocabulary before the special tokens are added)."""
@@ -211,6 +284,7 @@ def test_uae_rollouts_reward_learner_step_and_checkpoint_reload(local_ray, qi_di
         m = group.train_step(collate(trajs, adv / (adv.std() + 1e-6), policy.token_ids["pad"]))
         after = group.call("weights_digest")
         assert m["image/loss"] == m["image/loss"] and 0 < m["grad_norm"] < float("inf")
+        assert m["learn/logp_gap_image"] < 1e-5  # the templated caption's condition, recomputed
         changed = {k for k in before if before[k] != after[k]}
         assert {k.split(".")[0] for k in changed} == {"lm", "bridge", "generator"}
         assert not lora or all(".lora_" in k for k in changed if not k.startswith("bridge."))  # adapters only

@@ -78,7 +78,8 @@ def test_uae_rollout_caption_reconstruction_window(policy):
         assert seg.window == SETTINGS.sde_window and torch.isfinite(seg.log_probs).all()
         # the reconstruction's condition is the caption alone, as a generation prompt: no image slot in it
         caption = [i for i in t.input_ids[t.prompt_len:].tolist() if i != policy.token_ids["eos"]]
-        assert seg.cond_ids.tolist() == caption_condition(policy, caption) and seg.cond_end == len(seg.cond_ids)
+        cond, start = caption_condition(policy, caption)
+        assert seg.cond_ids.tolist() == cond and seg.cond_end == len(seg.cond_ids) and seg.cond_start == start == 0
         assert policy.token_ids["img"] not in seg.cond_ids.tolist()
     assert trajs[0].meta["k"] == 1
     _check_learner_recomputes(policy, trajs)
