@@ -37,28 +37,24 @@ the base's. ``from_config`` builds one from the run's ``model`` section (``arch:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policy.bridge import positions_from_mask
 from policy.build import build_tokenizer, torch_dtype
 from policy.config import PolicyConfig
 from policy.janus_chat import DEFAULT_IMAGE_TOKEN, JANUS_PRO_SYSTEM_PROMPT, chat_ids, chat_template_of
+from policy.janus_persist import read_adapters, read_janus_dir, write_adapters, write_janus_dir
 from policy.janus_tiny import TINY_TEXT, TINY_VISION, TINY_VQ, tiny_janus_config
-from policy.lora import ADAPTERS_FILE, Adapters
-from policy.persist import CONFIG_FILE, FORMAT
-from policy.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
+from policy.lora import Adapters
+from policy.tokenizer import build_tiny_tokenizer, special_token_ids
 from policy.vision import cache_keyword
 from policy.weights import copy_named_tensors, tensor_sums
-
-PREPROCESSOR_FILE = "preprocessor_config.json"  # image_mean / image_std of the understanding encoder
 
 
 class JanusPolicy(nn.Module):
@@ -121,50 +117,28 @@ class JanusPolicy(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, tokenizer_path: str | None = None, dtype: torch.dtype = torch.float32
                         ) -> JanusPolicy:
-        """A local Janus checkpoint (``local_files_only``, safetensors only); text vocab = the checkpoint's
-        text vocab (grown when the project's special tokens are added). ``image_mean`` / ``image_std`` come
-        from its ``preprocessor_config.json`` when there is one (default 0.5 / 0.5: pixels to [-1, 1])."""
-        from transformers import JanusForConditionalGeneration
-
-        model = JanusForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                              use_safetensors=True)
-        tok = load_tokenizer(tokenizer_path or path)
-        if len(tok) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tok))
-            model.config.text_config.vocab_size = len(tok)
-        pre = Path(path) / PREPROCESSOR_FILE
-        norm = json.loads(pre.read_text()) if pre.is_file() else {}
-        return cls(model, tok, norm.get("image_mean") or (0.5,) * 3, norm.get("image_std") or (0.5,) * 3,
-                   chat_template=chat_template_of(tok, tokenizer_path or path))
+        """A local Janus checkpoint (``policy.janus_persist.read_janus_dir``)."""
+        return cls(**read_janus_dir(path, tokenizer_path, dtype))
 
     @classmethod
     def from_adapters(cls, directory: str | Path) -> JanusPolicy:
         """What :meth:`save_pretrained` writes for a LoRA policy: the base its ``model`` section names, then
         the saved adapters (every one, or ValueError)."""
         d = Path(directory)
-        policy = cls.from_config(PolicyConfig(**json.loads((d / CONFIG_FILE).read_text())["policy"]))
+        cfg, adapters = read_adapters(d)
+        policy = cls.from_config(cfg)
         own = policy.trainable_state_dict()
-        if policy.load_trainable(load_file(str(d / ADAPTERS_FILE))) != len(own):
-            raise ValueError(f"{d / ADAPTERS_FILE}: does not hold every adapter of {len(own)} tensors")
+        if policy.load_trainable(adapters) != len(own):
+            raise ValueError(f"{d}: does not hold every adapter of {len(own)} tensors")
         return policy
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """A plain Hugging Face Janus directory (safetensors + tokenizer + image mean / std) that
-        :meth:`from_pretrained` (and ``model.janus_path``) loads back. With LoRA: the adapters
-        (``adapters.safetensors``) and the ``model`` section naming the base (:meth:`from_adapters`;
+        """A plain Hugging Face Janus directory that :meth:`from_pretrained` (and ``model.janus_path``) loads
+        back; with LoRA, the adapters and the ``model`` section naming the base (:meth:`from_adapters`;
         ``policy.lora.merged`` for a plain directory)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        if self.lora is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
-                      str(d / ADAPTERS_FILE))
-            meta = {"format": FORMAT, "policy": self.cfg.model_dump(mode="json")}
-            (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            return
-        self.model.save_pretrained(d)
-        self.tokenizer.chat_template = self.chat_template  # saved as chat_template.jinja, read back as its own
-        self.tokenizer.save_pretrained(d)
-        (d / PREPROCESSOR_FILE).write_text(json.dumps({"image_mean": self.image_mean, "image_std": self.image_std}))
+        (write_adapters if self.lora is not None else write_janus_dir)(self, d)
 
     def train(self, mode: bool = True) -> JanusPolicy:
         super().train(mode)
