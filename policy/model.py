@@ -168,7 +168,9 @@ class UnifiedPolicy(nn.Module):
                 vision = self.vision.sized(image, self.cfg.image_size)[None]
                 out[k] = (self.vision.slot(vision[0]), out[k][1], vision)
         if self.input_image_mode in ("bridge", "both") and images:
-            pixels = torch.stack([torch.tensor(x).permute(2, 0, 1) for x in images]).float() / 255.0  # copies
+            # (H, W, 3) uint8 tensors, or arrays (read-only from a batch: copied)
+            hwc = [x if isinstance(x, torch.Tensor) else torch.tensor(x) for x in images]
+            pixels = torch.stack([x.permute(2, 0, 1) for x in hwc]).float() / 255.0
             latents = self.encode_image(pixels).cpu()  # trajectories hold CPU tensors
             slot = image_slot(self.token_ids, self.n_image_tokens)
             out = [(tokens + slot, latents[k : k + 1], vision) for k, (tokens, _, vision) in enumerate(out)]
