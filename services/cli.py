@@ -126,6 +126,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else EXIT_OK
 
 
+def _cmd_seeds(args: argparse.Namespace) -> int:
+    from services.config import ConfigError
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError("--seeds", f"{args.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError("--seeds", f"{args.seeds!r}: distinct integers >= 0, e.g. 0,1,2")
+    cfg = _load(args, check_paths=True)  # a config error exits 2 before any run starts
+    run_seeds = _resolve("services.seeds", "run_seeds")
+    run_seeds(args.config, cfg.run_name, seeds, list(args.set), Path(args.out))
+    return EXIT_OK
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     _check_dir("--checkpoint", args.checkpoint)
     export = _resolve("services.export", "export")
@@ -220,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     _add_verbose_arg(p)
     p.set_defaults(handler=_cmd_serve)
+
+    p = sub.add_parser("seeds", help="train a config once per seed and tabulate its stage-2-vs-stage-1 evaluations "
+                                     "(per seed, mean and spread)")
+    _add_config_args(p)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--out", default="runs/seeds", metavar="DIR", help="where seeds.md and seeds.json go")
+    p.set_defaults(handler=_cmd_seeds)
 
     p = sub.add_parser("export", help="write a checkpoint's policy as a self-contained directory (LoRA adapters "
                                       "merged into the base: lm/ and generator/ load with plain transformers / "

@@ -1,0 +1,109 @@
+"""``unigrpo seeds``: one config trained once per seed, and the evaluations of the runs gathered into one table.
+
+Each seed runs ``unigrpo train --config C --set seed=S --set run_name=<run_name>-seed<S>`` (plus the given
+``--set`` overrides) in a process of its own, one after another. Its final evaluation
+(``runs/<run_name>-seed<S>/eval_final.json``, written when the run evaluates after stage 1 and after stage 2)
+gives, per held-out set and decoding mode, the change stage 2 - stage 1 and its exact McNemar p on the same
+items. The table has one row per (set, mode): each seed's change and p, then the mean and the sample standard
+deviation of the change over seeds, and how many seeds show a rise with p < 0.05. Rows for "forced - forbidden"
+(after stage 2) and the sampled trigger rate come from each run's final metrics. Written as ``seeds.json`` and
+``seeds.md`` in ``--out``, the Markdown also printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ALPHA = 0.05
+
+
+@dataclass
+class SeedRow:
+    """One quantity over seeds: per seed (value, p or None), and its mean / spread over seeds."""
+
+    name: str
+    values: dict[int, float] = field(default_factory=dict)
+    p: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values.values()) if self.values else math.nan
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.values.values()) if len(self.values) > 1 else 0.0
+
+    @property
+    def significant_rises(self) -> int:
+        """Seeds whose value is > 0 with p < ALPHA."""
+        return sum(1 for s, v in self.values.items() if v > 0 and self.p.get(s, 1.0) < ALPHA)
+
+
+def seed_table(evals: dict[int, dict]) -> list[SeedRow]:
+    """Rows from each seed's ``eval_final.json`` content (``comparison`` and ``metrics``), in a stable order."""
+    rows: dict[str, SeedRow] = {}
+
+    def put(name: str, seed: int, value: float, p: float | None) -> None:
+        row = rows.setdefault(name, SeedRow(name))
+        row.values[seed] = float(value)
+        if p is not None:
+            row.p[seed] = float(p)
+
+    for seed, ev in sorted(evals.items()):
+        comparison, metrics = ev.get("comparison") or {}, ev.get("metrics") or {}
+        for key, diff in comparison.items():  # compare/<set>/<mode>/diff
+            if key.endswith("/diff"):
+                stem = key[: -len("/diff")]
+                put(f"stage 2 - stage 1: {stem.removeprefix('compare/')}", seed, diff, comparison.get(f"{stem}/mcnemar_p"))
+        for key, diff in metrics.items():  # eval/<set>/forced_vs_forbidden/diff
+            if key.endswith("/forced_vs_forbidden/diff"):
+                stem = key[: -len("/diff")]
+                put(f"forced - forbidden: {stem.split('/')[1]}", seed, diff, metrics.get(f"{stem}/mcnemar_p"))
+            elif key.endswith("/sampled/trigger_rate"):
+                put(f"trigger rate, sampled: {key.split('/')[1]}", seed, diff, None)
+    return sorted(rows.values(), key=lambda r: r.name)
+
+
+def format_markdown(rows: list[SeedRow]) -> str:
+    seeds = sorted({s for r in rows for s in r.values})
+    head = "| quantity | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | rises with p < 0.05 |"
+    lines = [head, "|" + "---|" * (len(seeds) + 4)]
+    for r in rows:
+        cells = []
+        for s in seeds:
+            v = r.values.get(s)
+            cells.append("" if v is None else f"{v:+.3f}" + (f" (p {r.p[s]:.2g})" if s in r.p else ""))
+        rises = f"{r.significant_rises}/{len(r.values)}" if r.p else ""
+        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.mean:+.3f} | {r.sd:.3f} | {rises} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(config: str | None, run_name: str, seeds: list[int], overrides: list[str], out: Path) -> list[SeedRow]:
+    """Train once per seed (each in its own process), then gather and write the table."""
+    evals = {}
+    for i, seed in enumerate(seeds, start=1):
+        name = f"{run_name}-seed{seed}"
+        print(f"seed {seed} ({i}/{len(seeds)}): unigrpo train, run {name}", flush=True)
+        argv = [sys.executable, "-m", "services.cli", "train", *(["--config", config] if config else []),
+                *[a for o in overrides for a in ("--set", o)], "--set", f"seed={seed}", "--set", f"run_name={name}"]
+        code = subprocess.run(argv, check=False).returncode
+        if code != 0:
+            raise RuntimeError(f"seed {seed}: unigrpo train exited {code}")
+        path = Path("runs") / name / "eval_final.json"
+        if not path.is_file():
+            raise RuntimeError(f"seed {seed}: {path} was not written (the run needs its stage-1 and final evals)")
+        evals[seed] = json.loads(path.read_text())
+    rows = seed_table(evals)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_markdown(rows)
+    (out / "seeds.md").write_text(table)
+    (out / "seeds.json").write_text(json.dumps(
+        [asdict(r) | {"mean": r.mean, "sd": r.sd, "significant_rises": r.significant_rises} for r in rows], indent=2))
+    print(table, end="")
+    return rows
