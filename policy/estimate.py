@@ -204,22 +204,14 @@ def _unified_models(cfg: PolicyConfig) -> tuple[torch.nn.Module, str, torch.nn.M
 def lora_plan(cfg: PolicyConfig) -> dict[str, list[str]]:
     """The layers ``model.lora`` adapts, per side, on the full-size parts; an entry that matches nothing raises
     ValueError naming its field (``check_paths`` runs this before a run starts)."""
+    from policy.janus import lora_roots
     from policy.lora import plan
+    from policy.model import unified_lora_roots
 
     if cfg.arch == "janus":
-        return plan(cfg, _janus_lora_roots(_janus_model(cfg)[0]))
+        return plan(cfg, lora_roots(_janus_model(cfg)[0], "model"))
     lm, _, _, _, gen, _ = _unified_models(cfg)
-    return plan(cfg, _unified_lora_roots(lm, gen))
-
-
-def _unified_lora_roots(lm: torch.nn.Module, gen: torch.nn.Module) -> dict[str, dict[str, torch.nn.Module]]:
-    return {"lm": {"lm": lm}, "generator": {"generator": gen}}  # as UnifiedPolicy.lora_roots
-
-
-def _janus_lora_roots(model: torch.nn.Module) -> dict[str, dict[str, torch.nn.Module]]:
-    from policy.janus import lora_roots
-
-    return lora_roots(model, "model")
+    return plan(cfg, unified_lora_roots(lm, gen))
 
 
 def _adapter_parts(cfg: PolicyConfig, sides: dict[str, dict[str, torch.nn.Module]], train_lm: bool,
@@ -240,6 +232,7 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     pass through them to the adapters) and the adapters are parts of their own."""
     from policy.bridge import Connector, LatentBridge
     from policy.build import vae_factor
+    from policy.model import unified_lora_roots
 
     lm, lm_src, vae, vae_src, gen, gen_src = _unified_models(cfg)
     text = lm.config.get_text_config()
@@ -270,7 +263,7 @@ def _unified_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_toke
     lora = cfg.lora.enabled
     adapters = []
     if lora:
-        adapters = _adapter_parts(cfg, _unified_lora_roots(lm, gen), train_lm, gen_train)
+        adapters = _adapter_parts(cfg, unified_lora_roots(lm, gen), train_lm, gen_train)
         parts = [Part(p.name, p.params, False, p.source, p.layers, p.width, p.vocab, p.tokens, p.rows_factor,
                       p.buffers, p.backprop, p.side) for p in parts]  # a tower adapts only when it trains
     parts = [
@@ -320,6 +313,8 @@ def _janus_model(cfg: PolicyConfig) -> tuple[torch.nn.Module, str]:
 def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens: int) -> list[Part]:
     """The parts of a Janus policy; with LoRA every base part is frozen and the adapters are parts of their own
     (the LM's activations still count: gradients pass through it to the adapters)."""
+    from policy.janus import lora_roots
+
     model, src = _janus_model(cfg)
     m, jc = model.model, model.config
     text = jc.text_config
@@ -327,7 +322,7 @@ def _janus_parts(cfg: PolicyConfig, train_lm: bool, train_gen: bool, text_tokens
     n_codes = int(jc.vq_config.num_patches) ** 2
     full = not cfg.lora.enabled
     train_gen = train_gen and not cfg.freeze_generator
-    adapters = _adapter_parts(cfg, _janus_lora_roots(model), train_lm, train_gen) if cfg.lora.enabled else []
+    adapters = _adapter_parts(cfg, lora_roots(model, "model"), train_lm, train_gen) if cfg.lora.enabled else []
     return [
         Part("janus.lm", lm, train_lm and full, src, int(text.num_hidden_layers), int(text.hidden_size),
              int(text.vocab_size), text_tokens + n_codes, backprop=train_lm or train_gen),

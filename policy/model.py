@@ -393,7 +393,7 @@ class UnifiedPolicy(nn.Module):
 
     def lora_roots(self) -> dict[str, dict[str, nn.Module]]:
         """Where ``model.lora`` puts adapters (``policy.lora``): the LM side and the generator side."""
-        return {"lm": {"lm": self.lm}, "generator": {"generator": self.generator}}
+        return unified_lora_roots(self.lm, self.generator)
 
     def adapted_modules(self) -> dict[str, list[str]]:
         """LoRA: adapted module -> its adapter tensors' names (what every weight sync verifies); {} without."""
@@ -408,3 +408,8 @@ class UnifiedPolicy(nn.Module):
     ) -> int:
         """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count."""
         return copy_named_tensors(self.trainable_state_dict(), named_tensors)
+
+
+def unified_lora_roots(lm: nn.Module, generator: nn.Module) -> dict[str, dict[str, nn.Module]]:
+    """The LoRA sides of a unified policy whose LM and generator are ``lm`` and ``generator``."""
+    return {"lm": {"lm": lm}, "generator": {"generator": generator}}
