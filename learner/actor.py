@@ -47,10 +47,10 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, policy_cfg: PolicyConfig,
                  learner_cfg: Any, algo_cfg: Any, sft_cfg: Any, seed: int = 0, num_threads: int = 1,
-                 sde_steps: int = 8) -> None:
+                 sde_cfg: Any = None) -> None:
         """``learner_cfg`` / ``algo_cfg`` / ``sft_cfg``: the run config's frozen ``learner`` / ``algorithm`` /
-        ``sft`` sections (``services.config``), read by attribute; ``sde_steps``: the rollout's denoising steps
-        (stage 1 samples its noisy latents on the same schedule)."""
+        ``sft`` sections (``services.config``), read by attribute; ``sde_cfg``: the rollout's ``sde`` section
+        (stage 1 samples its own generations with the same steps and start; None: 8 steps from noise)."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         torch.set_num_threads(max(1, num_threads))
@@ -62,7 +62,9 @@ class LearnerWorker:
         if not self.cuda:
             _cpu_deepspeed_without_jit()
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
-        self.cfg, self.algo, self.sft_cfg, self.sde_steps = learner_cfg, algo_cfg, sft_cfg, sde_steps
+        self.cfg, self.algo, self.sft_cfg = learner_cfg, algo_cfg, sft_cfg
+        self.sde_steps = 8 if sde_cfg is None else sde_cfg.steps
+        self.sde_strength = 1.0 if sde_cfg is None else sde_cfg.strength
         self.policy = build_policy(policy_cfg)
         self._freeze(learner_cfg)
         # the learner's forward alone builds a backward graph: checkpointing is turned on here only
@@ -188,7 +190,8 @@ class LearnerWorker:
         """Stage 1 on the global batch of raw examples (see ``learner.sft``), this rank's share: text
         cross-entropy + flow matching + bridge."""
         self.engine.train()
-        shard = sft_shard(self.policy, examples, self.sde_steps, self.sft_generator, self.rank, self.world_size)
+        shard = sft_shard(self.policy, examples, self.sde_steps, self.sft_generator, self.rank, self.world_size,
+                          self.sde_strength)
         shard.batch = shard.batch.to(self.policy.device)
         loss, m = sft_loss(self.policy, shard, self.sft_cfg.text_weight, self.sft_cfg.flow_weight, self.world_size)
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})

@@ -26,9 +26,9 @@ def _rendezvous_address(world_size: int) -> tuple[str, int]:
 
 class LearnerGroup:
     def __init__(self, policy_cfg: PolicyConfig, learner_cfg: Any, algo_cfg: Any, sft_cfg: Any, seed: int,
-                 custom_resource: str | None = None, sde_steps: int = 8) -> None:
+                 custom_resource: str | None = None, sde_cfg: Any = None) -> None:
         """The run config's frozen ``model`` / ``learner`` / ``algorithm`` / ``sft`` sections (see
-        ``LearnerWorker``); ``sde_steps``: ``rollout.sde.steps``."""
+        ``LearnerWorker``); ``sde_cfg``: ``rollout.sde``."""
         w = learner_cfg.num_workers
         bundle = {"CPU": learner_cfg.num_cpus_per_worker}
         if learner_cfg.num_gpus_per_worker:
@@ -47,7 +47,7 @@ class LearnerGroup:
             cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)).remote(
                 i, w, addr, port, policy_cfg, learner_cfg, algo_cfg, sft_cfg, seed,
-                max(1, int(bundle["CPU"])), sde_steps)
+                max(1, int(bundle["CPU"])), sde_cfg)
             for i in range(w)
         ]
 

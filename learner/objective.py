@@ -13,7 +13,7 @@ from learner.losses import aggregation_denominator, image_policy_loss, text_poli
 from learner.sft import SFTShard
 from learner.sharding import GlobalCounts
 from policy.prompting import mask_unsampleable
-from policy.sde import window_log_probs
+from policy.sde import restoration_flow, window_log_probs
 from policy.shared_prefix import (
     PrefixPlan,
     lm_hidden_shared_prefix,
@@ -170,12 +170,13 @@ def sft_loss(
     policy, shard: SFTShard, text_weight: float = 1.0, flow_weight: float = 1.0, world_size: int = 1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Stage 1: text cross-entropy on the target tokens + flow matching that restores each image
-    segment's target latent (``seg_final``) from noise, conditioned on the context before it; this rank's
-    share of the global batch's loss, times the world size W (DeepSpeed averages gradients over ranks):
+    segment's target latent (``seg_final``) from the sampler's start (noise; at ``rollout.sde.strength`` s < 1
+    the noised input latent, ``policy.sde.restoration_flow``), conditioned on the context before it; this
+    rank's share of the global batch's loss, times the world size W (DeepSpeed averages gradients over ranks):
 
-        x_s = (1 - s) x_0 + s eps,  v* = eps - x_0,
+        x_t = x_0 + u (x_s - x_0),  t = s u,  v* = (x_s - x_0) / s     (s = 1: x_t = (1 - t) x_0 + t eps, v* = eps - x_0)
         L_r = W * [ text_weight * sum_{rows of r} w CE / N_tokens
-                    + flow_weight * sum_{images of r} w mean_latent ||v(x_s, s) - v*||^2 / N_images ].
+                    + flow_weight * sum_{images of r} w mean_latent ||v(x_t, t) - v*||^2 / N_images ].
     """
     batch = shard.batch
     logits, hidden = policy.lm_forward(batch.input_ids, batch.attention_mask, batch.slot_latents,
@@ -187,10 +188,11 @@ def sft_loss(
     metrics = {"sft/text_ce": ce.item()}
     if batch.num_segments:
         x0, dev = batch.seg_final, batch.seg_final.device
-        eps, s = shard.flow_noise.to(dev), shard.flow_times.to(dev)
-        xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+        sources = None if shard.flow_sources is None else shard.flow_sources.to(dev)
+        xt, t, target = restoration_flow(x0, shard.flow_noise.to(dev), sources, shard.flow_times.to(dev),
+                                         shard.strength if sources is not None else 1.0)
         enc, pooled = _conditioning(policy, hidden, batch, 1)
-        err = (policy.velocity(xs, s, enc, pooled) - (eps - x0)).pow(2).flatten(1).mean(-1)
+        err = (policy.velocity(xt, t, enc, pooled) - target).pow(2).flatten(1).mean(-1)
         fm = world_size * (batch.seg_weight * err).sum() / max(1, shard.images)
         loss = loss + flow_weight * fm
         metrics["sft/flow_mse"] = fm.item()

@@ -23,7 +23,7 @@ import torch
 from learner.batch import TrainBatch, collate
 from learner.sharding import padding_donors, split_evenly
 from policy.prompting import encode_prompt, encode_target
-from policy.sde import sample_ode
+from policy.sde import restoration_sources, restoration_start, sample_ode
 from policy.trajectory import ImageSegment, Trajectory
 from policy.vision import empty_images, stack_images
 
@@ -38,16 +38,20 @@ class SFTShard:
 
     batch: TrainBatch  # this rank's examples (and a zero-weight padding one where needed)
     flow_noise: torch.Tensor  # (S, C, h, w): eps of each image segment's flow-matching target
-    flow_times: torch.Tensor  # (S,): its time s
+    flow_times: torch.Tensor  # (S,): its position u on the path (policy.sde.restoration_flow)
+    flow_sources: torch.Tensor | None  # (S, C, h, w): the input latents a restoration starts from (strength < 1)
+    strength: float  # rollout.sde.strength: the path runs from sigma = strength
     tokens: int  # target tokens of the global batch
     images: int  # image targets of the global batch
 
 
 @torch.no_grad()
 def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tensor, steps: int,
-                    noise: torch.Tensor, vision_images: torch.Tensor | None = None) -> torch.Tensor:
-    """Latents the policy generates (ODE from ``noise``) from each context (ending in <gen>) with its input
-    image's slot latents (``input_latents``, row-major) and a VLM tower's input images (``vision_images``)."""
+                    noise: torch.Tensor, vision_images: torch.Tensor | None = None,
+                    sources: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """Latents the policy generates (ODE from ``noise``, or from the noised ``sources`` at ``strength`` < 1,
+    as the rollouts do) from each context (ending in <gen>) with its input image's slot latents
+    (``input_latents``, row-major) and a VLM tower's input images (``vision_images``)."""
     width = max(len(c) for c in contexts)
     ids = torch.full((len(contexts), width), policy.token_ids["pad"], dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -56,7 +60,9 @@ def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tens
     dev = policy.device
     _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), input_latents.to(dev), images=vision_images)
     enc, pooled = policy.condition(hidden, torch.tensor([len(c) for c in contexts]))
-    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), noise.to(dev), policy.sigmas(steps)).cpu()
+    strength = 1.0 if sources is None else strength
+    start = restoration_start(noise.to(dev), sources, strength)
+    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), start, strength * policy.sigmas(steps)).cpu()
 
 
 def _rank_rows(examples: list[dict], rank: int, world: int) -> tuple[list[int], list[int]]:
@@ -70,7 +76,7 @@ def _rank_rows(examples: list[dict], rank: int, world: int) -> tuple[list[int], 
 
 @torch.no_grad()
 def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Generator | None = None,
-              rank: int = 0, world: int = 1) -> SFTShard:
+              rank: int = 0, world: int = 1, strength: float = 1.0) -> SFTShard:
     """examples: {text, image (H,W,3 uint8) or None, clean_image, answer, generate: bool}, the global batch.
 
     ``image: None`` gives a text-only prompt (no image slot): with ``generate`` the generator learns to make
@@ -95,12 +101,13 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
     prompts = [run + encode_prompt(tok, e["text"], n, with_image=False) for (run, _, _), e in zip(shown, local)]
     gen_local = [j for j, i in enumerate(picked) if examples[i]["generate"]]
     noise_row = {j: gen_all.index(picked[j]) for j in gen_local}
-    own = {}
+    own, sources = {}, None
     if gen_local:
+        sources = restoration_sources([inputs[j] for j in gen_local], strength)
         made = own_generations(policy, [prompts[j] + [policy.token_ids["gen"]] for j in gen_local],
                                torch.cat([inputs[j] for j in gen_local]), steps,
                                ode_noise[[noise_row[j] for j in gen_local]],
-                               stack_images([vision[j] for j in gen_local]))
+                               stack_images([vision[j] for j in gen_local]), sources, strength)
         own = {j: made[k : k + 1] for k, j in enumerate(gen_local)}
     trajs = []
     for j, e in enumerate(local):
@@ -122,4 +129,4 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
     batch.row_weight[len(rows):] = 0.0
     batch.seg_weight = batch.row_weight[batch.seg_rows].clone()
     keep = [noise_row[j] for j in gen_local]
-    return SFTShard(batch, eps[keep], times[keep], int(tokens), len(gen_all))
+    return SFTShard(batch, eps[keep], times[keep], sources, strength, int(tokens), len(gen_all))

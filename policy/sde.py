@@ -90,6 +90,42 @@ def sample_ode(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
     return x
 
 
+def restoration_start(noise: torch.Tensor, source: torch.Tensor | None, strength: float) -> torch.Tensor:
+    """The sampler's start at sigma = ``strength`` (diffusers' img2img knob): the source latent, noised.
+
+        x_s = (1 - s) z_src + s eps          (s = 1, or no source: pure noise, eps)
+
+    The K steps then run over ``strength`` x the schedule's sigmas (from s to 0)."""
+    if strength == 1.0 or source is None:
+        return noise
+    return (1.0 - strength) * source.to(noise) + strength * noise
+
+
+def restoration_sources(slot_latents: list[torch.Tensor], strength: float) -> torch.Tensor | None:
+    """Each row's input-image latent (its first slot), the start of a restoration (strength < 1); None at
+    strength 1. A row without an input image's latent cannot be restored from it: a ValueError."""
+    if strength == 1.0:
+        return None
+    if any(lat.shape[0] == 0 for lat in slot_latents):
+        raise ValueError("rollout.sde.strength < 1 restores from the input image's latent (a bridge slot); "
+                         "a row has none")
+    return torch.stack([lat[0] for lat in slot_latents])
+
+
+def restoration_flow(x0: torch.Tensor, eps: torch.Tensor, source: torch.Tensor | None, u: torch.Tensor,
+                     strength: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flow-matching point and target on the straight path from the sampler's start to the data
+    (stage 1's generator loss; u ~ U(0, 1) per sample):
+
+        x_s = (1 - s) z_src + s eps,   t = s u,   x_t = x0 + u (x_s - x0),   v* = dx_t/dt = (x_s - x0) / s
+
+    returns (x_t, t, v*). With s = 1 this is the plain rectified flow x_t = (1 - t) x0 + t eps, v* = eps - x0;
+    with s < 1 the generator learns to carry a noised source (the degraded input) to the clean latent."""
+    start = restoration_start(eps, source, strength)
+    uu = u.view(-1, *([1] * (x0.dim() - 1))).to(x0)
+    return x0 + uu * (start - x0), strength * u, (start - x0) / strength
+
+
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """K+1 sigmas from 1 to 0; ``shift`` warps them as SD3 does: s' = shift*s / (1 + (shift-1)*s)."""
     if steps < 1:

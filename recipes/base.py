@@ -44,6 +44,7 @@ class Recipe:
     evaluation: Evaluation
     sft: SFTFn | None = None
     architectures: tuple[str, ...] = ("unified",)
+    restores: bool = False  # its generations restore the input image (rollout.sde.strength < 1 may start from it)
 
     def requests(self, items: Sequence[PromptItem], image_size: int = 32) -> list[dict]:
         """One rollout request per task item, in order (``image_size``: for items that hold no image)."""
@@ -71,6 +72,12 @@ class Recipe:
         out = [ConfigProblem(f, m) for f, m in architecture_problems(cfg, self.name, self.architectures)]
         if self.sft is None and cfg.sft.enabled:
             out.append(ConfigProblem("sft.enabled", f"recipe {self.name!r} has no stage-1 SFT; set it to false"))
+        if cfg.rollout.sde.strength < 1 and not self.restores:
+            out.append(ConfigProblem("rollout.sde.strength", f"recipe {self.name!r} generates from text, not from "
+                                     "an input image: strength < 1 (start from the input image) needs clear"))
+        elif cfg.rollout.sde.strength < 1 and getattr(cfg.model, "input_image", None) == "vision":
+            out.append(ConfigProblem("rollout.sde.strength", "strength < 1 starts from the input image's latent: "
+                                     "model.input_image must be bridge or both"))
         return out
 
     def first_problem(self, cfg: Any) -> ConfigProblem | None:

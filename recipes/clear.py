@@ -45,4 +45,5 @@ CLEAR = Recipe(
     rewards=({"name": "answer", "weight": 1.0}, {"name": "format", "weight": 0.1}),
     evaluation="accuracy",
     sft=clear_sft_examples,
+    restores=True,
 )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from policy.prompting import decode_response, encode_prompt
-from policy.sde import draw_normal, sample_latents, window_starts
+from policy.sde import draw_normal, restoration_sources, restoration_start, sample_latents, window_starts
 from policy.trajectory import ImageSegment, Trajectory
 from policy.vision import empty_images, stack_images
 from rollout.engine import SamplingSettings, TextCompletion, TextEngine, TextRequest
@@ -39,11 +39,14 @@ class RolloutSettings:
     sde_window_position: str = "random"
     sde_window_start: int = 0
     sde_noise_level: float = 0.7
+    sde_strength: float = 1.0  # < 1: a restoration starts from the input image's latent (policy.sde.restoration_start)
     generation: str = "auto"  # auto | force | forbid (module docstring)
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATION_MODES:
             raise ValueError(f"generation must be one of {GENERATION_MODES}, got {self.generation!r}")
+        if not 0.0 < self.sde_strength <= 1.0:
+            raise ValueError(f"sde_strength must be in (0, 1], got {self.sde_strength}")
 
 
 def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,9 +62,12 @@ def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.
 @torch.no_grad()
 def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tensor], s: RolloutSettings,
                     generator: torch.Generator | None, vision: list[torch.Tensor] | None = None,
-                    cond_starts: list[int] | None = None) -> tuple[list[ImageSegment], torch.Tensor]:
+                    cond_starts: list[int] | None = None, sources: torch.Tensor | None = None
+                    ) -> tuple[list[ImageSegment], torch.Tensor]:
     """Latents conditioned on each context's hidden states (from ``cond_starts``, default 0, to its end);
-    returns their segments and final latents, on the CPU. The LM and the sampler run on the policy's device;
+    returns their segments and final latents, on the CPU. ``sources`` (B, C, h, w): the latents a restoration
+    starts from (``policy.sde.restoration_start``, sigmas from ``s.sde_strength`` to 0; None: from noise,
+    sigmas from 1). The LM and the sampler run on the policy's device;
     the noise is drawn on ``generator``'s (the CPU) and moved, so a seed gives the same noise on any device."""
     dev = policy.device
     ids, attn = _right_padded(contexts, policy.token_ids["pad"])
@@ -73,9 +79,10 @@ def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tenso
     b = len(contexts)
     noise = draw_normal((b, *policy.latent_shape), generator, dev)
     starts = window_starts(b, s.sde_steps, s.sde_window, s.sde_window_position, s.sde_window_start, generator)
-    rec = sample_latents(lambda x, sig: policy.velocity(x, sig, enc, pooled), noise,
-                         policy.sigmas(s.sde_steps), s.sde_window, s.sde_noise_level, starts,
-                         generator).to("cpu")
+    strength = 1.0 if sources is None else s.sde_strength
+    rec = sample_latents(lambda x, sig: policy.velocity(x, sig, enc, pooled),
+                         restoration_start(noise, sources, strength), strength * policy.sigmas(s.sde_steps),
+                         s.sde_window, s.sde_noise_level, starts, generator).to("cpu")
     segs = [
         ImageSegment(cond_end=int(cond_end[i]), latents=rec.latents[i], next_latents=rec.next_latents[i],
                      sigmas=rec.sigmas[i], sigma_nexts=rec.sigma_nexts[i], log_probs=rec.log_probs[i],
@@ -119,7 +126,8 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
                 and len(c.token_ids) < s.max_new_tokens]
     if gen_rows:
         segs, finals = generate_images(policy, [seqs[i] for i in gen_rows], [slot_lat[i] for i in gen_rows], s, generator,
-                                       [vision[i] for i in gen_rows])
+                                       [vision[i] for i in gen_rows], sources=restoration_sources(
+                                           [slot_lat[i] for i in gen_rows], s.sde_strength))
         slot = policy.image_placeholder_ids()
         for j, i in enumerate(gen_rows):
             images[i].append(segs[j])

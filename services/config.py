@@ -129,6 +129,7 @@ class SDEConfig(_Section):
     window_position: Literal["fixed", "random"] = "random"
     window_start: NonNegInt = 0
     noise_level: NonNegFloat = 0.7
+    strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
 
     @model_validator(mode="after")
     def _window(self) -> SDEConfig:

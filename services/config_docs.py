@@ -135,6 +135,11 @@ FIELD_DOCS: dict[str, str] = {
     "rollout.sde.window": "Stochastic (SDE) steps whose log-probs are recorded and trained.",
     "rollout.sde.window_position": "Where the window sits: `fixed` at `window_start`, or `random` per image.",
     "rollout.sde.window_start": "First window step when `window_position: fixed`.",
+    "rollout.sde.strength": "CLEAR's restorations: 1 samples from pure noise; s < 1 starts from the input "
+                            "image's latent noised to sigma s, `(1 - s) z + s eps` (diffusers' img2img "
+                            "`strength`), and runs the steps over s x the schedule's sigmas; stage 1's flow loss "
+                            "trains the same path (`policy.sde.restoration_flow`). Needs the input image's latent "
+                            "(`model.input_image` bridge or both).",
     "rollout.sde.noise_level": "The SDE's noise scale `a` (`policy/sde.py`: `std_t = a * sqrt(sigma / "
                                "(1 - sigma))`).",
     "rollout.vllm.gpu_memory_utilization": "Share of the GPU's memory vLLM may take.",

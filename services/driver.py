@@ -117,7 +117,7 @@ class Run:
         L = cfg.learner
         self.learner = LearnerGroup(
             cfg.model, L, cfg.algorithm, cfg.sft, cfg.seed,
-            cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None, cfg.rollout.sde.steps)
+            cfg.cluster.learner_resource if cfg.cluster.use_custom_resources else None, cfg.rollout.sde)
         self.learner.call_all("set_sampling", cfg.rollout.temperature, cfg.rollout.sde.noise_level)
         self.reward = start_reward(cfg)  # reward.backend: actor | serve (services/reward_backend.py)
         self.pool = worker_pool(cfg, cfg.rollout.num_workers)

@@ -20,6 +20,7 @@ from learner.objective import policy_outputs
 from policy.config import PolicyConfig
 from policy.model import UnifiedPolicy
 from policy.prompting import encode_prompt
+from policy.sde import restoration_flow, restoration_sources, restoration_start
 from recipes import get_recipe
 from rollout.engine import HFTextEngine
 from rollout.interleaved import RolloutSettings, rollout
@@ -216,6 +217,51 @@ def test_forbidden_generation_never_generates(policy, requests):
             assert t.response_len >= 1 and torch.isfinite(lp).all() and bool((lp <= 0).all())
     with pytest.raises(ValueError, match="generation"):
         RolloutSettings(generation="sometimes")
+
+
+def test_restoration_flow_is_the_plain_flow_at_strength_one_and_ends_at_its_start():
+    g = torch.Generator().manual_seed(0)
+    x0, eps, src = (torch.randn(5, 4, 8, 8, generator=g) for _ in range(3))
+    u = torch.rand(5, generator=g)
+    xt, t, v = restoration_flow(x0, eps, src, u, 1.0)  # s = 1: the source plays no part
+    assert torch.equal(t, u)
+    plain = (1 - u.view(-1, 1, 1, 1)) * x0 + u.view(-1, 1, 1, 1) * eps
+    assert torch.allclose(xt, plain, atol=1e-6) and torch.allclose(v, eps - x0, atol=1e-6)
+    s = 0.4
+    start = restoration_start(eps, src, s)
+    assert torch.allclose(start, 0.6 * src + 0.4 * eps, atol=1e-6)
+    ends = restoration_flow(x0, eps, src, torch.ones(5), s)
+    assert torch.allclose(ends[0], start, atol=1e-6) and torch.allclose(ends[1], torch.full((5,), s))
+    assert torch.allclose(restoration_flow(x0, eps, src, torch.zeros(5), s)[0], x0, atol=1e-6)
+    # Euler along the target velocity from the start, over sigmas s..0, lands on the data
+    sig = s * torch.linspace(1, 0, 5)
+    x = start
+    for k in range(4):
+        x = x + (sig[k + 1] - sig[k]) * restoration_flow(x0, eps, src, sig[k] / s * torch.ones(5), s)[2]
+    assert torch.allclose(x, x0, atol=1e-5)
+
+
+def test_a_restoration_starts_from_the_input_image_and_recomputes(policy, requests):
+    at0 = {"generation": "force", "sde_window_position": "fixed", "sde_window_start": 0}
+    forced = _roll(policy, requests, sde_strength=0.5, **at0)
+    for t in forced:
+        (seg,) = t.images
+        assert float(seg.sigmas.max()) <= 0.5 + 1e-6  # the steps run from sigma 0.5 down
+    _recomputes(policy, forced)  # the learner's recomputed window log-probs are the rollout's
+    # the same noise and condition from another input latent give another restoration: it starts from the input
+    dark = [{**r, "image": (r["image"] // 4).astype(np.uint8)} for r in requests]
+    other = _roll(policy, dark, sde_strength=0.5, **at0)
+    plain = _roll(policy, requests, **at0)
+    for a, b, c in zip(forced, other, plain):  # the same noise: the starts differ by (1 - s) x the inputs' latents
+        diff = a.images[0].latents[0] - b.images[0].latents[0]
+        assert torch.allclose(diff, 0.5 * (a.slot_latents[0] - b.slot_latents[0]), atol=1e-5)
+        assert not torch.allclose(a.images[0].final_latent, b.images[0].final_latent, atol=1e-4)
+        src = a.slot_latents[0]  # from noise, the first state does not hold the input
+        assert float((a.images[0].latents[0] - src).abs().mean()) < float((c.images[0].latents[0] - src).abs().mean())
+    with pytest.raises(ValueError, match="input image"):
+        restoration_sources([torch.zeros((0, *policy.latent_shape))], 0.5)
+    with pytest.raises(ValueError, match="sde_strength"):
+        RolloutSettings(sde_strength=0.0)
 
 
 # ---- the evaluation report ---------------------------------------------------------------------------
