@@ -108,6 +108,7 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
                                torch.cat([inputs[j] for j in gen_local]), steps,
                                ode_noise[[noise_row[j] for j in gen_local]],
                                stack_images([vision[j] for j in gen_local]), sources, strength)
+        made = policy.generated_slot(made) if policy.cfg.read_generation == "pixels" else made
         own = {j: made[k : k + 1] for k, j in enumerate(gen_local)}
     trajs = []
     for j, e in enumerate(local):

@@ -61,7 +61,7 @@ TINY_GENERATOR: dict[str, Any] = {
 VLM_TYPES = ("qwen2_5_vl", "qwen3_vl")
 
 # The fields only one architecture reads (``PolicyConfig.unused_fields`` names those set for the other).
-UNIFIED_FIELDS = ("lm_path", "lm_tiny", "generator_path", "generator_tiny", "vae_path", "vae_tiny")
+UNIFIED_FIELDS = ("lm_path", "lm_tiny", "generator_path", "generator_tiny", "vae_path", "vae_tiny", "read_generation")
 JANUS_FIELDS = ("janus_path", "janus_tiny")
 JANUS_TINY_KEYS = ("text", "vision", "vq")  # overrides of policy.janus_tiny.TINY_TEXT / TINY_VISION / TINY_VQ
 
@@ -144,6 +144,9 @@ class PolicyConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     freeze_generator: bool = False
+    # CLEAR: what the LM reads of a generated image: its latent through the bridge (the Latent Representation
+    # Bridge), or (pixels, the paper's ablation) its decoded 8-bit image encoded again by the VAE
+    read_generation: Literal["latent", "pixels"] = "latent"
     # a vision-language lm_path (policy/vision.py): how the input image reaches the LM, and its vision tower
     input_image: Literal["vision", "bridge", "both"] | None = None  # null: vision for a VLM, else bridge
     train_vision_tower: bool = False

@@ -365,6 +365,15 @@ class UnifiedPolicy(nn.Module):
         x = qwen_image.from_vae(self.vae, self.vae.decode(qwen_image.to_vae(self.vae, z), return_dict=False)[0])
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    @torch.no_grad()
+    def generated_slot(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the bridge reads of generated latents (B,C,h,w): the latents themselves, or with
+        ``model.read_generation: pixels`` their decoded image, rounded to 8 bits and encoded again."""
+        if self.cfg.read_generation == "latent":
+            return latents
+        pixels = (self.decode_latent(latents.to(self.device)) * 255.0).round() / 255.0
+        return self.encode_image(pixels).to(latents.device)
+
     # ---- weights ------------------------------------------------------------------------------
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """The trainable sub-modules by side (``learner.train_lm`` / ``train_generator``, ``lm_lr_scale``)."""

@@ -75,9 +75,12 @@ class Recipe:
         if cfg.rollout.sde.strength < 1 and not self.restores:
             out.append(ConfigProblem("rollout.sde.strength", f"recipe {self.name!r} generates from text, not from "
                                      "an input image: strength < 1 (start from the input image) needs clear"))
-        elif cfg.rollout.sde.strength < 1 and getattr(cfg.model, "input_image", None) == "vision":
+        elif cfg.rollout.sde.strength < 1 and cfg.model.input_image == "vision":
             out.append(ConfigProblem("rollout.sde.strength", "strength < 1 starts from the input image's latent: "
                                      "model.input_image must be bridge or both"))
+        if cfg.model.read_generation != "latent" and not self.restores:
+            out.append(ConfigProblem("model.read_generation", f"recipe {self.name!r} never reads a generated image "
+                                     "back; only clear does"))
         return out
 
     def first_problem(self, cfg: Any) -> ConfigProblem | None:

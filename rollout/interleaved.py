@@ -3,8 +3,9 @@
 1. Sample text from prompt (image slot + question); stop at <eos> or <gen>.
 2. Rows that stopped at <gen> (and may still generate): the LM's hidden states of the context condition
    the generator; the SDE sampler draws a latent and records its stochastic window (log-probs kept).
-3. The latent enters the context through the bridge (an image slot after <gen>, no decode/re-encode) and
-   text sampling continues to the answer. A second <gen> ends the response (it then has no answer).
+3. The latent enters the context through the bridge (an image slot after <gen>, no decode/re-encode; the
+   ablation ``model.read_generation: pixels`` decodes and re-encodes it) and text sampling continues to the
+   answer. A second <gen> ends the response (it then has no answer).
 
 ``RolloutSettings.generation`` decides step 1 (evaluation's "does generating help?"): ``auto`` lets the model
 choose; ``force`` opens every response with <gen> (not sampled: loss mask False, log-prob 0), so every
@@ -128,13 +129,13 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
         segs, finals = generate_images(policy, [seqs[i] for i in gen_rows], [slot_lat[i] for i in gen_rows], s, generator,
                                        [vision[i] for i in gen_rows], sources=restoration_sources(
                                            [slot_lat[i] for i in gen_rows], s.sde_strength))
-        slot = policy.image_placeholder_ids()
+        slot, read = policy.image_placeholder_ids(), policy.generated_slot(finals)
         for j, i in enumerate(gen_rows):
             images[i].append(segs[j])
             seqs[i] += slot
             masks[i] += [False] * len(slot)
             logps[i] += [0.0] * len(slot)
-            slot_lat[i] = torch.cat([slot_lat[i], finals[j : j + 1]])
+            slot_lat[i] = torch.cat([slot_lat[i], read[j : j + 1]])
         budgets = [s.max_new_tokens - len(first[i].token_ids) for i in gen_rows]
         second = engine.generate([TextRequest(seqs[i], slot_lat[i], n, vision[i]) for i, n in zip(gen_rows, budgets)],
                                  sampling, generator)

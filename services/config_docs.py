@@ -67,6 +67,10 @@ FIELD_DOCS: dict[str, str] = {
     "model.vae_path": "A local diffusers VAE directory; null takes the pipeline's `vae/` when "
                       "`generator_path` is a pipeline directory, else builds the tiny VAE.",
     "model.vae_tiny": "Overrides of the tiny VAE's config (`policy.config.TINY_VAE`).",
+    "model.read_generation": "CLEAR: what the LM reads of a generated image. `latent`: the latent itself "
+                             "through the bridge (the Latent Representation Bridge); `pixels`: its decoded "
+                             "image, rounded to 8 bits and encoded again by the VAE (the paper's decode -> "
+                             "re-encode ablation).",
     "model.input_image": "How the input image reaches the LM: `vision` (a VLM `lm_path`'s own image "
                          "processor and vision tower, at its `<|image_pad|>` tokens), `bridge` (VAE latent -> "
                          "Latent Representation Bridge -> `<img>` slots), or `both` (the vision run, then the "

@@ -117,6 +117,24 @@ def test_recipe_specific_rewards() -> None:
     assert [c.name for c in gvu.reward.components] == ["gvu"]
 
 
+def test_a_restoration_start_needs_clear_and_the_input_images_latent() -> None:
+    assert load_config(None, ["rollout.sde.strength=0.6"]).rollout.sde.strength == 0.6
+    for name, sets, why in (("gvu_tiny.yaml", [], "needs clear"), ("uae_tiny.yaml", [], "needs clear"),
+                            (None, ["model.input_image=vision", "model.lm_path=/x"], "bridge or both")):
+        with pytest.raises(ConfigError, match=why) as info:
+            load_config(ROOT / "configs" / name if name else None, ["rollout.sde.strength=0.5", *sets])
+        assert info.value.field_path == "rollout.sde.strength"
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"rollout.sde.strength={bad}"])
+        assert info.value.field_path == "rollout.sde.strength"
+    assert load_config(None, ["model.read_generation=pixels"]).model.read_generation == "pixels"
+    for name in ("gvu_tiny.yaml", "uae_tiny.yaml", "gvu_janus_tiny.yaml"):
+        with pytest.raises(ConfigError) as info:
+            load_config(ROOT / "configs" / name, ["model.read_generation=pixels"])
+        assert info.value.field_path == "model.read_generation"
+
+
 # ---------------------------------------------------------------------------------------- overrides
 def test_set_overrides_parse_types() -> None:
     cfg = load_config(

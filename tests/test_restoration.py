@@ -264,6 +264,23 @@ def test_a_restoration_starts_from_the_input_image_and_recomputes(policy, reques
         RolloutSettings(sde_strength=0.0)
 
 
+def test_read_generation_pixels_reads_the_decoded_and_re_encoded_image(policy, requests):
+    latent = _roll(policy, requests, generation="force")
+    for t in latent:  # the bridge reads the generated latent itself
+        assert torch.equal(t.slot_latents[1], t.images[0].final_latent)
+    ablation = copy.copy(policy)
+    ablation.cfg = policy.cfg.model_copy(update={"read_generation": "pixels"})
+    reread = _roll(ablation, requests, generation="force")
+    for a, b in zip(latent, reread):
+        final = b.images[0].final_latent
+        assert torch.equal(final, a.images[0].final_latent)  # the same generation (same seed)
+        with torch.no_grad():
+            pixels = (policy.decode_latent(final[None]) * 255).round() / 255
+            assert torch.allclose(b.slot_latents[1], policy.encode_image(pixels)[0], atol=1e-3)
+        assert float((b.slot_latents[1] - final).abs().max()) > 0.05
+    _recomputes(ablation, reread)
+
+
 # ---- the evaluation report ---------------------------------------------------------------------------
 class InProcessPool:
     """The rollout pool's interface (``generate``, ``call("decode")``) over one policy in this process."""
