@@ -6,7 +6,8 @@ Each seed runs ``unigrpo train --config C --set seed=S --set run_name=<run_name>
 gives, per held-out set and decoding mode, the change stage 2 - stage 1 and its exact McNemar p on the same
 items. The table has one row per (set, mode): each seed's change and p, then the mean and the sample standard
 deviation of the change over seeds, and how many seeds show a rise with p < 0.05. Rows for "forced - forbidden"
-(after stage 2) and the sampled trigger rate come from each run's final metrics. Written as ``seeds.json`` and
+(after stage 2), the sampled trigger rate, and each set's accuracy per mode and restoration PSNR after stage 2
+come from each run's final metrics. Written as ``seeds.json`` and
 ``seeds.md`` in ``--out``, the Markdown also printed.
 """
 
@@ -67,6 +68,11 @@ def seed_table(evals: dict[int, dict]) -> list[SeedRow]:
                 put(f"forced - forbidden: {stem.split('/')[1]}", seed, diff, metrics.get(f"{stem}/mcnemar_p"))
             elif key.endswith("/sampled/trigger_rate"):
                 put(f"trigger rate, sampled: {key.split('/')[1]}", seed, diff, None)
+            elif key.endswith("/accuracy"):  # eval/<set>/accuracy (greedy) or eval/<set>/<mode>/accuracy
+                parts = key.split("/")
+                put(f"after stage 2: {parts[1]}/{parts[2] if len(parts) == 4 else 'greedy'} accuracy", seed, diff, None)
+            elif key.endswith("/restoration/psnr_db"):
+                put(f"after stage 2: {key.split('/')[1]} restoration PSNR (dB)", seed, diff, None)
     return sorted(rows.values(), key=lambda r: r.name)
 
 

@@ -22,13 +22,17 @@ def _eval(diff: float, p: float, trigger: float) -> dict:
     return {"comparison": {"compare/severity3/greedy/diff": diff, "compare/severity3/greedy/mcnemar_p": p,
                            "compare/severity3/greedy/n": 400.0},
             "metrics": {"eval/severity3/sampled/trigger_rate": trigger, "eval/severity3/forced_vs_forbidden/diff": -diff,
-                        "eval/severity3/forced_vs_forbidden/mcnemar_p": 0.5, "eval/severity3/accuracy": 0.7}}
+                        "eval/severity3/forced_vs_forbidden/mcnemar_p": 0.5, "eval/severity3/accuracy": 0.7,
+                        "eval/severity3/forced/accuracy": 0.7 + diff, "eval/severity3/restoration/psnr_db": 21.0}}
 
 
 def test_table_over_seeds_has_each_seed_the_mean_the_spread_and_the_significant_rises():
     rows = {r.name: r for r in seed_table({0: _eval(0.04, 0.01, 0.3), 1: _eval(0.02, 0.2, 0.2), 2: _eval(-0.01, 0.03, 0.1)})}
     assert set(rows) == {"stage 2 - stage 1: severity3/greedy", "forced - forbidden: severity3",
-                         "trigger rate, sampled: severity3"}
+                         "trigger rate, sampled: severity3", "after stage 2: severity3/greedy accuracy",
+                         "after stage 2: severity3/forced accuracy", "after stage 2: severity3 restoration PSNR (dB)"}
+    assert rows["after stage 2: severity3/forced accuracy"].values == {0: 0.74, 1: 0.72, 2: 0.69}
+    assert rows["after stage 2: severity3 restoration PSNR (dB)"].mean == pytest.approx(21.0)
     change = rows["stage 2 - stage 1: severity3/greedy"]
     assert change.values == {0: 0.04, 1: 0.02, 2: -0.01} and change.p == {0: 0.01, 1: 0.2, 2: 0.03}
     assert change.mean == pytest.approx(0.05 / 3) and change.sd == pytest.approx(0.025166, abs=1e-6)
