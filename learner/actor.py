@@ -191,7 +191,7 @@ class LearnerWorker:
         cross-entropy + flow matching + bridge."""
         self.engine.train()
         shard = sft_shard(self.policy, examples, self.sde_steps, self.sft_generator, self.rank, self.world_size,
-                          self.sde_strength)
+                          self.sde_strength, self.sft_cfg.clean_slot_prob)
         shard.batch = shard.batch.to(self.policy.device)
         loss, m = sft_loss(self.policy, shard, self.sft_cfg.text_weight, self.sft_cfg.flow_weight, self.world_size)
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})

@@ -3,8 +3,9 @@
 A degraded image's target is ``<gen> [slot] <answer>X</answer>``: the model learns to trigger generation,
 the generator learns (flow matching, conditioned on the context up to <gen>) to restore the clean latent,
 and the answer is read from the degraded input and, through the bridge, the slot. The slot holds the
-model's OWN generation (Euler sampling, no gradient), as at rollout time: teacher-forcing the clean latent
-there teaches an answer path that rollouts never see. A clean image's target is the answer alone, so the
+model's OWN generation (Euler sampling from the rollout's start, no gradient), as at rollout time; a
+``sft.clean_slot_prob`` share holds the clean latent instead (teacher forcing: the reader learns to read the
+slot, which its own early generations give it no reason to). A clean image's target is the answer alone, so the
 model learns when generation is worth it.
 
 The input image enters the prompt as in the rollouts (``UnifiedPolicy.input_image``, ``model.input_image``):
@@ -76,18 +77,22 @@ def _rank_rows(examples: list[dict], rank: int, world: int) -> tuple[list[int], 
 
 @torch.no_grad()
 def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Generator | None = None,
-              rank: int = 0, world: int = 1, strength: float = 1.0) -> SFTShard:
+              rank: int = 0, world: int = 1, strength: float = 1.0, clean_slot_prob: float = 0.0) -> SFTShard:
     """examples: {text, image (H,W,3 uint8) or None, clean_image, answer, generate: bool}, the global batch.
 
     ``image: None`` gives a text-only prompt (no image slot): with ``generate`` the generator learns to make
     ``clean_image`` from the text alone (GvU's text -> image warm start). Noise is drawn for the whole
-    batch on every rank (the same draws whatever the world size) and each rank keeps its rows'."""
+    batch on every rank (the same draws whatever the world size) and each rank keeps its rows'.
+    ``clean_slot_prob``: the share of generate-then-answer examples whose slot holds the clean latent instead
+    of the model's own generation (teacher forcing the reader on what a perfect restoration shows)."""
     tok, n = policy.tokenizer, policy.n_image_tokens
     gen_all = [i for i, e in enumerate(examples) if e["generate"]]
     shape = (len(gen_all), *policy.latent_shape)
     ode_noise = torch.randn(shape, generator=generator) if gen_all else None
     eps = torch.randn(shape, generator=generator) if gen_all else torch.zeros(shape)
     times = torch.rand(len(gen_all), generator=generator) if gen_all else torch.zeros(0)
+    clean_slot = (torch.rand(len(gen_all), generator=generator) < clean_slot_prob if clean_slot_prob > 0
+                  else torch.zeros(len(gen_all), dtype=torch.bool))  # drawn only when used: runs without it unchanged
     tokens = sum(sum(encode_target(tok, e["answer"], n, e["generate"])[1]) for e in examples)
     rows, padding = _rank_rows(examples, rank, world)
     picked = rows + padding
@@ -108,6 +113,8 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
                                torch.cat([inputs[j] for j in gen_local]), steps,
                                ode_noise[[noise_row[j] for j in gen_local]],
                                stack_images([vision[j] for j in gen_local]), sources, strength)
+        taught = clean_slot[[noise_row[j] for j in gen_local]]
+        made = torch.where(taught.view(-1, 1, 1, 1), clean[gen_local], made)
         made = policy.generated_slot(made) if policy.cfg.read_generation == "pixels" else made
         own = {j: made[k : k + 1] for k, j in enumerate(gen_local)}
     trajs = []

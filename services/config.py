@@ -282,6 +282,7 @@ class SFTConfig(_Section):
     flow_weight: NonNegFloat = 1.0
     text_weight: NonNegFloat = 1.0
     generate_prob: Prob = 0.5  # CLEAR: share of degraded images whose target is generate-then-answer
+    clean_slot_prob: Prob = 0.0  # CLEAR: share of those whose image slot holds the clean latent, not the own generation
     reset_optimizer: bool = True  # stage 2 starts with a fresh optimizer state (moments), at learner.lr
 
 
