@@ -47,7 +47,7 @@ class LocalStep:
                                     cfg.learner.sync.backend, get_recipe(cfg.recipe).rollout, 1)
         L = cfg.learner
         self.learner = LearnerWorker(0, 1, "127.0.0.1", free_port(), cfg.model, L, cfg.algorithm, cfg.sft,
-                                     cfg.seed, 1, cfg.rollout.sde.steps)
+                                     cfg.seed, 1, cfg.rollout.sde)
         self.learner.set_sampling(cfg.rollout.temperature, cfg.rollout.sde.noise_level)
         self.learner.snapshot_reference()
         self.reward = RewardActor([c.model_dump() for c in cfg.reward.components])

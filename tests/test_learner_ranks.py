@@ -5,6 +5,7 @@ every rank, zero-weight padding where a share lacks rows or images), the globall
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,13 +163,36 @@ def test_stage_one_ranks_share_the_global_batch(policy):
             torch.testing.assert_close(sum(x[n] for x in grads) / world, gr, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_clean_slot_prob_teaches_the_reader_on_the_clean_latent(policy):
+    """sft.clean_slot_prob: 1 puts the clean latent in every generate-then-answer slot, 0 the own generation;
+    the flow-matching targets and noise are the same either way."""
+    g = torch.Generator().manual_seed(5)
+    img = lambda: (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()  # noqa: E731
+    examples = [{"text": "What colour? A) red B) green", "image": img(), "clean_image": img(), "answer": "A",
+                 "generate": i < 3} for i in range(4)]
+    shard = lambda p, s=1.0: sft_shard(policy, examples, 3, torch.Generator().manual_seed(7), strength=s,  # noqa: E731
+                                       clean_slot_prob=p)
+    own, taught = shard(0.0), shard(1.0)
+    clean = policy.encode_image(torch.as_tensor(np.stack([e["clean_image"] for e in examples[:3]])
+                                                ).permute(0, 3, 1, 2).float() / 255)
+    for b in (own.batch, taught.batch):
+        assert torch.allclose(b.seg_final, clean, atol=1e-5)  # the flow targets: the clean latents
+    assert torch.equal(own.flow_noise, taught.flow_noise) and torch.equal(own.flow_times, taught.flow_times)
+    slots = lambda b: torch.stack([b.slot_latents[i] for i in range(len(b.slot_latents)) if i % 2])  # noqa: E731
+    assert torch.allclose(slots(taught.batch), clean, atol=1e-5)
+    assert not torch.allclose(slots(own.batch), clean, atol=1e-2)
+    restored = shard(0.0, 0.5)  # a restoration start: the paths start from the input latents
+    assert restored.strength == 0.5 and restored.flow_sources.shape == clean.shape
+
+
 # ----------------------------------------------------------------------------- DeepSpeed ranks over gloo
 
 
 def _stepped(cfg, batch, examples):
     from learner.group import LearnerGroup
 
-    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, 3)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None,
+                         cfg.rollout.sde.model_copy(update={"steps": 3}))
     try:
         sft = group.sft_step(examples)
         m = group.train_step(batch)
