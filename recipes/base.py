@@ -45,6 +45,7 @@ class Recipe:
     sft: SFTFn | None = None
     architectures: tuple[str, ...] = ("unified",)
     restores: bool = False  # its generations restore the input image (rollout.sde.strength < 1 may start from it)
+    default_strength: float = 1.0  # rollout.sde.strength when the config leaves it null
 
     def requests(self, items: Sequence[PromptItem], image_size: int = 32) -> list[dict]:
         """One rollout request per task item, in order (``image_size``: for items that hold no image)."""

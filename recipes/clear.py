@@ -46,4 +46,5 @@ CLEAR = Recipe(
     evaluation="accuracy",
     sft=clear_sft_examples,
     restores=True,
+    default_strength=0.6,  # restorations start from the degraded input's latent noised to sigma 0.6
 )

@@ -75,7 +75,7 @@ class TaskConfig(_Section):
     name: Literal["shapes_vqa", "jsonl", "tsv"] = "shapes_vqa"
     path: str | None = None
     train_size: PosInt = 20000
-    eval_size: PosInt = 400
+    eval_size: PosInt = 1000
     image_size: PosInt = 32
     degradations: list[Degradation] = Field(default_factory=lambda: ["defocus_blur", "gaussian_noise", "jpeg_compression", "low_light"])
     severities: list[Annotated[int, Field(ge=1, le=3)]] = Field(default_factory=lambda: [1, 2, 3])
@@ -129,7 +129,7 @@ class SDEConfig(_Section):
     window_position: Literal["fixed", "random"] = "random"
     window_start: NonNegInt = 0
     noise_level: NonNegFloat = 0.7
-    strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None  # null: the recipe's
 
     @model_validator(mode="after")
     def _window(self) -> SDEConfig:
@@ -276,12 +276,12 @@ class AlgorithmConfig(_Section):
 
 class SFTConfig(_Section):
     enabled: bool = True
-    steps: NonNegInt = 200
+    steps: NonNegInt = 600
     batch_size: PosInt = 32
     lr: PosFloat = 2e-3
     flow_weight: NonNegFloat = 1.0
     text_weight: NonNegFloat = 1.0
-    generate_prob: Prob = 0.5  # CLEAR: share of degraded images whose target is generate-then-answer
+    generate_prob: Prob = 1.0  # CLEAR: share of degraded images whose target is generate-then-answer
     clean_slot_prob: Prob = 0.0  # CLEAR: share of those whose image slot holds the clean latent, not the own generation
     reset_optimizer: bool = True  # stage 2 starts with a fresh optimizer state (moments), at learner.lr
 
@@ -385,6 +385,17 @@ class RunConfig(_Section):
         if v not in RECIPES:
             raise ValueError(f"unknown recipe {v!r}; known: {', '.join(RECIPES)}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_strength(cls, data: Any) -> Any:
+        """A null ``rollout.sde.strength`` becomes the recipe's (CLEAR restores from its input image)."""
+        recipe = data.get("recipe", "clear") if isinstance(data, dict) else None
+        rollout = (data.get("rollout") or {}) if recipe in RECIPES else None
+        sde = (rollout.get("sde") or {}) if isinstance(rollout, dict) else None
+        if not isinstance(sde, dict) or sde.get("strength") is not None:
+            return data  # set, or malformed (the fields' own validation names it)
+        return {**data, "rollout": {**rollout, "sde": {**sde, "strength": get_recipe(recipe).default_strength}}}
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
