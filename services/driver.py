@@ -20,7 +20,7 @@ from learner.group import LearnerGroup
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
 from recipes import get_recipe
-from services import checkpoint, control, stop, vae_fit
+from services import checkpoint, control, inflight, stop, vae_fit
 from services.cluster import start_ray, worker_pool
 from services.config import RunConfig
 from services.evaluate import EvalReport, compare, evaluate, evaluate_report, log_report
@@ -284,14 +284,28 @@ class Run:
         if self.pipeline is not None:
             self.pipeline.drain(self.cfg.rollout.call_timeout_s * 4)
 
-    def save(self) -> Path:
+    def save(self, wait_s: float | None = None) -> Path:
+        """A checkpoint of the learner's state; async: with the batches in flight that a resume could not
+        generate again (``RolloutPipeline.carry``, each waited for at most ``wait_s``, default a rollout wait)."""
+        wait_s = self.cfg.rollout.call_timeout_s * 4 if wait_s is None else wait_s
+        carried = [] if self.pipeline is None else self.pipeline.carry(self.version, wait_s)
         state = {"sampler": self.served_sampler_state(), "rng": checkpoint.rng_state(), "policy_version": self.version,
-                 "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name}
-        return checkpoint.save(self.ckpt_root, self.step, state, lambda d: self.learner.call_all("save", d),
-                               self.cfg.checkpoint.keep)
+                 "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name,
+                 "carried_steps": [b.step for b in carried]}
+
+        def payload(d: str) -> None:
+            self.learner.call_all("save", d)
+            inflight.write(d, carried)
+
+        return checkpoint.save(self.ckpt_root, self.step, state, payload, self.cfg.checkpoint.keep)
 
     def restore(self) -> None:
         self.learner.call_all("load", str(self.resume_dir))
+        carried = inflight.read(self.resume_dir)
+        if self.pipeline is not None:
+            self.pipeline.restore(carried)
+        elif carried:
+            log.warning("the checkpoint carries %d async batches; sync mode draws their prompts again", len(carried))
         self.sampler.load_state_dict(self.state["sampler"])
         checkpoint.restore_rng(self.state["rng"])
         self.step = int(self.state["step"])
