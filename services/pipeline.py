@@ -73,9 +73,7 @@ class RolloutPipeline:
         return trajs, totals, comps, {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1, "pool": pool}
 
     def _deliver(self, handle: Any) -> float:
-        t0 = time.perf_counter()
-        self.run.deliver(handle)
-        return time.perf_counter() - t0
+        return self.run.sync_version(handle)  # collective sync: the version staged at publish time
 
     # ---- the driver's side ------------------------------------------------------------------
     def fill(self, step: int, last: int) -> None:
