@@ -209,7 +209,8 @@ class LearnerWorker:
 
     # ---- weights out -----------------------------------------------------------------------
     def publish(self, bump: bool = True):
-        """Bucket the trainable weights into the sync backend; returns the WeightHandle (rank 0)."""
+        """Bucket the trainable weights into the sync backend; returns the WeightHandle (rank 0). The
+        collective backend stages a copy of them for ``send_weights`` (``sync.nccl.NcclPublisher.stage``)."""
         if bump:
             self.version += 1
         with self._gathered():
@@ -217,7 +218,8 @@ class LearnerWorker:
                 return None
             state = {k: v.detach().cpu() for k, v in self.policy.trainable_state_dict().items()}
             digests = manifest.build(state, self.policy.adapted_modules())  # LoRA: per adapted module
-            return self.publisher.publish(self.version, state.items(), manifest=digests)
+            ship = getattr(self.publisher, "stage", self.publisher.publish)
+            return ship(self.version, state.items(), manifest=digests)
 
     def sync_rendezvous(self) -> tuple[str, int]:
         """This rank's node address and a free port there: where a collective weight group meets."""
@@ -229,10 +231,10 @@ class LearnerWorker:
         """Rank 0 joins the collective weight group as its publisher (``sync.group``)."""
         self.publisher.init_group(addr, port, world_size, rank, name, timeout_s)
 
-    def finish_publish(self, timeout_s: float) -> None:
-        """Collective backends: wait until every receiver has the last published version."""
-        if hasattr(self.publisher, "wait"):
-            self.publisher.wait(timeout_s)
+    def send_weights(self, version: int, timeout_s: float) -> None:
+        """Collective backend: broadcast the staged ``version`` to the weight group and wait until every
+        receiver has it (called in the ``sync.group.WEIGHT_SYNC`` concurrency group, beside training)."""
+        self.publisher.send(version, timeout_s)
 
     def save(self, directory: str) -> None:
         """Weights as safetensors (rank 0), optimizer and engine state through DeepSpeed (all ranks)."""

@@ -13,6 +13,7 @@ from learner.actor import LearnerWorker
 from learner.batch import TrainBatch, average_metrics
 from learner.sharding import shard_batch
 from policy.config import PolicyConfig
+from sync.group import WEIGHT_SYNC
 from sync.placement import wait_placement
 
 
@@ -43,9 +44,12 @@ class LearnerGroup:
         addr, port = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0, scheduling_strategy=on_rank0)
                              .remote(w), timeout=self.timeout_s)
         cls = ray.remote(LearnerWorker)
+        # collective weight sync: rank 0 takes the group's calls on a thread of their own (sync.group)
+        rank0 = (ray.remote(concurrency_groups={WEIGHT_SYNC: 1})(LearnerWorker)
+                 if learner_cfg.sync.backend == "nccl" else cls)
         self.workers = [
-            cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)).remote(
+            (rank0 if i == 0 else cls).options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                                               scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i)).remote(
                 i, w, addr, port, policy_cfg, learner_cfg, algo_cfg, sft_cfg, seed,
                 max(1, int(bundle["CPU"])), sde_cfg)
             for i in range(w)

@@ -399,9 +399,6 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
-        if self.learner.sync.backend == "nccl" and self.algorithm.mode == "async":
-            raise ConfigError("learner.sync.backend", "the collective (nccl) backend runs with algorithm.mode "
-                              "sync; async mode delivers weights through object_store")
         if self.algorithm.mode == "async" and self.algorithm.max_staleness < 1:
             raise ConfigError("algorithm.max_staleness", "async mode keeps max_staleness batches in flight ahead "
                               "of the learner: it must be >= 1 (0 would train on nothing)")

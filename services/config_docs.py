@@ -198,7 +198,8 @@ FIELD_DOCS: dict[str, str] = {
     "learner.call_timeout_s": "The longest the driver waits on a learner call (a step, a save, a publish).",
     "learner.sync.backend": "`object_store` (any topology), or `nccl`: a collective group the driver "
                             "builds over learner rank 0, the rollout workers and a GvU reward actor "
-                            "(`sync/group.py`; NCCL on GPUs, gloo on CPU; sync mode).",
+                            "(`sync/group.py`; NCCL on GPUs, gloo on CPU; sync and async mode: each "
+                            "version is staged on rank 0 when published and broadcast beside training).",
     "learner.sync.bucket_mb": "Weights travel in buckets of about this size.",
     "learner.sync.timeout_s": "A weight sync that takes longer fails (it never hangs).",
     # algorithm

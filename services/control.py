@@ -14,7 +14,8 @@
   removed workers are idle at that point and drained), and reports the applied size back.
 * ``RunSupervisor.save_consistent`` writes the checkpoint a stopped run resumes from: the learner's state
   with the sampler position and step count that match it (before the learner step: the step's start;
-  after it: the step just trained; during it: none, the last complete checkpoint stays).
+  after it: the step just trained; during it: none, the last complete checkpoint stays); async mode also
+  carries the batches in flight generated under older versions (``services.inflight``).
 * ``core_failure`` turns a dead learner / reward actor into one line for the user, and tells whether the
   learner can still write a checkpoint.
 """
@@ -259,20 +260,21 @@ class RunSupervisor:
 
         r = self.run
         phase = getattr(r, "phase", "done")
+        wait_s = None
         if phase == "rollout":
             # the step has not reached the learner: back to its start, its prompts are re-done on resume
+            # (async: the batches in flight that are done already are carried, the pipeline is not waited on)
             if self._start is None or self._start[0] != r.step:
                 return None
             r.sampler.load_state_dict(self._start[1])
-            if r.pipeline is not None:
-                r.pipeline.discard()
             checkpoint.restore_rng(self._start[2])
+            wait_s = 0.0
         elif phase != "done":
             return None
         done = r.ckpt_root / f"step-{r.step:06d}"
         if (done / checkpoint.MARKER).exists():
             return done
-        return r.save()
+        return r.save(wait_s)
 
     def failed(self, exc: BaseException) -> str:
         """The message to stop the run with (after saving what can be saved)."""

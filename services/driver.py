@@ -20,15 +20,15 @@ from learner.group import LearnerGroup
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
 from recipes import get_recipe
-from services import checkpoint, control, stop, vae_fit
+from services import checkpoint, control, inflight, stop, vae_fit
 from services.cluster import start_ray, worker_pool
 from services.config import RunConfig
+from services.delivery import GroupDelivery
 from services.evaluate import EvalReport, compare, evaluate, evaluate_report, log_report
 from services.pipeline import RolloutPipeline, rollout_seed
 from services.reward_backend import start_reward
 from services.tracking import Tracker, image_strip, plot_curves
-from sync import WeightSyncError
-from sync.group import CollectiveGroup, GroupBuildError, GroupMember
+from sync.group import CollectiveGroup
 from tasks import build_dataset
 from tasks.sampler import PromptSampler
 
@@ -125,6 +125,7 @@ class Run:
         self.pipeline = RolloutPipeline(self, a.max_staleness) if a.mode == "async" else None
         self.sync_group = (CollectiveGroup(self.learner.workers[0], L.sync.timeout_s)
                            if L.sync.backend == "nccl" else None)  # sync/group.py: the driver owns it
+        self.sync_group_delivery = GroupDelivery(self) if self.sync_group is not None else None
         self.supervisor = control.RunSupervisor(self)  # `unigrpo scale`, autoscale, core-actor failures
         self.step = 0
         self.version = 0
@@ -146,22 +147,25 @@ class Run:
 
     # ---- stage 2 ----------------------------------------------------------------------------
     def publish(self, bump: bool = True):
-        """The learner's weights as the next version (``bump``) or again as the current one; its handle.
-        Collective sync: the weight group is (re)built over the members that are up first."""
-        if self.sync_group is not None:
-            self._ensure_group()
+        """The learner's weights as the next version (``bump``) or again as the current one; its handle
+        (collective sync: staged on the learner until ``deliver`` sends it)."""
         handle = self.learner.publish(bump)
         self.version = handle.version
         return handle
 
     def deliver(self, handle) -> None:
-        """Every rollout worker, and a reward that scores with the policy (GvU), loads ``handle``."""
+        """Every rollout worker, and a reward that scores with the policy (GvU), loads ``handle``.
+        Collective sync: over the weight group, (re)built over the members that are up first."""
         timeout = self.cfg.learner.sync.timeout_s
-        rollout = None if self.sync_group is None else [k[1:] for k in self.sync_group.keys if k[0] == "rollout"]
+        rollout = None
+        if self.sync_group is not None:
+            self.sync_group_delivery.ensure()
+            handle = self.sync_group.stamp(handle)
+            rollout = [k[1:] for k in self.sync_group.keys if k[0] == "rollout"]
         # the reward gets the SAME handle as the rollout workers, in parallel
         with cf.ThreadPoolExecutor(1) as ex:
             pending = ex.submit(self.reward.update_weights, handle, timeout) if self.reward.follows_policy else None
-            sent = None if self.sync_group is None else self.learner.workers[0].finish_publish.remote(timeout)
+            sent = None if self.sync_group is None else self.sync_group.send(handle, timeout)
             self.pool.sync(handle) if rollout is None else self.pool.sync(handle, rollout)
             if pending is not None:
                 pending.result(timeout=timeout + self.cfg.rollout.call_timeout_s)
@@ -169,40 +173,21 @@ class Run:
                 ray.get(sent, timeout=timeout + self.cfg.rollout.call_timeout_s)
 
     def publish_and_sync(self, bump: bool = True) -> float:
-        """Publish and deliver. Collective sync: a broadcast that fails (a member died during it) is sent
-        again, to a group rebuilt without the members lost, up to ``max_attempts`` times."""
+        """Publish and deliver (``sync_version``); seconds taken."""
         t0 = time.perf_counter()
-        attempts = self.pool.spec.max_attempts if self.sync_group is not None else 1
-        for attempt in range(attempts):
-            try:
-                self.deliver(self.publish(bump and attempt == 0))
-                break
-            except (WeightSyncError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
-                if self.sync_group is None or attempt == attempts - 1:
-                    raise
-                log.warning("weight broadcast of version %d failed (%s); rebuilding the group", self.version,
-                            control.one_line(e))
-                self.sync_group.invalidate()
+        self.sync_version(self.publish(bump))
         return time.perf_counter() - t0
 
-    def _group_members(self) -> list[GroupMember]:
-        members = [GroupMember(("rollout", wid, inst), actor) for wid, inst, actor in self.pool.joinable()]
-        if self.reward.follows_policy:
-            members.append(GroupMember(("reward",), self.reward.actor))
-        return members
-
-    def _ensure_group(self) -> None:
-        """The weight group over the members that are up; a member lost while joining is replaced (the
-        pool restarts it) and the group is built without it."""
-        for attempt in range(self.pool.spec.max_attempts):
-            try:
-                self.sync_group.ensure(self._group_members())
-                return
-            except GroupBuildError as e:
-                if "publisher" in e.lost or ("reward",) in e.lost or attempt == self.pool.spec.max_attempts - 1:
-                    raise
-                for key in e.lost:
-                    self.pool.worker_failed(key[1], key[2], e)
+    def sync_version(self, handle) -> float:
+        """Deliver ``handle``; seconds taken. Collective sync: a broadcast that fails (a member died during
+        it) is sent again, the same staged version, to a group rebuilt without the members lost
+        (``services.delivery``)."""
+        t0 = time.perf_counter()
+        if self.sync_group is None:
+            self.deliver(handle)
+        else:
+            self.sync_group_delivery.with_retries(self.deliver, handle)
+        return time.perf_counter() - t0
 
     def last_batch_before_pause(self, step: int) -> int:
         """The last step the async pipeline may fill up to from ``step``: nothing is in flight at a
@@ -284,14 +269,28 @@ class Run:
         if self.pipeline is not None:
             self.pipeline.drain(self.cfg.rollout.call_timeout_s * 4)
 
-    def save(self) -> Path:
+    def save(self, wait_s: float | None = None) -> Path:
+        """A checkpoint of the learner's state; async: with the batches in flight that a resume could not
+        generate again (``RolloutPipeline.carry``, each waited for at most ``wait_s``, default a rollout wait)."""
+        wait_s = self.cfg.rollout.call_timeout_s * 4 if wait_s is None else wait_s
+        carried = [] if self.pipeline is None else self.pipeline.carry(self.version, wait_s)
         state = {"sampler": self.served_sampler_state(), "rng": checkpoint.rng_state(), "policy_version": self.version,
-                 "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name}
-        return checkpoint.save(self.ckpt_root, self.step, state, lambda d: self.learner.call_all("save", d),
-                               self.cfg.checkpoint.keep)
+                 "mlflow_run_id": self.tracker.run_id, "run_name": self.cfg.run_name,
+                 "carried_steps": [b.step for b in carried]}
+
+        def payload(d: str) -> None:
+            self.learner.call_all("save", d)
+            inflight.write(d, carried)
+
+        return checkpoint.save(self.ckpt_root, self.step, state, payload, self.cfg.checkpoint.keep)
 
     def restore(self) -> None:
         self.learner.call_all("load", str(self.resume_dir))
+        carried = inflight.read(self.resume_dir)
+        if self.pipeline is not None:
+            self.pipeline.restore(carried)
+        elif carried:
+            log.warning("the checkpoint carries %d async batches; sync mode draws their prompts again", len(carried))
         self.sampler.load_state_dict(self.state["sampler"])
         checkpoint.restore_rng(self.state["rng"])
         self.step = int(self.state["step"])

@@ -13,6 +13,14 @@ one is due, so every batch trained after a checkpoint is generated under the che
 later one), and a resumed run refills the pipeline exactly as the uninterrupted run did (exact resume).
 The sampler position a checkpoint records is the one before the oldest batch in flight
 (``served_sampler_state``): their prompts are drawn again on resume.
+
+A checkpoint written when the run stops (Ctrl-C, SIGTERM, a failure) can find batches in flight that were
+generated under versions older than its own, which a resumed run could not generate again: ``carry`` waits
+for them (in step order, each at most a rollout wait; a second Ctrl-C ends the wait) and the checkpoint
+keeps them (``services.inflight``); ``restore`` puts them back, and ``fill`` hands them out at their steps
+instead of generating them, with the prompts the sampler draws for them (checked by id). A batch that
+failed, did not finish in time or is not all of its version's trajectories is not carried, nor any after
+it: those are generated again on resume, under the resumed weights.
 """
 
 from __future__ import annotations
@@ -24,16 +32,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from recipes import get_recipe
+from services.checkpoint import CheckpointError
+from services.inflight import CarriedBatch
 
 
 @dataclass
 class InFlight:
-    """One queued batch: the step it trains, its prompts, the sampler state before they were drawn."""
+    """One queued batch: the step it trains, its prompts, the sampler state before they were drawn, the
+    policy version it is generated under."""
 
     step: int
     items: list
     sampler_before: dict
     result: cf.Future  # (trajectories, totals, components, {rollout_s, reward_s, pool metrics})
+    version: int
 
 
 def rollout_seed(seed: int, step: int) -> int:
@@ -48,6 +60,7 @@ class RolloutPipeline:
         self.inflight: deque[InFlight] = deque()
         self.deliveries: deque[cf.Future] = deque()
         self.last_sync_s = 0.0
+        self.carried: dict[int, CarriedBatch] = {}  # batches a resumed run takes from its checkpoint
 
     # ---- jobs (on the pipeline thread) ------------------------------------------------------
     def _rollout(self, items: list, seed: int) -> tuple:
@@ -60,9 +73,7 @@ class RolloutPipeline:
         return trajs, totals, comps, {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1, "pool": pool}
 
     def _deliver(self, handle: Any) -> float:
-        t0 = time.perf_counter()
-        self.run.deliver(handle)
-        return time.perf_counter() - t0
+        return self.run.sync_version(handle)  # collective sync: the version staged at publish time
 
     # ---- the driver's side ------------------------------------------------------------------
     def fill(self, step: int, last: int) -> None:
@@ -72,9 +83,24 @@ class RolloutPipeline:
         while nxt <= min(step + self.depth, last):
             before = self.run.sampler.state_dict()
             items = self.run.sampler.next_batch()
-            fut = self.jobs.submit(self._rollout, items, rollout_seed(self.run.cfg.seed, nxt))
-            self.inflight.append(InFlight(nxt, items, before, fut))
+            kept = self.carried.pop(nxt, None)
+            if kept is None:
+                fut = self.jobs.submit(self._rollout, items, rollout_seed(self.run.cfg.seed, nxt))
+                version = self.run.version  # its delivery is queued before this batch (or done)
+            else:
+                fut, version = self._restored(kept, items), kept.version
+            self.inflight.append(InFlight(nxt, items, before, fut, version))
             nxt += 1
+
+    @staticmethod
+    def _restored(b: CarriedBatch, items: list) -> cf.Future:
+        ids = tuple(i.prompt_id for i in items)
+        if ids != b.prompt_ids:
+            raise CheckpointError(f"the checkpoint's batch of step {b.step} holds prompts {list(b.prompt_ids)[:4]}, "
+                                  f"the sampler draws {list(ids)[:4]} (resume with the same config)")
+        fut: cf.Future = cf.Future()
+        fut.set_result((b.trajectories, b.totals, b.components, {"rollout_s": 0.0, "reward_s": 0.0, "pool": b.pool}))
+        return fut
 
     def take(self, step: int, timeout_s: float) -> tuple[list, tuple]:
         """Step ``step``'s batch: (items, (trajectories, totals, components, timings)), waiting at most
@@ -105,6 +131,30 @@ class RolloutPipeline:
     def served_sampler_state(self) -> dict | None:
         """The sampler state before the oldest batch in flight (None: nothing in flight)."""
         return self.inflight[0].sampler_before if self.inflight else None
+
+    def carry(self, version: int, wait_s: float) -> list[CarriedBatch]:
+        """The batches in flight generated under versions older than ``version`` (the checkpoint's), in step
+        order, each waited for at most ``wait_s``; the first one that failed, is not done in time, holds
+        trajectories of another version, or whose wait a stop signal ends, ends the list."""
+        out = []
+        for b in self.inflight:
+            if b.version >= version:
+                break
+            try:
+                trajs, totals, comps, done = b.result.result(timeout=wait_s)
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, save what is done
+                break
+            except Exception:  # noqa: BLE001 - failed, cancelled or not done in time: generated again on resume
+                break
+            if any(t.policy_version != b.version for t in trajs):
+                break
+            out.append(CarriedBatch(b.step, b.version, tuple(i.prompt_id for i in b.items), trajs, totals, comps,
+                                    done["pool"]))
+        return out
+
+    def restore(self, batches: list[CarriedBatch]) -> None:
+        """Batches a checkpoint carried: ``fill`` hands them out at their steps."""
+        self.carried = {b.step: b for b in batches}
 
     def discard(self) -> None:
         """Forget the batches in flight (the run stops or rewinds; their prompts are drawn again)."""

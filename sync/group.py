@@ -6,7 +6,13 @@ torch.distributed group (``sync.nccl.new_group``: NCCL on GPUs, gloo on CPU, the
 under a new name and port whenever its membership changes (a worker added, removed or replaced), so a
 receiver never waits on a broadcast meant for another membership. Every actor taking part exposes
 ``join_sync_group(addr, port, world_size, rank, group_name, timeout_s)``; the publisher also
-``sync_rendezvous()`` (its node's address and a free port there) and ``finish_publish(timeout_s)``.
+``sync_rendezvous()`` (its node's address and a free port there) and ``send_weights(version, timeout_s)``
+(broadcast the version it staged when it published: ``sync.nccl.NcclPublisher.stage``).
+
+The publisher's calls go to its concurrency group ``WEIGHT_SYNC`` (one thread beside the one that trains:
+the actor is created with ``concurrency_groups={WEIGHT_SYNC: 1}``), so a sync never waits behind a train
+call and sends the version it names, not the weights the learner holds by then; building, rebuilding and
+sending are ordered by the caller (one thread at a time).
 
 A member that does not join, or dies during a broadcast, fails that build or sync within
 ``timeout_s`` (``GroupBuildError`` names the members that failed; the publisher's wait raises
@@ -16,14 +22,15 @@ A member that does not join, or dies during a broadcast, fails that build or syn
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 
-from .base import WeightSyncError
+from .base import WeightHandle, WeightSyncError
 
 JOIN_GRACE_S = 10.0  # on top of the group's own timeout: the remote call's overhead
+WEIGHT_SYNC = "weight_sync"  # the publisher's concurrency group for the calls below
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,21 @@ class CollectiveGroup:
         self.build(members)
         return True
 
+    def stamp(self, handle: WeightHandle) -> WeightHandle:
+        """``handle`` addressed to the current group (its name and size: a receiver checks both)."""
+        if self.members is None:
+            raise WeightSyncError("the weight-sync group is not built")
+        return replace(handle, group={**handle.group, "world_size": 1 + len(self.members),
+                                      "name": f"{self.name}_{self.epoch}"})
+
+    def send(self, handle: WeightHandle, timeout_s: float) -> Any:
+        """The publisher broadcasts ``handle.version`` (staged when it was published) to the current group;
+        the call's ref (it raises WeightSyncTimeout when a receiver does not take it within ``timeout_s``)."""
+        return self._publisher("send_weights").remote(handle.version, timeout_s)
+
+    def _publisher(self, method: str) -> Any:
+        return getattr(self.publisher, method).options(concurrency_group=WEIGHT_SYNC)
+
     def invalidate(self) -> None:
         """The current group is broken (a failed broadcast): the next ``ensure`` builds a new one."""
         self.members = None
@@ -75,9 +97,9 @@ class CollectiveGroup:
         self.members = None
         self.epoch += 1
         wait = self.timeout_s + JOIN_GRACE_S
-        addr, port = ray.get(self.publisher.sync_rendezvous.remote(), timeout=wait)
+        addr, port = ray.get(self._publisher("sync_rendezvous").remote(), timeout=wait)
         world, name = 1 + len(members), f"{self.name}_{self.epoch}"
-        joins = {"publisher": self.publisher.join_sync_group.remote(addr, port, world, 0, name, self.timeout_s)}
+        joins = {"publisher": self._publisher("join_sync_group").remote(addr, port, world, 0, name, self.timeout_s)}
         for rank, m in enumerate(members, start=1):
             joins[m.key] = m.actor.join_sync_group.remote(addr, port, world, rank, name, self.timeout_s)
         failed: dict[Hashable, str] = {}

@@ -11,11 +11,18 @@ Flow: driver picks ``master_addr``/``master_port`` (``free_port()`` on the learn
 learner concurrently; then per version ``handle = publisher.publish(v, tensors)`` (posts async
 broadcasts), ``worker.update_weights.remote(handle)``, ``publisher.wait(timeout_s)``.
 A resized pool needs a new group (close + init_group with the new world size).
+
+Staged flow (the learner's; any mode, needed by async): ``publisher.stage(v, tensors)`` copies version v
+into buckets when it is published, with no group yet; ``publisher.send(v, timeout_s)``, later and from
+another thread, broadcasts exactly that copy to the group of the moment and waits for it, while the
+tensors it came from go on changing. Staged versions stay until sent (a failed send can be repeated to a
+rebuilt group); sending v forgets v and every older one.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -140,6 +147,8 @@ class NcclPublisher(_Collective, WeightPublisher):
         self._pending: list[tuple[Any, torch.Tensor]] = []
         self._pending_version: int | None = None
         self.last_version: int | None = None
+        self._staged: dict[int, list[Any]] = {}  # version -> its buckets (stage / send)
+        self._staged_lock = threading.Lock()
 
     def init_group(self, master_addr: str, master_port: int, world_size: int, rank: int = 0,
                    group_name: str = "unigrpo_weights", timeout_s: float = 120.0) -> None:
@@ -166,6 +175,41 @@ class NcclPublisher(_Collective, WeightPublisher):
         self._pending = [(_broadcast(group, b.buffer), b.buffer) for b in buckets]
         self._pending_version = self.last_version = version
         return handle
+
+    def stage(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
+              manifest: dict[str, ModuleDigest] | None = None) -> WeightHandle:
+        """Copy ``named_tensors`` into buckets as ``version`` now and keep them for ``send``; no group is
+        needed. The handle names no group: the group's owner stamps it with the one that receives it
+        (``sync.group.CollectiveGroup.stamp``)."""
+        buckets = bucketize(named_tensors, self.bucket_bytes, device=self.device)
+        handle = WeightHandle(version=version, backend=self.backend, buckets=tuple(b.meta for b in buckets),
+                              total_bytes=sum(b.nbytes for b in buckets), group={"dist_backend": self.dist_backend},
+                              manifest=dict(manifest or {}))
+        with self._staged_lock:
+            self._staged[version] = buckets
+        return handle
+
+    def staged_versions(self) -> list[int]:
+        with self._staged_lock:
+            return sorted(self._staged)
+
+    def send(self, version: int, timeout_s: float) -> None:
+        """Broadcast the staged ``version`` to the current group and wait until every receiver has it
+        (WeightSyncTimeout after ``timeout_s`` per bucket); then forget it and every older staged version. A
+        failed send keeps it, to be sent again to a rebuilt group."""
+        group = self._require_group()
+        with self._staged_lock:
+            buckets = self._staged.get(version)
+            staged = sorted(self._staged)
+        if buckets is None:
+            raise WeightSyncError(f"version {version} is not staged (staged: {staged})")
+        works = [_broadcast(group, b.buffer) for b in buckets]
+        for i, work in enumerate(works):
+            _wait(work, version, self.backend, timeout_s,
+                  f"bucket {i + 1}/{len(works)} not delivered to all {self.world_size} ranks")
+        with self._staged_lock:
+            for v in [v for v in self._staged if v <= version]:
+                del self._staged[v]
 
     def wait(self, timeout_s: float) -> None:
         """Block until every receiver has the last published version; WeightSyncTimeout otherwise."""

@@ -4,8 +4,11 @@ temporary SQLite file. Runs are tiny (a few SFT and GRPO steps)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -14,7 +17,7 @@ from safetensors.torch import load_file
 from service_helpers import FAST_VAE_FIT, metric, ray_down, run_config  # noqa: F401
 
 from recipes.clear import clear_request
-from services import checkpoint
+from services import checkpoint, inflight, stop
 from services.driver import Run, train
 from sync import WeightSyncError
 
@@ -28,8 +31,8 @@ TINY = [
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_down")]
 
 
-def _cfg(tmp_path, name: str, *extra: str):
-    return run_config(tmp_path, name, TINY, *extra)
+def _cfg(tmp_path, name: str, *extra: str, config: str | None = None):
+    return run_config(tmp_path, name, TINY, *extra, config=config)
 
 
 def test_train_logs_metrics_images_and_config(tmp_path, monkeypatch):
@@ -109,14 +112,14 @@ def uninterrupted(tmp_path_factory):
     summary), run once per variant for the module."""
     done: dict[tuple, tuple] = {}
 
-    def get(variant: tuple):
-        if variant not in done:
+    def get(variant: tuple, config: str | None = None):
+        if (variant, config) not in done:
             d = tmp_path_factory.mktemp("full")
             with pytest.MonkeyPatch.context() as mp:
                 mp.chdir(d)
-                done[variant] = d, train(_cfg(d, "full", "algorithm.steps=4", *variant))
+                done[variant, config] = d, train(_cfg(d, "full", "algorithm.steps=4", *variant, config=config))
             ray.shutdown()
-        return done[variant]
+        return done[variant, config]
 
     return get
 
@@ -148,22 +151,86 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, variant, uninte
     b = checkpoint.latest(tmp_path / "b" / "ckpt" / "split")
     _assert_same_final_weights(full_dir / "ckpt" / "full", tmp_path / "b" / "ckpt" / "split")
     ua, ub = _cfg(full_dir, "full").tracking.resolved_uri(), resumed_cfg.tracking.resolved_uri()
-    ma = dict(metric(ua, full["run_id"], "reward/total/mean"))
-    mb = dict(metric(ub, resumed["run_id"], "reward/total/mean"))
     assert resumed["run_id"] == checkpoint.load_state(b)["mlflow_run_id"]
     assert not mlflow.tracking.MlflowClient(ua).list_artifacts(full["run_id"], "policy")  # log_model: none
-    assert sorted(mb) == [1, 2, 3, 4]  # the resumed run continued the same MLflow run
-    assert ma[4] == pytest.approx(mb[4], abs=1e-6)
-    ra = mlflow.tracking.MlflowClient(ua).get_run(full["run_id"]).data.metrics  # latest value of each key
-    rb = mlflow.tracking.MlflowClient(ub).get_run(resumed["run_id"]).data.metrics
-    timing = ("time/", "samples_per_s", "eval/", "learn/time_s", "autoscale/", "system/")  # system: the machine
-    compared = [k for k in ra if not k.startswith(timing) and not k.endswith(("time_per_sample_s", "seconds")) and "sft/" not in k]
-    assert len(compared) > 10
+    rb = _assert_same_metrics(ua, full["run_id"], ub, resumed["run_id"])
     if variant is DISTRIBUTED_KL:
         # every step trained under the KL terms (tests/test_learner.py checks the restored reference itself)
         assert rb["learn/trained_samples"] > 0 and "text/kl_ref" in rb and (b / "kl_reference.safetensors").exists()
+
+
+def _assert_same_metrics(ua: str, full_id: str, ub: str, resumed_id: str) -> dict:
+    """The resumed run continued the same MLflow run (steps 1-4) and logged what the uninterrupted run logged
+    (the latest value of every key but timings, within 1e-5); the resumed run's latest metrics."""
+    ma = dict(metric(ua, full_id, "reward/total/mean"))
+    mb = dict(metric(ub, resumed_id, "reward/total/mean"))
+    assert sorted(mb) == [1, 2, 3, 4]
+    assert ma[4] == pytest.approx(mb[4], abs=1e-6)
+    ra = mlflow.tracking.MlflowClient(ua).get_run(full_id).data.metrics  # latest value of each key
+    rb = mlflow.tracking.MlflowClient(ub).get_run(resumed_id).data.metrics
+    timing = ("time/", "samples_per_s", "eval/", "learn/time_s", "autoscale/", "system/")  # system: the machine
+    compared = [k for k in ra if not k.startswith(timing) and not k.endswith(("time_per_sample_s", "seconds")) and "sft/" not in k]
+    assert len(compared) > 10
     for k in compared:
         assert ra[k] == pytest.approx(rb[k], abs=1e-5), k
+    return rb
+
+
+# nothing bounds the pipeline before step 4: with max_staleness 2, batches 3 and 4 are in flight after step 2
+ASYNC_DEEP = (*ASYNC_PIPELINE, "checkpoint.every=4")
+# GvU: a continuous reward (the policy's own understanding), so every group has an advantage and every step
+# moves the generator's weights by what its batch holds (the tiny CLEAR policy's groups mostly all agree)
+GVU_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "gvu_tiny.yaml")
+
+
+def test_async_sigterm_mid_pipeline_resumes_to_the_same_weights(tmp_path, monkeypatch, uninterrupted):
+    """SIGTERM after step 2 of an async GvU run (max_staleness 2): batches 3 and 4, generated under versions
+    1 and 2 (older than the learner's 3), are in flight; the checkpoint written on the way out carries them,
+    and the resumed run trains them as they were (same trajectories, same version lag), ending with the
+    uninterrupted run's weights and metrics."""
+    monkeypatch.chdir(tmp_path)
+    full_dir, full = uninterrupted(ASYNC_DEEP, GVU_TINY)
+    rl_step = Run.rl_step
+
+    def sigterm_after_step_2(self):
+        m = rl_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # held by the step guard until the step ends
+        return m
+
+    monkeypatch.setattr(Run, "rl_step", sigterm_after_step_2)
+    cfg = _cfg(tmp_path, "split", "algorithm.steps=4", *ASYNC_DEEP, config=GVU_TINY)
+    with pytest.raises(stop.Interrupted, match="interrupted at step 2") as e:
+        train(cfg)
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    root = tmp_path / "ckpt" / "split"
+    saved = checkpoint.latest(root)
+    assert saved.name == "step-000002"
+    state = checkpoint.load_state(saved)
+    assert state["policy_version"] == 3 and state["carried_steps"] == [2, 3]
+    carried = inflight.read(saved)
+    assert [(b.step, b.version) for b in carried] == [(2, 1), (3, 2)]
+    assert all(t.policy_version == b.version for b in carried for t in b.trajectories)
+    assert all(len(b.trajectories) == cfg.rollout.prompts_per_step * cfg.rollout.group_size for b in carried)
+    # the sampler resumes before batch 3: its prompts (and batch 4's) are drawn again and matched by id
+    assert state["sampler"]["position"] + state["sampler"]["epoch"] * state["sampler"]["dataset_len"] == \
+        2 * cfg.rollout.prompts_per_step
+    monkeypatch.setattr(Run, "rl_step", rl_step)
+    resumed = train(cfg, resume=True)
+    assert resumed["steps"] == 4 and resumed["run_id"] == state["mlflow_run_id"]
+    _assert_same_final_weights(full_dir / "ckpt" / "full", root)
+    ua, ub = _cfg(full_dir, "full", config=GVU_TINY).tracking.resolved_uri(), cfg.tracking.resolved_uri()
+    lag = [v for _, v in metric(ub, resumed["run_id"], "rollout/version_lag")]
+    assert lag == [v for _, v in metric(ua, full["run_id"], "rollout/version_lag")] == [0, 1, 2, 2], lag
+    # the behaviour log-probs trained on are those of versions 1 and 2 (the learner's own log-probs differ
+    # from them by as much as in the uninterrupted run), not of the resumed weights
+    for key in ("learn/logp_gap_image", "learn/trained_samples", "reward/total/mean", "reward/gvu/std"):
+        ha, hb = dict(metric(ua, full["run_id"], key)), dict(metric(ub, resumed["run_id"], key))
+        assert sorted(ha) == sorted(hb) == [1, 2, 3, 4], key
+        assert all(hb[s] == pytest.approx(ha[s], rel=1e-5, abs=1e-7) for s in ha), (key, ha, hb)
+    assert all(v > 0 for _, v in metric(ub, resumed["run_id"], "learn/trained_samples"))
+    assert dict(metric(ub, resumed["run_id"], "learn/logp_gap_image"))[3] > 0
+    _assert_same_metrics(ua, full["run_id"], ub, resumed["run_id"])
 
 
 def test_failure_after_the_learner_step_resumes_to_the_same_weights(tmp_path, monkeypatch, uninterrupted):

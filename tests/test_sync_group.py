@@ -4,7 +4,9 @@ membership changes; a member killed during a broadcast fails that sync within th
 
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -28,9 +30,9 @@ def _worker(cfg, wid):
 
 def _sync(learner, group, workers):
     """One broadcast to ``workers`` (the group's members); the version they hold."""
-    handle = learner.publish()
+    handle = group.stamp(learner.publish())  # staged on the learner, addressed to the group
     loads = [w.update_weights.remote(handle, TIMEOUT_S) for w in workers]
-    done = learner.workers[0].finish_publish.remote(TIMEOUT_S)
+    done = group.send(handle, TIMEOUT_S)
     versions = ray.get(loads, timeout=3 * TIMEOUT_S)
     ray.get(done, timeout=3 * TIMEOUT_S)
     assert handle.backend == "gloo" and handle.group["name"] == f"unigrpo_weights_{group.epoch}"
@@ -57,14 +59,14 @@ def test_group_broadcasts_rebuilds_and_survives_a_killed_member(local_ray):
         versions, v = _sync(learner, group, list(workers.values()))
         assert versions == [2, 2, 2]
 
-        # a member dies after the broadcast is posted: the publisher's wait fails within the timeout
+        # a member dies after the version is staged: the publisher's send fails within the timeout
         pid = ray.get(workers[1].__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-        handle = learner.publish()
+        handle = group.stamp(learner.publish())
         os.kill(pid, signal.SIGKILL)
         live = [workers[0].update_weights.remote(handle, TIMEOUT_S), workers[2].update_weights.remote(handle, TIMEOUT_S)]
         t0 = time.monotonic()
         with pytest.raises(WeightSyncTimeout):
-            ray.get(learner.workers[0].finish_publish.remote(TIMEOUT_S), timeout=4 * TIMEOUT_S)
+            ray.get(group.send(handle, TIMEOUT_S), timeout=4 * TIMEOUT_S)
         assert time.monotonic() - t0 < 3 * TIMEOUT_S
         ray.wait(live, num_returns=2, timeout=3 * TIMEOUT_S)  # each returns or fails by its own timeout
         group.invalidate()
@@ -141,3 +143,73 @@ def test_training_run_over_the_collective_group_scales_and_survives_a_kill(tmp_p
     finally:
         run.tracker.end()
         run.shutdown()
+
+
+ASYNC_GVU = [*FAST_VAE_FIT, "sft.enabled=false", "task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=2",
+             "rollout.group_size=4", "tracking.log_images_every=0", "algorithm.steps=3", "checkpoint.every=3",
+             "algorithm.eval_every=0", "algorithm.mode=async", "algorithm.max_staleness=2",
+             "learner.sync.timeout_s=30", "cluster.num_cpus=4"]
+
+
+def test_async_run_over_the_collective_group_delivers_each_version_exactly(tmp_path, monkeypatch, ray_down):  # noqa: F811
+    """Async GvU (max_staleness 2: deliveries run on the pipeline thread while the learner trains on): over
+    the group (gloo), after each version's delivery every rollout worker and the reward actor hold exactly
+    that version's weights (the learner's digest when it published it); the learner publishes the same
+    weights at every version, and ends with the same weights, as over the object store."""
+    from safetensors.torch import load_file
+    from service_helpers import run_config
+
+    from services import checkpoint, driver
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "gvu_tiny.yaml")
+    publish, deliver = driver.Run.publish, driver.Run.deliver
+    published: dict[str, dict[int, dict]] = {}
+    delivered: dict[str, list[tuple[int, int, list[int], list[dict]]]] = {}
+
+    def spy_publish(self, bump: bool = True):
+        handle = publish(self, bump)  # between two train calls: the learner holds this version
+        published[self.cfg.learner.sync.backend][handle.version] = self.learner.call("weights_digest")
+        return handle
+
+    def spy_deliver(self, handle):
+        if threading.current_thread() is not threading.main_thread() and handle.version <= self.cfg.algorithm.steps:
+            # the pipeline's delivery of v waits until the learner has trained the next step and published
+            # v + 1 (it trains on the batch queued before it): what v's members load must still be v
+            deadline = time.monotonic() + 120
+            while self.version <= handle.version and time.monotonic() < deadline:
+                time.sleep(0.05)
+        learner = self.version
+        deliver(self, handle)  # on the pipeline thread: nothing else reaches the holders until its next job
+        holders = [self.pool.actor(w) for w in self.pool.health.schedulable()] + [self.reward.actor]
+        delivered[self.cfg.learner.sync.backend].append(
+            (handle.version, learner, ray.get([a.version.remote() for a in holders], timeout=60),
+             ray.get([a.weights_digest.remote() for a in holders], timeout=60)))
+
+    monkeypatch.setattr(driver.Run, "publish", spy_publish)
+    monkeypatch.setattr(driver.Run, "deliver", spy_deliver)
+    monkeypatch.chdir(tmp_path)
+    final = {}
+    for backend in ("nccl", "object_store"):
+        published[backend], delivered[backend] = {}, []
+        cfg = run_config(tmp_path / backend, backend, ASYNC_GVU, f"learner.sync.backend={backend}", config=config)
+        assert driver.train(cfg)["steps"] == 3
+        ray.shutdown()
+        final[backend] = checkpoint.latest(tmp_path / backend / "ckpt" / backend)
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 * (1 + abs(b[k])) for k in b)
+
+    for backend in ("nccl", "object_store"):
+        assert [v for v, *_ in delivered[backend]] == [1, 2, 3, 4], delivered[backend]
+        for version, _, versions, digests in delivered[backend]:
+            assert versions == [version] * (cfg.rollout.num_workers + 1)  # the rollout workers and the reward
+            assert all(same(d, published[backend][version]) for d in digests), (backend, version)
+    # versions 2 and 3 were delivered after the learner had published the next one, whose weights differ
+    assert [(v, learner > v) for v, learner, *_ in delivered["nccl"]] == [(1, False), (2, True), (3, True), (4, False)]
+    assert not any(same(published["nccl"][v], published["nccl"][v + 1]) for v in (1, 2, 3))
+    assert all(same(published["nccl"][v], published["object_store"][v]) for v in (1, 2, 3, 4))
+    assert final["nccl"].name == final["object_store"].name == "step-000003"
+    for sub in ("lm", "generator"):
+        a = load_file(next((final["nccl"] / "policy" / sub).glob("*.safetensors")))
+        b = load_file(next((final["object_store"] / "policy" / sub).glob("*.safetensors")))
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a), sub
