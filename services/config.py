@@ -271,7 +271,7 @@ class AlgorithmConfig(_Section):
     clip_img: NonNegFloat = 1e-3
     beta_img: NonNegFloat = 0.0
     lambda_img: NonNegFloat = 1.0
-    eval_every: NonNegInt = 25
+    eval_every: NonNegInt = 50
 
 
 class SFTConfig(_Section):
