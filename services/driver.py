@@ -425,5 +425,5 @@ def _print_eval(summary: dict) -> None:
     for k in sorted(paired):
         if k.endswith("/diff"):
             base = k.removesuffix("/diff")
-            print(f"{base} (stage 2 - stage 1): {paired[k]:+.3f}, exact McNemar p = {paired[base + '/mcnemar_p']:.4g}, "
-                  f"bootstrap p = {paired[base + '/bootstrap_p']:.4g}")
+            exact = f"exact McNemar p = {paired[base + '/mcnemar_p']:.4g}, " if base + "/mcnemar_p" in paired else ""
+            print(f"{base} (stage 2 - stage 1): {paired[k]:+.3f}, {exact}bootstrap p = {paired[base + '/bootstrap_p']:.4g}")

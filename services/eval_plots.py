@@ -15,7 +15,9 @@ def _severity(set_name: str) -> int:
 
 
 def _ordered(table: dict) -> list[tuple[int, str]]:
-    return sorted((_severity(name), name) for name in table)
+    """CLEAR's sets (clean, severity<s>) by severity; other sets (UAE / GvU's heldout) are not plotted here."""
+    return sorted((_severity(name), name) for name in table
+                  if name == "clean" or (name.startswith("severity") and name[8:].isdigit()))
 
 
 def _pyplot():

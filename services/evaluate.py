@@ -34,7 +34,7 @@ import numpy as np
 from recipes import Recipe, get_recipe
 from reward.answer import answer_reward
 from services.config import RunConfig
-from services.stats import mcnemar_exact, paired_comparison
+from services.stats import mcnemar_exact, paired_comparison, paired_score_comparison
 from tasks import build_dataset
 from tasks.items import PromptItem
 from tasks.quality import psnr, ssim
@@ -72,6 +72,7 @@ class EvalReport:
     metrics: dict[str, float] = field(default_factory=dict)
     prompt_ids: dict[str, list[str]] = field(default_factory=dict)
     correct: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
+    scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # set -> name -> per-item score
     samples: dict[str, np.ndarray] = field(default_factory=dict)
 
     def severity_table(self) -> dict[str, dict[str, dict[str, float]]]:
@@ -87,10 +88,11 @@ class EvalReport:
         return out
 
     def to_json(self) -> dict:
-        return {"metrics": self.metrics, "by_set": self.severity_table(),
-                "items": {s: {"prompt_ids": ids, "correct": {m: [int(c) for c in v] for m, v in
-                                                             self.correct.get(s, {}).items()}}
-                          for s, ids in self.prompt_ids.items()}}
+        items = {s: {"prompt_ids": ids, "correct": {m: [int(c) for c in v] for m, v in self.correct.get(s, {}).items()}}
+                 for s, ids in self.prompt_ids.items()}
+        for s, named in self.scores.items():  # NaN (a dropped reward) as null
+            items[s]["scores"] = {k: [float(x) if np.isfinite(x) else None for x in v] for k, v in named.items()}
+        return {"metrics": self.metrics, "by_set": self.severity_table(), "items": items}
 
     @classmethod
     def from_json(cls, data: dict) -> EvalReport:
@@ -98,7 +100,9 @@ class EvalReport:
         return cls(metrics=dict(data.get("metrics") or {}),
                    prompt_ids={s: list(v["prompt_ids"]) for s, v in items.items()},
                    correct={s: {m: [bool(c) for c in cs] for m, cs in v.get("correct", {}).items()}
-                            for s, v in items.items()})
+                            for s, v in items.items()},
+                   scores={s: {k: [np.nan if x is None else float(x) for x in xs] for k, xs in v["scores"].items()}
+                           for s, v in items.items() if v.get("scores")})
 
 
 def _unit(pixels) -> np.ndarray:
@@ -182,7 +186,8 @@ def accuracy_report(pool, cfg: RunConfig, severities: list[int] | None = None,
 
 def compare(before: EvalReport, after: EvalReport, n_boot: int = 10_000, seed: int = 0) -> dict[str, float]:
     """Paired stage-1 vs stage-2 tests for every set and mode both reports answered on the same items:
-    ``compare/<set>/<mode>/<stat>`` (``services.stats.paired_comparison``: after - before)."""
+    ``compare/<set>/<mode>/<stat>`` (``services.stats.paired_comparison``: after - before); per-item scores (the
+    held-out reward) as ``compare/<set>/<name>/<stat>`` (``services.stats.paired_score_comparison``)."""
     out: dict[str, float] = {}
     for name, ids in after.prompt_ids.items():
         if before.prompt_ids.get(name) != ids:
@@ -193,13 +198,20 @@ def compare(before: EvalReport, after: EvalReport, n_boot: int = 10_000, seed: i
                 continue
             for k, v in paired_comparison(prev, corr, n_boot, seed).items():
                 out[f"compare/{name}/{mode}/{k}"] = v
+        for score, vals in after.scores.get(name, {}).items():
+            prev = before.scores.get(name, {}).get(score)
+            if prev is None or len(prev) != len(vals):
+                continue
+            for k, v in paired_score_comparison(prev, vals, n_boot, seed).items():
+                out[f"compare/{name}/{score}/{k}"] = v
     return out
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def heldout_reward(pool, reward, cfg: RunConfig) -> dict[str, float]:
+def heldout_reward(pool, reward, cfg: RunConfig) -> EvalReport:
     """``heldout_reward`` recipes (UAE / GvU): mean reward (total and per component) of one greedy / seeded
-    sample per held-out prompt, scored by the run's reward actor (GvU: with the current policy weights)."""
+    sample per held-out prompt, scored by the run's reward actor (GvU: with the current policy weights); the
+    per-prompt total reward is kept (set ``heldout``) for the paired stage-1 vs stage-2 test."""
     t = cfg.task
     if t.name != "shapes_vqa":  # a file task has no held-out split: its first eval_size rows
         items = list(build_dataset(t.name, path=t.path, on_bad_row=t.on_bad_row))[: t.eval_size]
@@ -219,7 +231,8 @@ def heldout_reward(pool, reward, cfg: RunConfig) -> dict[str, float]:
         if v.size:
             out[f"eval/heldout/{name}" if name == "reward" else f"eval/heldout/reward/{name}"] = float(v.mean())
     out["eval/heldout/time_per_sample_s"] = dt / max(1, len(trajs))
-    return out
+    return EvalReport(metrics=out, prompt_ids={"heldout": [str(it.prompt_id) for it in items]},
+                      scores={"heldout": {"reward": [float(v) for v in totals]}})
 
 
 def evaluate_report(pool, cfg: RunConfig, reward=None, full: bool = True) -> EvalReport:
@@ -228,7 +241,7 @@ def evaluate_report(pool, cfg: RunConfig, reward=None, full: bool = True) -> Eva
     every ``algorithm.eval_every`` steps). UAE / GvU: the held-out reward (needs the run's ``reward`` actor)."""
     recipe = get_recipe(cfg.recipe)
     if recipe.evaluation == "heldout_reward":
-        return EvalReport(metrics=heldout_reward(pool, reward, cfg) if reward is not None else {})
+        return heldout_reward(pool, reward, cfg) if reward is not None else EvalReport()
     if full:
         return accuracy_report(pool, cfg)
     return accuracy_report(pool, cfg, [max(cfg.evaluation.severities)], cfg.evaluation.every_modes)

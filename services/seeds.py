@@ -4,7 +4,7 @@ Each seed runs ``unigrpo train --config C --set seed=S --set run_name=<run_name>
 ``--set`` overrides) in a process of its own, one after another. Its final evaluation
 (``runs/<run_name>-seed<S>/eval_final.json``, written when the run evaluates after stage 1 and after stage 2)
 gives, per held-out set and decoding mode, the change stage 2 - stage 1 and its exact McNemar p on the same
-items. The table has one row per (set, mode): each seed's change and p, then the mean and the sample standard
+items (UAE / GvU: the held-out reward's change and its paired bootstrap p). The table has one row per (set, mode): each seed's change and p, then the mean and the sample standard
 deviation of the change over seeds, and how many seeds show a rise with p < 0.05. Rows for "forced - forbidden"
 (after stage 2), the sampled trigger rate, and each set's accuracy per mode and restoration PSNR after stage 2
 come from each run's final metrics. Written as ``seeds.json`` and
@@ -61,7 +61,8 @@ def seed_table(evals: dict[int, dict]) -> list[SeedRow]:
         for key, diff in comparison.items():  # compare/<set>/<mode>/diff
             if key.endswith("/diff"):
                 stem = key[: -len("/diff")]
-                put(f"stage 2 - stage 1: {stem.removeprefix('compare/')}", seed, diff, comparison.get(f"{stem}/mcnemar_p"))
+                p = comparison.get(f"{stem}/mcnemar_p", comparison.get(f"{stem}/bootstrap_p"))  # a score: bootstrap
+                put(f"stage 2 - stage 1: {stem.removeprefix('compare/')}", seed, diff, p)
         for key, diff in metrics.items():  # eval/<set>/forced_vs_forbidden/diff
             if key.endswith("/forced_vs_forbidden/diff"):
                 stem = key[: -len("/diff")]

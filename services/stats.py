@@ -10,6 +10,8 @@ items in the same order. Only the discordant items carry information about which
 - :func:`paired_bootstrap`: resample items with replacement (the pairs stay together), ``B`` times, with a
   seeded generator; the accuracy difference ``d = mean(after) - mean(before)`` gets a percentile interval
   and a two-sided p-value from the null-centred resamples: ``p = (1 + #{|d*_i - d| >= |d|}) / (1 + B)``.
+- :func:`paired_score_comparison`: the same bootstrap over a continuous per-item score (UAE / GvU's held-out
+  reward), on the items whose two scores are both finite.
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2.0 * binom_cdf_half(min(b, c), n))
 
 
-def paired_bootstrap(before: Sequence[bool], after: Sequence[bool], n_boot: int = 10_000, seed: int = 0,
+def paired_bootstrap(before: Sequence[float], after: Sequence[float], n_boot: int = 10_000, seed: int = 0,
                      level: float = 0.95) -> dict[str, float]:
-    """The accuracy difference ``d = mean(after) - mean(before)`` over paired items, with the resamples'
-    standard error, a percentile interval at ``level`` and the two-sided p-value ``(1 + #{|d*_i - d| >= |d|}) / (1 + B)`` over ``B =
-    n_boot`` resamples of the item indices drawn by ``numpy.random.default_rng(seed)``."""
-    x, y = _pair(before, after)
+    """The difference ``d = mean(after) - mean(before)`` over paired items (correctness or any score), with
+    the resamples' standard error, a percentile interval at ``level`` and the two-sided p-value
+    ``(1 + #{|d*_i - d| >= |d|}) / (1 + B)`` over ``B = n_boot`` resamples of the item indices drawn by
+    ``numpy.random.default_rng(seed)``."""
+    x, y = np.asarray(before, dtype=np.float64).reshape(-1), np.asarray(after, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"paired test: {x.size} items before but {y.size} after (the same items are needed)")
     if x.size == 0:
         raise ValueError("paired_bootstrap: no items")
     if n_boot < 1:
@@ -77,6 +82,23 @@ def paired_comparison(before: Sequence[bool], after: Sequence[bool], n_boot: int
     boot = paired_bootstrap(x, y, n_boot, seed)
     return {"n": float(x.size), "accuracy_before": float(x.mean()), "accuracy_after": float(y.mean()),
             "diff": boot["diff"], "b": float(b), "c": float(c), "mcnemar_p": mcnemar_exact(b, c),
+            "bootstrap_se": boot["se"], "bootstrap_ci_low": boot["ci_low"], "bootstrap_ci_high": boot["ci_high"],
+            "bootstrap_p": boot["p_value"]}
+
+
+def paired_score_comparison(before: Sequence[float], after: Sequence[float], n_boot: int = 10_000,
+                            seed: int = 0) -> dict[str, float]:
+    """A paired test of a continuous per-item score (a held-out reward): n (pairs where both are finite),
+    the two means, the difference (after - before), how many items rose / fell, and the paired bootstrap's
+    interval and two-sided p-value."""
+    x, y = np.asarray(before, dtype=np.float64).reshape(-1), np.asarray(after, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"paired test: {x.size} items before but {y.size} after (the same items are needed)")
+    keep = np.isfinite(x) & np.isfinite(y)  # a NaN reward was dropped: its item has no pair
+    x, y = x[keep], y[keep]
+    boot = paired_bootstrap(x, y, n_boot, seed)
+    return {"n": float(x.size), "mean_before": float(x.mean()), "mean_after": float(y.mean()),
+            "diff": boot["diff"], "rises": float(np.sum(y > x)), "falls": float(np.sum(y < x)),
             "bootstrap_se": boot["se"], "bootstrap_ci_low": boot["ci_low"], "bootstrap_ci_high": boot["ci_high"],
             "bootstrap_p": boot["p_value"]}
 

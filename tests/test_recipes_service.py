@@ -122,3 +122,8 @@ def test_gvu_trains_and_reward_actor_follows_the_learner(tmp_path, monkeypatch):
     assert [s for s, _ in gvu] == [1, 2] and all(0 < v <= 1 for _, v in gvu)
     assert metric(uri, rid, "sft/text_ce") and metric(uri, rid, "image/loss")
     assert metric(uri, rid, "eval/heldout/reward/gvu") and not metric(uri, rid, "eval/clean/accuracy")
+    paired = summary["comparison"]  # stage 2 vs stage 1 on the same held-out prompts, paired per prompt
+    assert paired["compare/heldout/reward/n"] == cfg.task.eval_size and 0 < paired["compare/heldout/reward/bootstrap_p"] <= 1
+    assert paired["compare/heldout/reward/diff"] == pytest.approx(
+        paired["compare/heldout/reward/mean_after"] - paired["compare/heldout/reward/mean_before"], abs=1e-9)
+    assert summary["final"]["eval/heldout/reward"] == pytest.approx(paired["compare/heldout/reward/mean_after"])

@@ -14,6 +14,7 @@ from services.stats import (
     mcnemar_exact,
     paired_bootstrap,
     paired_comparison,
+    paired_score_comparison,
 )
 
 
@@ -98,3 +99,19 @@ def test_bootstrap_without_difference_and_agreement_with_mcnemar():
     assert mcnemar_exact(10, 2) < 0.05
     with pytest.raises(ValueError):
         paired_bootstrap([], [])
+
+
+def test_score_comparison_pairs_finite_scores_and_tells_a_shift_from_none():
+    rng = np.random.default_rng(0)
+    before = rng.normal(0.5, 0.1, 400)
+    shifted = before + 0.02 + rng.normal(0, 0.01, 400)  # every item rises by ~0.02: a clear paired rise
+    r = paired_score_comparison(before, shifted, n_boot=4000, seed=1)
+    assert r["n"] == 400 and r["diff"] == pytest.approx(float(np.mean(shifted - before)))
+    assert r["bootstrap_p"] < 0.001 and r["bootstrap_ci_low"] > 0 and r["rises"] > 380
+    noise = before + rng.normal(0, 0.01, 400)  # no shift: p well above 0.05 for this draw
+    assert paired_score_comparison(before, noise, n_boot=4000, seed=1)["bootstrap_p"] > 0.05
+    with_nan = paired_score_comparison([0.1, np.nan, 0.3, 0.2], [0.2, 0.5, np.nan, 0.4], n_boot=100)
+    assert with_nan["n"] == 2 and with_nan["diff"] == pytest.approx(0.15)  # items 0 and 3 only
+    assert with_nan["rises"] == 2 and with_nan["falls"] == 0
+    with pytest.raises(ValueError, match="same items"):
+        paired_score_comparison([0.1, 0.2], [0.1])
