@@ -83,7 +83,11 @@ def ray_head(tmp_path):
     gcs, dash = _free_port(), _free_port()
     start = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
-             f"--temp-dir={tmp}", "--disable-usage-stats"]
+             f"--temp-dir={tmp}", "--disable-usage-stats",
+             # every agent port free too: another Ray on the box (a local cluster) holds the defaults
+             *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                        "metrics-export-port", "runtime-env-agent-port",
+                                                        "ray-client-server-port"))]
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
