@@ -115,7 +115,7 @@ def test_stage_one_samples_with_the_rollouts_sde_steps(local_ray):
     from services.driver import task_dataset
 
     cfg = load_config(None, ["rollout.sde.steps=3", "rollout.sde.window=1", "task.train_size=8"])
-    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde.steps)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde)
     try:
         assert group.call("__ray_call__", lambda self: self.sde_steps) == 3
         examples = get_recipe("clear").sft_examples(list(task_dataset(cfg, "train"))[:4], generate_prob=1.0)

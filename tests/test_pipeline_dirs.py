@@ -135,7 +135,7 @@ def test_rollouts_learner_step_and_checkpoint_reload(local_ray, sd3_dir, tmp_pat
     for seg in (s for t in trajs for s in t.images):  # the rollout's windows are on the scheduler's schedule
         assert all(bool(torch.isclose(sig, x).any()) for x in seg.sigmas)
         assert all(bool(torch.isclose(sig, x).any()) for x in seg.sigma_nexts)
-    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde.steps)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde)
     try:
         before = group.call("weights_digest")
         m = group.train_step(collate(trajs, torch.tensor([1.0, -1.0, 0.5, -0.5]), policy.token_ids["pad"]))

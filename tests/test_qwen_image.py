@@ -278,7 +278,7 @@ def test_uae_rollouts_reward_learner_step_and_checkpoint_reload(local_ray, qi_di
     rewards, parts = combine(trajs, [c.model_dump() for c in cfg.reward.components])
     assert len(rewards) == 4 and all(-1 <= r <= 1 for r in rewards) and set(parts) == {"clip_similarity"}
     adv = torch.tensor(rewards) - torch.tensor(rewards).mean()
-    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde.steps)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde)
     try:
         before = group.call("weights_digest")
         m = group.train_step(collate(trajs, adv / (adv.std() + 1e-6), policy.token_ids["pad"]))

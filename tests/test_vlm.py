@@ -168,7 +168,7 @@ def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, sd3
     assert len(trajs) == 4 and all(t.generated_image for t in trajs)
     totals, parts = RewardActor([c.model_dump() for c in cfg.reward.components]).score_values(trajs)
     assert len(totals) == 4 and {"answer", "format"} <= set(parts) and all(r == r for r in totals)
-    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde.steps)
+    group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde)
     try:
         before = group.call("weights_digest")
         assert before == policy.weights_digest()
