@@ -389,13 +389,18 @@ class RunConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _recipe_strength(cls, data: Any) -> Any:
-        """A null ``rollout.sde.strength`` becomes the recipe's (CLEAR restores from its input image)."""
+        """A null ``rollout.sde.strength`` becomes the recipe's (CLEAR restores from its input image) where the
+        input image's latent is in the context (``model.input_image`` bridge / both, or the tiny LM), else 1."""
         recipe = data.get("recipe", "clear") if isinstance(data, dict) else None
         rollout = (data.get("rollout") or {}) if recipe in RECIPES else None
         sde = (rollout.get("sde") or {}) if isinstance(rollout, dict) else None
         if not isinstance(sde, dict) or sde.get("strength") is not None:
             return data  # set, or malformed (the fields' own validation names it)
-        return {**data, "rollout": {**rollout, "sde": {**sde, "strength": get_recipe(recipe).default_strength}}}
+        model = data.get("model") or {}
+        image = model.get("input_image") if isinstance(model, dict) else None
+        latent_read = image in ("bridge", "both") or (image is None and not model.get("lm_path"))  # the tiny LM: bridge
+        strength = get_recipe(recipe).default_strength if latent_read else 1.0  # no input latent: from noise
+        return {**data, "rollout": {**rollout, "sde": {**sde, "strength": strength}}}
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:

@@ -139,7 +139,7 @@ FIELD_DOCS: dict[str, str] = {
     "rollout.sde.window": "Stochastic (SDE) steps whose log-probs are recorded and trained.",
     "rollout.sde.window_position": "Where the window sits: `fixed` at `window_start`, or `random` per image.",
     "rollout.sde.window_start": "First window step when `window_position: fixed`.",
-    "rollout.sde.strength": "null: the recipe's (clear 0.6, the others 1). CLEAR's restorations: 1 samples "
+    "rollout.sde.strength": "null: the recipe's (clear 0.6 where the input image's latent is in the context: `model.input_image` bridge or both, or the tiny LM; else 1). CLEAR's restorations: 1 samples "
                             "from pure noise; s < 1 starts from the input "
                             "image's latent noised to sigma s, `(1 - s) z + s eps` (diffusers' img2img "
                             "`strength`), and runs the steps over s x the schedule's sigmas; stage 1's flow loss "
