@@ -24,7 +24,7 @@ import torch
 from learner.batch import TrainBatch, collate
 from learner.sharding import padding_donors, split_evenly
 from policy.prompting import encode_prompt, encode_target
-from policy.sde import restoration_sources, restoration_start, sample_ode
+from policy.sde import restoration_plan, restoration_sources, sample_ode
 from policy.trajectory import ImageSegment, Trajectory
 from policy.vision import empty_images, stack_images
 
@@ -61,9 +61,8 @@ def own_generations(policy, contexts: list[list[int]], input_latents: torch.Tens
     dev = policy.device
     _, hidden = policy.lm_forward(ids.to(dev), attn.to(dev), input_latents.to(dev), images=vision_images)
     enc, pooled = policy.condition(hidden, torch.tensor([len(c) for c in contexts]))
-    strength = 1.0 if sources is None else strength
-    start = restoration_start(noise.to(dev), sources, strength)
-    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), start, strength * policy.sigmas(steps)).cpu()
+    start, sigmas = restoration_plan(noise.to(dev), sources, strength, policy.sigmas(steps))
+    return sample_ode(lambda x, s: policy.velocity(x, s, enc, pooled), start, sigmas).cpu()
 
 
 def _rank_rows(examples: list[dict], rank: int, world: int) -> tuple[list[int], list[int]]:
@@ -115,7 +114,7 @@ def sft_shard(policy, examples: list[dict], steps: int = 8, generator: torch.Gen
                                stack_images([vision[j] for j in gen_local]), sources, strength)
         taught = clean_slot[[noise_row[j] for j in gen_local]]
         made = torch.where(taught.view(-1, 1, 1, 1), clean[gen_local], made)
-        made = policy.generated_slot(made) if policy.cfg.read_generation == "pixels" else made
+        made = policy.generated_slot(made)
         own = {j: made[k : k + 1] for k, j in enumerate(gen_local)}
     trajs = []
     for j, e in enumerate(local):

@@ -101,6 +101,15 @@ def restoration_start(noise: torch.Tensor, source: torch.Tensor | None, strength
     return (1.0 - strength) * source.to(noise) + strength * noise
 
 
+def restoration_plan(noise: torch.Tensor, source: torch.Tensor | None, strength: float,
+                     sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, sigmas) of a sampler run: :func:`restoration_start` and ``strength`` x the schedule's sigmas, or
+    (noise, sigmas) when there is no source (generation from noise runs the whole schedule)."""
+    if source is None:
+        return noise, sigmas
+    return restoration_start(noise, source, strength), strength * sigmas
+
+
 def restoration_sources(slot_latents: list[torch.Tensor], strength: float) -> torch.Tensor | None:
     """Each row's input-image latent (its first slot), the start of a restoration (strength < 1); None at
     strength 1. A row without an input image's latent cannot be restored from it: a ValueError."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from policy.prompting import decode_response, encode_prompt
-from policy.sde import draw_normal, restoration_sources, restoration_start, sample_latents, window_starts
+from policy.sde import draw_normal, restoration_plan, restoration_sources, sample_latents, window_starts
 from policy.trajectory import ImageSegment, Trajectory
 from policy.vision import empty_images, stack_images
 from rollout.engine import SamplingSettings, TextCompletion, TextEngine, TextRequest
@@ -80,9 +80,8 @@ def generate_images(policy, contexts: list[list[int]], latents: list[torch.Tenso
     b = len(contexts)
     noise = draw_normal((b, *policy.latent_shape), generator, dev)
     starts = window_starts(b, s.sde_steps, s.sde_window, s.sde_window_position, s.sde_window_start, generator)
-    strength = 1.0 if sources is None else s.sde_strength
-    rec = sample_latents(lambda x, sig: policy.velocity(x, sig, enc, pooled),
-                         restoration_start(noise, sources, strength), strength * policy.sigmas(s.sde_steps),
+    start, sigmas = restoration_plan(noise, sources, s.sde_strength, policy.sigmas(s.sde_steps))
+    rec = sample_latents(lambda x, sig: policy.velocity(x, sig, enc, pooled), start, sigmas,
                          s.sde_window, s.sde_noise_level, starts, generator).to("cpu")
     segs = [
         ImageSegment(cond_end=int(cond_end[i]), latents=rec.latents[i], next_latents=rec.next_latents[i],
