@@ -74,7 +74,8 @@ class LearnerWorker:
         understanding = {id(p) for m in self.policy.module_groups()["understanding"] for p in m.parameters()}
         groups = [{"params": [p for p in params if id(p) in understanding], "understanding": True,
                    "lr": learner_cfg.lr * learner_cfg.lm_lr_scale},
-                  {"params": [p for p in params if id(p) not in understanding], "understanding": False}]
+                  {"params": [p for p in params if id(p) not in understanding], "understanding": False,
+                   "lr": learner_cfg.lr * learner_cfg.generator_lr_scale}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learner_cfg.lr, fused=True,
                                       betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay)
         bf16 = policy_cfg.dtype == "bfloat16"
@@ -197,12 +198,12 @@ class LearnerWorker:
         m.update({f"sft/{k}": v for k, v in self._step(loss).items()})
         return m
 
-    def set_lr(self, lr: float, reset_state: bool = False, lm_scale: float = 1.0) -> None:
-        """New learning rate (the LM and bridge at ``lr * lm_scale``); ``reset_state`` also drops the
-        optimizer's moments (a fresh AdamW for the next stage: SFT's second moments would otherwise shrink
-        the first RL updates for hundreds of steps)."""
+    def set_lr(self, lr: float, reset_state: bool = False, lm_scale: float = 1.0, generator_scale: float = 1.0) -> None:
+        """New learning rate (the LM and bridge at ``lr * lm_scale``, the generator at ``lr * generator_scale``);
+        ``reset_state`` also drops the optimizer's moments (a fresh AdamW for the next stage: SFT's second
+        moments would otherwise shrink the first RL updates for hundreds of steps)."""
         for g in self.optimizer.param_groups:
-            g["lr"] = lr * lm_scale if g.get("understanding") else lr
+            g["lr"] = lr * (lm_scale if g.get("understanding") else generator_scale)
         if reset_state:
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
             inner.state.clear()

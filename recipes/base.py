@@ -79,6 +79,12 @@ class Recipe:
         elif cfg.rollout.sde.strength < 1 and cfg.model.input_image == "vision":
             out.append(ConfigProblem("rollout.sde.strength", "strength < 1 starts from the input image's latent: "
                                      "model.input_image must be bridge or both"))
+        for i, c in enumerate(cfg.reward.components):  # services.clip_fit: a scorer fitted to the task's images
+            fits = [j for j, b in enumerate(c.kwargs.get("backbones") or []) if isinstance(b, dict) and b.get("fit")]
+            if fits and (c.name != "clip_similarity" or cfg.task.name != "shapes_vqa"):
+                out.append(ConfigProblem(f"reward.components[{i}].kwargs.backbones[{fits[0]}].fit",
+                                         "a fitted tiny CLIP scorer is trained on the shapes_vqa task's images and "
+                                         "descriptions: it needs reward 'clip_similarity' and task.name shapes_vqa"))
         if cfg.model.read_generation != "latent" and not self.restores:
             out.append(ConfigProblem("model.read_generation", f"recipe {self.name!r} never reads a generated image "
                                      "back; only clear does"))

@@ -2,14 +2,19 @@
 
 Requests carry the item's clean image and no question (the ``caption`` rollout adds the instruction);
 the reward is the similarity of the source and its reconstruction (``clip_similarity``); evaluation is the
-mean reward on held-out images (and ``unigrpo eval --benchmark reconstruction``). No stage 1: the tiny
-recipe learns from RL alone.
+mean reward on held-out images (and ``unigrpo eval --benchmark reconstruction``). Stage 1 is the warm start
+a pretrained unified model already has, in the two halves UAE's auto-encoder needs: captioning (image ->
+<answer> description </answer>) and generating from a caption alone ("\\n" description "\\n" <gen> -> the
+image: the condition ``rollout.caption`` builds from a written caption).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from recipes.base import Recipe
-from tasks.describe import clean_image_of
+from recipes.gvu import gvu_sft_examples
+from tasks.describe import CAPTION_INSTRUCTION, clean_image_of
 from tasks.items import PromptItem
 
 
@@ -22,6 +27,12 @@ def uae_request(item: PromptItem, image_size: int = 32) -> dict:
     return {"prompt_id": item.prompt_id, "image": image, "meta": {"source": item.meta.get("source", "")}}
 
 
+def uae_sft_examples(items: Sequence[PromptItem], generate_prob: float = 1.0) -> list[dict]:
+    """GvU's two halves (``recipes.gvu.gvu_sft_examples``) with UAE's caption instruction: even rows caption
+    the clean image, odd rows generate it from its description alone."""
+    return gvu_sft_examples(items, generate_prob, instruction=CAPTION_INSTRUCTION)
+
+
 UAE = Recipe(
     name="uae",
     summary="caption an image so that the generator reconstructs it from the caption",
@@ -30,4 +41,5 @@ UAE = Recipe(
     rewards=({"name": "clip_similarity", "weight": 1.0,
               "kwargs": {"tiny": True, "backbones": [{"kind": "clip", "weight": 1.0}]}},),  # no download
     evaluation="heldout_reward",
+    sft=uae_sft_examples,
 )

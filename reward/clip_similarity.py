@@ -211,6 +211,9 @@ def _load_local(kind: str, source: str, dtype: torch.dtype) -> tuple[nn.Module, 
 def load_backbone(spec: dict, *, tiny: bool = False, device: str | torch.device | None = "cpu",
                   dtype: str | torch.dtype = "float32", seed: int = 0, label: str | None = None) -> Backbone:
     """Build one ``Backbone`` from a spec dict (see the module docstring)."""
+    if spec.get("fit"):
+        raise ValueError("a backbone with 'fit: true' is the tiny CLIP a run fits to its task before stage 1 "
+                         "(services.clip_fit.prepare turns it into a 'path'); build the reward from the prepared config")
     kind = str(spec.get("kind", "auto")).lower()
     if kind not in KINDS:
         raise ValueError(f"backbone kind must be one of {KINDS}, got {kind!r}")

@@ -31,8 +31,7 @@ from policy.trajectory import Trajectory
 from policy.vision import image_to_uint8
 from rollout.engine import SamplingSettings, TextEngine, TextRequest
 from rollout.interleaved import RolloutSettings, generate_images
-
-UAE_INSTRUCTION = "Describe the image in detail."
+from tasks.describe import CAPTION_INSTRUCTION as UAE_INSTRUCTION
 
 
 def image_to_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -45,13 +44,24 @@ def image_to_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+def caption_text_ids(caption_ids: list[int], ids: dict[str, int]) -> list[int]:
+    """The caption proper: the tokens between <answer> and </answer> when the policy wrote the markers (as
+    stage 1 teaches it: ``recipes.uae``), else every token it wrote; end-of-sequence tokens dropped."""
+    body = [t for t in caption_ids if t != ids["eos"]]
+    if ids["answer_start"] in body:
+        body = body[body.index(ids["answer_start"]) + 1:]
+        body = body[: body.index(ids["answer_end"])] if ids["answer_end"] in body else body
+    return body
+
+
 def caption_condition(policy, caption_ids: list[int]) -> tuple[list[int], int]:
     """The generation prompt of a caption and how many of its leading tokens the condition skips, built from
-    the sampled ids (its end-of-sequence token dropped), so the caption is exactly what the policy wrote:
-    "\\n" caption "\\n" <gen> and 0 (GvU's layout, ``rollout.image``); for Qwen-Image, its pipeline's prompt
-    template around the caption and the template's system part (``policy.qwen_image.generation_prompt``)."""
+    the sampled ids (``caption_text_ids``), so the caption is exactly what the policy wrote:
+    "\\n" caption "\\n" <gen> and 0 (GvU's layout, ``rollout.image``, which stage 1 trains the generator on);
+    for Qwen-Image, its pipeline's prompt template around the caption and the template's system part
+    (``policy.qwen_image.generation_prompt``)."""
     tok, ids = policy.tokenizer, policy.token_ids
-    body = [t for t in caption_ids if t != ids["eos"]]
+    body = caption_text_ids(caption_ids, ids)
     if qwen_image.is_qwen_image(policy.cfg.generator_class):
         return qwen_image.generation_prompt(tok, body)
     newline = tok.encode("\n", add_special_tokens=False)

@@ -28,6 +28,7 @@ class LearnerConfig(Section):
     train_lm: bool = True
     train_generator: bool = True
     lm_lr_scale: NonNegFloat = 1.0  # stage 2: the LM and bridge learn at lr x this (0: GvU's scorer held)
+    generator_lr_scale: NonNegFloat = 1.0  # stage 2: the generator learns at lr x this (0: UAE's LM-only mode)
     # memory (7B-class runs; learner/memory.py): recompute activations in backward, keep states on the host
     gradient_checkpointing_lm: bool = False
     gradient_checkpointing_generator: bool = False

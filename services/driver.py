@@ -20,7 +20,7 @@ from learner.group import LearnerGroup
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
 from recipes import get_recipe
-from services import checkpoint, control, inflight, stop, vae_fit
+from services import checkpoint, clip_fit, control, inflight, stop, vae_fit
 from services.cluster import start_ray, worker_pool
 from services.config import RunConfig
 from services.delivery import GroupDelivery
@@ -111,6 +111,7 @@ class Run:
         self.tracker = Tracker(cfg, run_id=state["mlflow_run_id"] if state else None)
         print(f"mlflow_run_id={self.tracker.run_id}", flush=True)  # `unigrpo submit` reads this line
         cfg = self.cfg = vae_fit.prepare(cfg, self.tracker)  # a tiny VAE fitted to the task's images, cached
+        cfg = self.cfg = clip_fit.prepare(cfg, self.tracker)  # a tiny CLIP scorer fitted to them (fit: true)
         self.pad_id = special_token_ids(build_tokenizer(cfg.model))["pad"]
         self.train_set = task_dataset(cfg, "train")
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, cfg.seed)
@@ -143,7 +144,8 @@ class Run:
             if i % 10 == 0 or i == s.steps - 1:
                 self.tracker.log_metrics(m, i)
                 bar.set_postfix(ce=f"{m['sft/text_ce']:.3f}", fm=f"{m.get('sft/flow_mse', 0):.3f}")
-        self.learner.call_all("set_lr", self.cfg.learner.lr, self.cfg.sft.reset_optimizer, self.cfg.learner.lm_lr_scale)
+        L = self.cfg.learner
+        self.learner.call_all("set_lr", L.lr, self.cfg.sft.reset_optimizer, L.lm_lr_scale, L.generator_lr_scale)
 
     # ---- stage 2 ----------------------------------------------------------------------------
     def publish(self, bump: bool = True):

@@ -140,7 +140,10 @@ def run_reconstruction(cfg: RunConfig, checkpoint: str, out_dir: str | None = No
     from services.tracking import Tracker, image_strip
     from services.vae_fit import with_checkpoint_vae
 
+    from services.clip_fit import prepare
+
     cfg = with_checkpoint_vae(cfg, policy_dir_of(checkpoint))  # the run's own (fitted) VAE decodes
+    cfg = prepare(cfg)  # a fitted tiny CLIP scorer: the run's (cached beside its checkpoints)
     sim = similarity_of(cfg)
     imgs, names = load_images(images, cfg.model.image_size) if images else shapes_images(cfg)
     started = not ray.is_initialized()

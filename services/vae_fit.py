@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,34 @@ def applies(cfg: RunConfig) -> bool:
             and not is_pipeline_dir(m.generator_path) and cfg.task.name == "shapes_vqa")
 
 
+def clean_items(cfg: RunConfig, split: str, n: int) -> list:
+    """The first ``n`` items of the task's ``split``, undegraded (``meta["clean_image"]`` uint8 (H, W, 3))."""
+    t = cfg.task
+    return list(build_dataset(t.name, size=n, seed=cfg.seed, split=split, image_size=t.image_size, degradations=[],
+                              degrade_prob=0.0, question_types=t.question_types, shuffle_choices=t.shuffle_choices))
+
+
 def clean_images(cfg: RunConfig, split: str, n: int) -> np.ndarray:
     """The first ``n`` clean images of the task's ``split`` (uint8, (n, H, W, 3))."""
-    t = cfg.task
-    ds = build_dataset(t.name, size=n, seed=cfg.seed, split=split, image_size=t.image_size, degradations=[],
-                       degrade_prob=0.0, question_types=t.question_types, shuffle_choices=t.shuffle_choices)
-    return np.stack([it.meta["clean_image"] for it in ds])
+    return np.stack([it.meta["clean_image"] for it in clean_items(cfg, split, n)])
+
+
+def cached_fit(final: Path, make: Callable[[Path], dict]) -> tuple[dict, bool]:
+    """``(record, cached)``: the ``fit.json`` record in ``final`` when a fit is cached there, else
+    ``make(tmp)`` fits into a temporary directory that is then renamed to ``final`` (a stopped fit never
+    leaves a partial cache; a concurrent run that wrote the same key first wins)."""
+    if (final / FIT_FILE).is_file():
+        return json.loads((final / FIT_FILE).read_text()), True
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    record = make(tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another run wrote the same key meanwhile: the same fit, keep theirs
+        if not (final / FIT_FILE).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record, False
 
 
 def fit_key(cfg: RunConfig) -> str:
@@ -170,19 +193,7 @@ def prepare(cfg: RunConfig, tracker=None, progress: bool = True) -> RunConfig:
     if not applies(cfg):
         return cfg
     final = cache_path(cfg)
-    cached = (final / FIT_FILE).is_file()
-    if cached:
-        record = json.loads((final / FIT_FILE).read_text())
-    else:
-        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        record = fit(cfg, tmp, progress)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another run wrote the same key meanwhile: the same fit, keep theirs
-            if not (final / FIT_FILE).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+    record, cached = cached_fit(final, lambda tmp: fit(cfg, tmp, progress))
     how = "cached" if cached else f"fitted in {record['seconds']:.0f} s"
     print(f"tiny VAE ({how}, {final}): held-out reconstruction PSNR {record['psnr_db']:.2f} dB, "
           f"SSIM {record['ssim']:.3f} on {record['eval_images']} images", flush=True)

@@ -11,6 +11,8 @@ from .items import PromptItem
 
 _COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
+CAPTION_INSTRUCTION = "Describe the image in detail."  # UAE: what the captioner is asked (rollout and stage 1)
+
 
 def _where(o: dict, size: float) -> str:
     """'left' / 'top right' / 'center' ... from a shape's centre (pixels) in an image of ``size`` pixels."""

@@ -48,8 +48,9 @@ def test_one_step_trains_lm_and_generator_with_reference_kl(local_ray, zero_stag
 
 
 def test_stage_switch_fresh_optimizer_and_held_lm(local_ray):
-    """``set_lr(lr, reset_state, lm_scale)`` at the SFT -> GRPO switch: the optimizer's moments are dropped,
-    and with ``lm_scale`` 0 (``learner.lm_lr_scale``) a GRPO step moves the generator side only."""
+    """``set_lr(lr, reset_state, lm_scale, generator_scale)`` at the SFT -> GRPO switch: the optimizer's
+    moments are dropped; with ``lm_scale`` 0 (``learner.lm_lr_scale``) a GRPO step moves the generator side
+    only, with ``generator_scale`` 0 (``learner.generator_lr_scale``) the understanding side only."""
     cfg = load_config(None)
     group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed)
     n_state = lambda: ray.get(group.workers[0].__ray_call__.remote(lambda self: len(getattr(self.optimizer, "optimizer", self.optimizer).state)))  # noqa: E731
@@ -64,6 +65,11 @@ def test_stage_switch_fresh_optimizer_and_held_lm(local_ray):
         after = group.call("weights_digest")
         changed = {k.split(".")[0] for k in before if abs(before[k] - after[k]) > 0}
         assert changed == {"generator", "connector"}, changed
+        group.call_all("set_lr", 1e-3, False, 1.0, 0.0)  # learner.generator_lr_scale 0: UAE's LM-only mode
+        group.train_step(batch)
+        held = group.call("weights_digest")
+        changed = {k.split(".")[0] for k in after if abs(after[k] - held[k]) > 0}
+        assert changed == {"lm", "bridge"}, changed
     finally:
         group.shutdown()
 

@@ -18,11 +18,12 @@ from policy.config import PolicyConfig
 from policy.model import UnifiedPolicy
 from reward.registry import REWARDS, RewardSet, get_reward
 from rollout import interleaved
-from rollout.caption import caption_condition, uae_rollout
+from rollout.caption import caption_condition, caption_text_ids, uae_rollout
 from rollout.engine import HFTextEngine
 from rollout.image import gvu_rollout, janus_gvu_rollout
 from rollout.interleaved import RolloutSettings
 from rollout.registry import ROLLOUTS, get_rollout, rollout_kinds
+from tasks.describe import CAPTION_INSTRUCTION
 
 torch.set_num_threads(1)
 
@@ -83,6 +84,20 @@ def test_uae_rollout_caption_reconstruction_window(policy):
         assert policy.token_ids["img"] not in seg.cond_ids.tolist()
     assert trajs[0].meta["k"] == 1
     _check_learner_recomputes(policy, trajs)
+
+
+def test_uae_condition_is_the_caption_between_its_answer_markers(policy):
+    """A caption written as stage 1 teaches (<answer> text </answer> <eos>) conditions the generator on its
+    text alone, in the layout stage 1's generation rows have ("\\n" description "\\n" <gen>); without markers,
+    on all that was written; an unclosed <answer> keeps the rest."""
+    ids, tok = policy.token_ids, policy.tokenizer
+    text = tok.encode("a red circle on the left", add_special_tokens=False)
+    marked = [ids["answer_start"], *text, ids["answer_end"], ids["eos"]]
+    assert caption_text_ids(marked, ids) == text == caption_text_ids([*text, ids["eos"]], ids)
+    assert caption_text_ids([7, ids["answer_start"], *text], ids) == text
+    cond, start = caption_condition(policy, marked)
+    gen_row = tok.encode("\na red circle on the left\n", add_special_tokens=False) + [ids["gen"]]  # recipes.uae
+    assert cond == gen_row and start == 0
 
 
 def test_uae_reconstruction_does_not_see_the_input_image_once_the_caption_is_fixed(policy):
@@ -276,8 +291,13 @@ def test_recipe_sft_examples():
     gvu = get_recipe("gvu").sft_examples(items)
     assert [e["generate"] for e in gvu] == [False, True] * 3
     assert gvu[0]["image"] is not None and gvu[1]["image"] is None and gvu[1]["text"] == gvu[1]["answer"]
+    uae = get_recipe("uae").sft_examples(items)  # GvU's halves with UAE's caption instruction
+    assert [e["generate"] for e in uae] == [False, True] * 3
+    assert uae[0]["text"] == CAPTION_INSTRUCTION and uae[0]["answer"] == gvu[0]["answer"]
+    assert uae[1]["image"] is None and uae[1]["text"] == gvu[1]["text"] == uae[1]["answer"]
+    bare = dataclasses.replace(get_recipe("uae"), sft=None)
     with pytest.raises(ValueError, match="no stage-1"):
-        get_recipe("uae").sft_examples(items)
+        bare.sft_examples(items)
 
 
 def test_recipe_architecture_limits():
@@ -290,11 +310,10 @@ def test_recipe_architecture_limits():
         "sft": janus.sft.model_copy(update={"enabled": True})}))]
     assert fields == ["recipe", "sft.enabled"]
     uae = load_config("configs/uae_tiny.yaml", [])
-    assert get_recipe("uae").first_problem(uae) is None
-    on = uae.model_copy(update={"sft": uae.sft.model_copy(update={"enabled": True})})
-    assert get_recipe("uae").first_problem(on).field == "sft.enabled"
+    assert uae.sft.enabled and get_recipe("uae").first_problem(uae) is None
+    assert dataclasses.replace(get_recipe("uae"), sft=None).first_problem(uae).field == "sft.enabled"
     from services.config import ConfigError
 
     with pytest.raises(ConfigError) as info:  # the run config applies the recipe's limits
-        load_config("configs/uae_tiny.yaml", ["sft.enabled=true"])
+        load_config("configs/gvu_janus_tiny.yaml", ["sft.enabled=true"])
     assert info.value.field_path == "sft.enabled"

@@ -23,7 +23,7 @@ from tasks.describe import describe_shapes
 
 pytestmark = pytest.mark.slow
 
-LM_ONLY = ["model.freeze_generator=true", "learner.train_generator=false", "algorithm.lambda_img=0"]
+LM_ONLY = ["learner.generator_lr_scale=0", "algorithm.lambda_img=0"]  # stage 1 trains the generator, stage 2 holds it
 
 
 def _cfg(tmp_path, recipe: str, *extra: str):
@@ -59,13 +59,13 @@ def test_requests_per_recipe():
 @pytest.fixture(scope="module")
 def uae_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uae")
-    cfg = _cfg(tmp, "uae", *LM_ONLY)  # LM only: frozen generator, lambda_img 0 (the config's default is joint)
+    cfg = _cfg(tmp, "uae", *LM_ONLY)  # LM only: the stage-1 generator held (the config's default is joint)
     return cfg, driver.train(cfg), tmp
 
 
 def test_uae_lm_only_trains_on_the_service(uae_run):
     cfg, summary, _ = uae_run
-    assert cfg.model.freeze_generator and not cfg.learner.train_generator and cfg.algorithm.lambda_img == 0
+    assert cfg.learner.generator_lr_scale == 0 and cfg.algorithm.lambda_img == 0 and cfg.sft.enabled
     uri, rid = cfg.tracking.resolved_uri(), summary["run_id"]
     assert summary["steps"] == 2
     rewards = metric(uri, rid, "reward/clip_similarity/mean")
