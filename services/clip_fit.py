@@ -31,11 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from reward.clip_similarity import CLIP_MEAN, CLIP_STD, TINY_CLIP_VISION, Backbone, load_backbone
 from services.config import RunConfig
-from services.vae_fit import FIT_FILE, cached_fit, clean_items
+from services.vae_fit import FIT_FILE, cached_fit, clean_items, minibatch_fit
 from tasks.describe import describe_item
 
 FIT_KEY = "fit"  # a backbone spec's key that asks for the fitted tower
@@ -135,26 +134,16 @@ def fit(cfg: RunConfig, out_dir: Path, progress: bool = True) -> dict:
     model = tower.model.train().requires_grad_(True)
     opt = torch.optim.Adam([*model.parameters(), *text.parameters(), log_scale], lr=s["lr"])
     pixels, same = tower.preprocess(images), _same(descs)
-    g, n, b = torch.Generator().manual_seed(cfg.seed), len(descs), s["batch_size"]
-    steps = s["epochs"] * -(-n // b)
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc="CLIP scorer fit", unit="step", dynamic_ncols=True, disable=not progress)
-    for _ in range(s["epochs"]):
-        order = torch.randperm(n, generator=g)
-        for k in range(0, n, b):
-            idx = order[k:k + b]
-            loss = contrastive_loss(model(pixel_values=pixels[idx]).image_embeds, text([descs[i] for i in idx]),
-                                    same[idx][:, idx], log_scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+
+    def loss_of(idx: torch.Tensor, _: torch.Generator) -> torch.Tensor:
+        return contrastive_loss(model(pixel_values=pixels[idx]).image_embeds, text([descs[i] for i in idx]),
+                                same[idx][:, idx], log_scale)
+
+    losses = minibatch_fit("CLIP scorer fit", len(descs), s["epochs"], s["batch_size"], cfg.seed, loss_of, opt,
+                           progress=progress)
     model.eval().requires_grad_(False)
     fitted = separation(tower, held, held_descs, text)
-    record = {**fitted, "random_init": random_init, "train_images": n, "eval_images": len(held_descs),
+    record = {**fitted, "random_init": random_init, "train_images": len(descs), "eval_images": len(held_descs),
               "steps": len(losses), "final_loss": losses[-1], "seconds": time.perf_counter() - t0, "key": fit_key(cfg)}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -136,11 +136,10 @@ def run_reconstruction(cfg: RunConfig, checkpoint: str, out_dir: str | None = No
     the images, write JSON + PNG, log to MLflow. Returns the result (without per-image rows)."""
     import ray
 
+    from services.clip_fit import prepare
     from services.cluster import policy_dir_of, publish_policy_dir, start_ray, worker_pool
     from services.tracking import Tracker, image_strip
     from services.vae_fit import with_checkpoint_vae
-
-    from services.clip_fit import prepare
 
     cfg = with_checkpoint_vae(cfg, policy_dir_of(checkpoint))  # the run's own (fitted) VAE decodes
     cfg = prepare(cfg)  # a fitted tiny CLIP scorer: the run's (cached beside its checkpoints)

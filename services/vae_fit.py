@@ -101,36 +101,50 @@ def _to_unit_range(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def minibatch_fit(desc: str, n: int, epochs: int, batch_size: int, seed: int,
+                  loss_of: Callable[[torch.Tensor, torch.Generator], torch.Tensor], opt: torch.optim.Optimizer,
+                  sched=None, progress: bool = True) -> list[float]:
+    """``epochs`` passes over ``n`` rows, each a seeded permutation cut into batches: one optimizer (and
+    ``sched``) step on ``loss_of(batch indices, generator)`` per batch, under a progress bar; the losses."""
+    g = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    bar = tqdm(total=epochs * math.ceil(n / batch_size), desc=desc, unit="step", dynamic_ncols=True,
+               disable=not progress)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for k in range(0, n, batch_size):
+            loss = loss_of(order[k:k + batch_size], g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    return losses
+
+
 def train_vae(vae: AutoencoderKL, images: np.ndarray, epochs: int, batch_size: int, lr: float,
               kl_weight: float, seed: int, progress: bool = True) -> list[float]:
     """Fit ``vae`` in place to reconstruct ``images`` (uint8 (N, H, W, 3)); returns the per-step losses.
     One pass of a seeded permutation per epoch; ``loss = mean((D(z) - x)^2) + kl_weight * mean_batch KL``."""
     x_all = _to_unit_range(images)
     n = x_all.shape[0]
-    per_epoch = math.ceil(n / batch_size)
-    steps = max(1, epochs * per_epoch)
-    g = torch.Generator().manual_seed(seed)
+    steps = max(1, epochs * math.ceil(n / batch_size))
     vae.requires_grad_(True)
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc="VAE fit", unit="step", dynamic_ncols=True, disable=not progress)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=g)
-        for k in range(per_epoch):
-            x = x_all[order[k * batch_size:(k + 1) * batch_size]]
-            post = vae.encode(x).latent_dist
-            recon = vae.decode(post.sample(generator=g)).sample
-            loss = (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
+
+    def loss_of(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=g)).sample
+        return (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
+
+    losses = minibatch_fit("VAE fit", n, epochs, batch_size, seed, loss_of, opt, sched, progress)
     vae.requires_grad_(False)
     vae.eval()
     return losses
