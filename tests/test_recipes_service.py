@@ -73,6 +73,9 @@ def test_uae_lm_only_trains_on_the_service(uae_run):
     assert metric(uri, rid, "reward/total/mean") and metric(uri, rid, "text/loss")
     assert not metric(uri, rid, "eval/clean/accuracy")  # no CLEAR accuracy eval for UAE
     assert metric(uri, rid, "eval/heldout/reward/clip_similarity")
+    assert metric(uri, rid, "sft/text_ce") and metric(uri, rid, "sft/flow_mse")  # stage 1: both halves
+    (fit,) = metric(uri, rid, "clip_fit/cross_cosine")  # the scorer fitted to the task's images first
+    assert fit[1] < metric(uri, rid, "clip_fit/cross_cosine_random_init")[0][1]
 
 
 def test_reconstruction_benchmark_writes_json_png_and_mlflow(uae_run, tmp_path):
