@@ -50,8 +50,10 @@ def start_reward_app(cfg: Any, host: str = "127.0.0.1", port: int = 8000, *, nam
     """Deploy the reward app (non-blocking) at ``cfg.reward.serve.route_prefix``; returns its handle."""
     from ray import serve
 
+    from services.clip_fit import prepare
     from services.serve_reward import build_reward_app
 
+    cfg = prepare(cfg)  # a fitted tiny CLIP scorer (fit: true): the cached one, else fitted now
     ensure_serve(cfg, host, port)
     return serve.run(build_reward_app(cfg), name=name, route_prefix=cfg.reward.serve.route_prefix,
                      blocking=False)
