@@ -339,7 +339,8 @@ class JanusPolicy(nn.Module):
     # ---- weights ----------------------------------------------------------------------------------
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """The trainable sub-modules by side. The LM is shared by both paths; it counts as understanding
-        (``learner.train_lm`` / ``lm_lr_scale``), generation is the code embedding, its aligner and head."""
+        (``learner.train_lm`` / ``lm_lr_scale``), generation is the code embedding, its aligner and head
+        (``learner.train_generator`` / ``generator_lr_scale``)."""
         m = self.model.model
         return {"understanding": [m.language_model, self.model.lm_head, m.vision_model, m.aligner],
                 "generation": [m.generation_embeddings, m.generation_aligner, m.generation_head]}

@@ -376,7 +376,8 @@ class UnifiedPolicy(nn.Module):
 
     # ---- weights ------------------------------------------------------------------------------
     def module_groups(self) -> dict[str, list[nn.Module]]:
-        """The trainable sub-modules by side (``learner.train_lm`` / ``train_generator``, ``lm_lr_scale``)."""
+        """The trainable sub-modules by side (``learner.train_lm`` / ``train_generator``, ``lm_lr_scale`` /
+        ``generator_lr_scale``)."""
         generation = [self.generator] + ([self.connector] if self.connector is not None else [])
         return {"understanding": [self.lm, self.bridge], "generation": generation}
 
