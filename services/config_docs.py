@@ -168,7 +168,8 @@ FIELD_DOCS: dict[str, str] = {
                                 "`gvu`; `reward/names.py`) or `package.module:function`.",
     "reward.components[].weight": "Its weight in the total reward.",
     "reward.components[].kwargs": "Keyword arguments of the reward function (e.g. `clip_similarity`'s "
-                                  "backbones).",
+                                  "backbones; a backbone `{kind: clip, fit: true}` is the tiny CLIP tower "
+                                  "fitted to the task's images before stage 1, `services/clip_fit.py`).",
     "reward.serve.route_prefix": "HTTP route of `unigrpo serve reward` (`POST <prefix>/score`).",
     "reward.serve.max_body_mb": "Largest request body the HTTP apps accept (larger: 413).",
     "reward.serve.autoscaling.min_replicas": "Fewest replicas.",
