@@ -85,8 +85,9 @@ FIELD_DOCS: dict[str, str] = {
                           "patch of a latent.",
     "model.dtype": "Parameter dtype of the policy.",
     "model.seed": "Seed of the random initialisation of tiny parts.",
-    "model.freeze_generator": "Freeze the generator (UAE's LM-only mode: it becomes part of the reward "
-                              "environment); needs `learner.train_generator: false`.",
+    "model.freeze_generator": "Freeze the generator in both stages (it is part of the reward environment; "
+                              "no LoRA adapter on it); needs `learner.train_generator: false`. UAE's LM-only "
+                              "mode after a stage 1 that trains it: `learner.generator_lr_scale: 0`.",
     "model.lora.enabled": "Train LoRA adapters instead of the full LM and generator (either `model.arch`; "
                           "a vLLM engine holds the merged weights).",
     "model.lora.rank": "Adapter rank r: each adapted linear layer gets A (r x in) and B (out x r).",
