@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 
-BENCHES = ["vs_trl", "overhead", "weight_sync", "logprob_recording", "async_vs_sync", "scaling", "learner_ranks"]
+BENCHES = ["vs_trl", "overhead", "weight_sync", "logprob_recording", "async_vs_sync", "scaling", "learner_ranks",
+           "default_run"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,8 +136,13 @@ def _cmd_seeds(args: argparse.Namespace) -> int:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError("--seeds", f"{args.seeds!r}: distinct integers >= 0, e.g. 0,1,2")
     cfg = _load(args, check_paths=True)  # a config error exits 2 before any run starts
+    for flag, name in (("--against", args.against), ("--gather-only", cfg.run_name if args.gather_only else None)):
+        missing = [s for s in seeds if name and not (Path("runs") / f"{name}-seed{s}" / "eval_final.json").is_file()]
+        if missing:
+            raise ConfigError(flag, f"no runs/{name}-seed<S>/eval_final.json for seeds {missing}")
     run_seeds = _resolve("services.seeds", "run_seeds")
-    run_seeds(args.config, cfg.run_name, seeds, list(args.set), Path(args.out))
+    run_seeds(args.config, cfg.run_name, seeds, list(args.set), Path(args.out), train=not args.gather_only,
+              against=args.against)
     return EXIT_OK
 
 
@@ -241,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--out", default="runs/seeds", metavar="DIR", help="where seeds.md and seeds.json go")
+    p.add_argument("--against", default=None, metavar="RUN_NAME",
+                   help="also pair each seed's final answers with run RUN_NAME-seed<S>'s on the same items "
+                        "(an ablation against the default: --against clear-tiny)")
+    p.add_argument("--gather-only", action="store_true",
+                   help="tabulate the runs already trained (runs/<run_name>-seed<S>/eval_final.json); train nothing")
     p.set_defaults(handler=_cmd_seeds)
 
     p = sub.add_parser("export", help="write a checkpoint's policy as a self-contained directory (LoRA adapters "

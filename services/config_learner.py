@@ -19,7 +19,7 @@ class SyncConfig(Section):
 class LearnerConfig(Section):
     num_workers: PosInt = 1
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    lr: PosFloat = 3e-5
+    lr: PosFloat = 1e-4
     weight_decay: NonNegFloat = 0.0
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: NonNegFloat = 1.0

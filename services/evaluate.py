@@ -111,11 +111,18 @@ def _unit(pixels) -> np.ndarray:
 
 
 def _strip_rows(items: list[PromptItem], restored: np.ndarray, n: int = SAMPLE_ROWS) -> np.ndarray:
-    """One row per item: degraded input | restoration | clean source (uint8, 4x nearest upscaled)."""
+    """One row per item: degraded input | restoration | clean source (uint8, 4x nearest upscaled). The first
+    item of each degradation kind comes first, so a strip of a mixed set shows every kind; then the rest in order."""
     from services.tracking import image_strip
 
+    seen: set = set()
+    firsts, others = [], []
+    for it, rec in zip(items, restored):
+        kind = it.meta.get("degradation")
+        (others if kind in seen else firsts).append((it, rec))
+        seen.add(kind)
     rows = []
-    for it, rec in list(zip(items, restored))[:n]:
+    for it, rec in (firsts + others)[:n]:
         rows.append(image_strip([it.image, (rec * 255).round().astype(np.uint8), it.meta["clean_image"]]))
     gap = np.full((8, rows[0].shape[1], 3), 255, dtype=np.uint8)
     parts = []

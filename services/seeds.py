@@ -7,8 +7,10 @@ gives, per held-out set and decoding mode, the change stage 2 - stage 1 and its 
 items (UAE / GvU: the held-out reward's change and its paired bootstrap p). The table has one row per (set, mode): each seed's change and p, then the mean and the sample standard
 deviation of the change over seeds, and how many seeds show a rise with p < 0.05. Rows for "forced - forbidden"
 (after stage 2), the sampled trigger rate, and each set's accuracy per mode and restoration PSNR after stage 2
-come from each run's final metrics. Written as ``seeds.json`` and
-``seeds.md`` in ``--out``, the Markdown also printed.
+come from each run's final metrics. ``--against REF`` adds rows ``vs REF: <set>/<mode>``: each seed's answers after
+stage 2 paired with those of run ``REF-seed<S>`` on the same items (this run - REF, exact McNemar p), which is how
+an ablation is compared with the default. ``--gather-only`` tabulates runs already trained and trains nothing.
+Written as ``seeds.json`` and ``seeds.md`` in ``--out``, the Markdown also printed.
 """
 
 from __future__ import annotations
@@ -77,6 +79,41 @@ def seed_table(evals: dict[int, dict]) -> list[SeedRow]:
     return sorted(rows.values(), key=lambda r: r.name)
 
 
+def against_rows(evals: dict[int, dict], refs: dict[int, dict], ref_name: str) -> list[SeedRow]:
+    """Rows ``vs <ref_name>: <set>/<mode>``: per seed, the final answers of ``evals[seed]`` paired with those of
+    ``refs[seed]`` on the same items (accuracy difference this - reference, exact McNemar p); a set whose items
+    differ between the two is left out."""
+    from services.stats import discordant, mcnemar_exact
+
+    rows: dict[str, SeedRow] = {}
+    for seed, ev in sorted(evals.items()):
+        ref_items = refs[seed].get("items") or {}
+        for name, item in (ev.get("items") or {}).items():
+            ref = ref_items.get(name)
+            if ref is None or ref.get("prompt_ids") != item.get("prompt_ids"):
+                continue
+            for mode, correct in (item.get("correct") or {}).items():
+                before = (ref.get("correct") or {}).get(mode)
+                if before is None or len(before) != len(correct):
+                    continue
+                b, c = discordant(before, correct)
+                row = rows.setdefault(f"vs {ref_name}: {name}/{mode}", SeedRow(f"vs {ref_name}: {name}/{mode}"))
+                row.values[seed] = (sum(map(bool, correct)) - sum(map(bool, before))) / max(1, len(correct))
+                row.p[seed] = mcnemar_exact(b, c)
+    return sorted(rows.values(), key=lambda r: r.name)
+
+
+def gather(run_name: str, seeds: list[int]) -> dict[int, dict]:
+    """Each seed's ``runs/<run_name>-seed<S>/eval_final.json``."""
+    evals = {}
+    for seed in seeds:
+        path = Path("runs") / f"{run_name}-seed{seed}" / "eval_final.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"seed {seed}: {path} was not written (the run needs its stage-1 and final evals)")
+        evals[seed] = json.loads(path.read_text())
+    return evals
+
+
 def format_markdown(rows: list[SeedRow]) -> str:
     seeds = sorted({s for r in rows for s in r.values})
     head = "| quantity | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | rises with p < 0.05 |"
@@ -91,10 +128,13 @@ def format_markdown(rows: list[SeedRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_seeds(config: str | None, run_name: str, seeds: list[int], overrides: list[str], out: Path) -> list[SeedRow]:
-    """Train once per seed (each in its own process), then gather and write the table."""
-    evals = {}
-    for i, seed in enumerate(seeds, start=1):
+def run_seeds(config: str | None, run_name: str, seeds: list[int], overrides: list[str], out: Path,
+              train: bool = True, against: str | None = None) -> list[SeedRow]:
+    """Train once per seed (each in its own process; none with ``train=False``), then gather and write the table
+    (with ``against``'s rows when given)."""
+    if against is not None:
+        refs = gather(against, seeds)  # a missing reference fails before any training
+    for i, seed in enumerate(seeds if train else [], start=1):
         name = f"{run_name}-seed{seed}"
         print(f"seed {seed} ({i}/{len(seeds)}): unigrpo train, run {name}", flush=True)
         argv = [sys.executable, "-m", "services.cli", "train", *(["--config", config] if config else []),
@@ -102,11 +142,8 @@ def run_seeds(config: str | None, run_name: str, seeds: list[int], overrides: li
         code = subprocess.run(argv, check=False).returncode
         if code != 0:
             raise RuntimeError(f"seed {seed}: unigrpo train exited {code}")
-        path = Path("runs") / name / "eval_final.json"
-        if not path.is_file():
-            raise RuntimeError(f"seed {seed}: {path} was not written (the run needs its stage-1 and final evals)")
-        evals[seed] = json.loads(path.read_text())
-    rows = seed_table(evals)
+    evals = gather(run_name, seeds)
+    rows = seed_table(evals) + (against_rows(evals, refs, against) if against is not None else [])
     out.mkdir(parents=True, exist_ok=True)
     table = format_markdown(rows)
     (out / "seeds.md").write_text(table)

@@ -398,3 +398,17 @@ def test_the_evals_every_k_steps_run_every_modes_on_the_highest_severity(policy)
     assert not any("sampled" in k or "forbidden" in k for k in m)
     with pytest.raises(Exception, match="every_modes"):
         load_config(None, ["evaluation.every_modes=[]"])
+
+
+def test_the_sample_strip_shows_each_degradation_kind_first():
+    from services.evaluate import _strip_rows
+    from tasks.items import PromptItem
+
+    kinds = ["blur", "blur", "noise", "blur", "jpeg", "low_light"]
+    items = [PromptItem(f"p{i}", np.full((8, 8, 3), i, np.uint8), "q", None, "A",
+                        {"degradation": k, "clean_image": np.zeros((8, 8, 3), np.uint8)}) for i, k in enumerate(kinds)]
+    restored = np.zeros((len(items), 8, 8, 3))
+    strip = _strip_rows(items, restored, n=4)
+    row_h = (strip.shape[0] - 3 * 8) // 4  # 4 rows, 8-pixel gaps between them
+    firsts = [int(strip[r * (row_h + 8), 0, 0]) for r in range(4)]  # each row opens with its input image
+    assert firsts == [0, 2, 4, 5]  # blur, noise, jpeg, low light: the second and third blur items wait

@@ -13,7 +13,7 @@ import pytest
 from service_helpers import FAST_VAE_FIT
 
 from services.cli import main
-from services.seeds import format_markdown, seed_table
+from services.seeds import against_rows, format_markdown, seed_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +42,43 @@ def test_table_over_seeds_has_each_seed_the_mean_the_spread_and_the_significant_
     assert "| seed 0 | seed 1 | seed 2 | mean | sd |" in md and "+0.040 (p 0.01)" in md and "| 1/3 |" in md
 
 
+def _answers(ids: list[str], greedy: list[bool]) -> dict:
+    return {"items": {"severity3": {"prompt_ids": ids, "correct": {"greedy": greedy}}}, "metrics": {}, "comparison": {}}
+
+
+def test_against_pairs_each_seed_with_the_reference_on_the_same_items():
+    ids = [f"p{i}" for i in range(20)]
+    ref = {0: _answers(ids, [False] * 10 + [True] * 10), 1: _answers(ids, [True] * 20)}
+    var = {0: _answers(ids, [True] * 20), 1: _answers(ids, [True] * 19 + [False])}
+    rows = {r.name: r for r in against_rows(var, ref, "clear-tiny")}
+    row = rows["vs clear-tiny: severity3/greedy"]
+    assert row.values == {0: pytest.approx(0.5), 1: pytest.approx(-0.05)}
+    assert row.p[0] == pytest.approx(2 * 0.5**10) and row.p[1] == 1.0  # b=0, c=10 exact; one discordant item
+    assert row.significant_rises == 1
+    other = {0: _answers([f"q{i}" for i in range(20)], [True] * 20)}  # other items: nothing to pair
+    assert against_rows(other, ref, "clear-tiny") == []
+
+
+def test_gather_only_tabulates_runs_already_trained_against_a_reference(tmp_path, monkeypatch, capsys):
+    ids = [f"p{i}" for i in range(20)]
+    for name, correct in (("abl-x", [True] * 20), ("clear-tiny", [False] * 10 + [True] * 10)):
+        for seed in (0, 1):
+            d = tmp_path / "runs" / f"{name}-seed{seed}"
+            d.mkdir(parents=True)
+            (d / "eval_final.json").write_text(json.dumps(_answers(ids, correct)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["seeds", "--seeds", "0,1", "--set", "run_name=abl-x", "--gather-only", "--against", "clear-tiny",
+                 "--out", "out"]) == 0
+    assert "| vs clear-tiny: severity3/greedy | +0.500 (p 0.002) | +0.500 (p 0.002) |" in (tmp_path / "out" / "seeds.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["seeds", "--seeds", "0,2", "--set", "run_name=abl-x", "--gather-only", "--out", "out"])
+    assert e.value.code == 2 and "--gather-only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, words", [(["--seeds", "a,b"], "comma-separated integers"),
                                          (["--seeds", "1,1"], "distinct"),
-                                         (["--set", "rollout.group_size=0"], "rollout.group_size")])
+                                         (["--set", "rollout.group_size=0"], "rollout.group_size"),
+                                         (["--against", "no-such-run"], "--against")])
 def test_bad_arguments_exit_2_before_any_run(capsys, argv, words):
     with pytest.raises(SystemExit) as e:
         main(["seeds", *argv])
