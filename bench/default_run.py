@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         code, wall, peak = run_seed(seed)
         rows.append((seed, code, wall, peak))
-        print(f"seed {seed}: exit {code}, wall {wall // 60:.0f}:{wall % 60:02.0f}, "
+        minutes, seconds = divmod(round(wall), 60)
+        print(f"seed {seed}: exit {code}, wall {minutes}:{seconds:02d} ({wall:.0f} s), "
               f"process-tree peak {peak:.2f} GiB", flush=True)
     worst_wall = max(r[2] for r in rows)
     worst_peak = max(r[3] for r in rows)
