@@ -98,7 +98,7 @@ def against_rows(evals: dict[int, dict], refs: dict[int, dict], ref_name: str) -
                     continue
                 b, c = discordant(before, correct)
                 row = rows.setdefault(f"vs {ref_name}: {name}/{mode}", SeedRow(f"vs {ref_name}: {name}/{mode}"))
-                row.values[seed] = (sum(map(bool, correct)) - sum(map(bool, before))) / max(1, len(correct))
+                row.values[seed] = (c - b) / max(1, len(correct))  # accuracy after - before
                 row.p[seed] = mcnemar_exact(b, c)
     return sorted(rows.values(), key=lambda r: r.name)
 
