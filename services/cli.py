@@ -136,8 +136,9 @@ def _cmd_seeds(args: argparse.Namespace) -> int:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError("--seeds", f"{args.seeds!r}: distinct integers >= 0, e.g. 0,1,2")
     cfg = _load(args, check_paths=True)  # a config error exits 2 before any run starts
+    missing_seeds = _resolve("services.seeds", "missing_seeds")
     for flag, name in (("--against", args.against), ("--gather-only", cfg.run_name if args.gather_only else None)):
-        missing = [s for s in seeds if name and not (Path("runs") / f"{name}-seed{s}" / "eval_final.json").is_file()]
+        missing = missing_seeds(name, seeds) if name else []
         if missing:
             raise ConfigError(flag, f"no runs/{name}-seed<S>/eval_final.json for seeds {missing}")
     run_seeds = _resolve("services.seeds", "run_seeds")

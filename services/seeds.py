@@ -103,11 +103,21 @@ def against_rows(evals: dict[int, dict], refs: dict[int, dict], ref_name: str) -
     return sorted(rows.values(), key=lambda r: r.name)
 
 
+def eval_path(run_name: str, seed: int) -> Path:
+    """Where seed ``seed`` of ``run_name`` writes its final evaluation."""
+    return Path("runs") / f"{run_name}-seed{seed}" / "eval_final.json"
+
+
+def missing_seeds(run_name: str, seeds: list[int]) -> list[int]:
+    """The seeds of ``run_name`` with no final evaluation on disk."""
+    return [s for s in seeds if not eval_path(run_name, s).is_file()]
+
+
 def gather(run_name: str, seeds: list[int]) -> dict[int, dict]:
     """Each seed's ``runs/<run_name>-seed<S>/eval_final.json``."""
     evals = {}
     for seed in seeds:
-        path = Path("runs") / f"{run_name}-seed{seed}" / "eval_final.json"
+        path = eval_path(run_name, seed)
         if not path.is_file():
             raise FileNotFoundError(f"seed {seed}: {path} was not written (the run needs its stage-1 and final evals)")
         evals[seed] = json.loads(path.read_text())
