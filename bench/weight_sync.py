@@ -3,21 +3,22 @@ the object-store backend and through the collective backend (over gloo, as on a 
 plain in-memory copy of the same bytes; bucket size swept; each backend's first sync reported apart.
 
 Sync (what ``Run.publish_and_sync`` does): the driver publishes the state dict (``ObjectStorePublisher``:
-``ray.put`` of the buckets), both actors ``receive`` the handle and copy every tensor into their own
-pre-allocated parameters (``policy.model.copy_named_tensors``, what ``load_trainable`` does); timed from
-publish to both loads returned. Every sync is a new version; once both actors have loaded it the publisher
-lets it go (``release``), as the driver's pool does with the previous version when it hands out the next,
-so a sync's objects are the only ones in the store. Baseline: ``dst.copy_(src)`` of the same state dict
-into 2 pre-allocated destination dicts in this process (the same bytes delivered: one copy per worker).
-Bandwidth = 2 x state-dict bytes / time; the ratio is sync bandwidth / copy bandwidth, steady state
-(median of the repetitions after the first, which touches every page for the first time).
+``ray.put`` of the buckets), both actors ``receive`` the handle and load every tensor into their
+parameters as a CPU rollout worker does (``load_trainable(share=True)``, ``policy.weights.copy_named_tensors``:
+the received zero-copy views of the store become the parameters); timed from publish to both loads
+returned. ``--copy-buckets`` variants copy into the actors' own parameters instead (the host side of a
+replica whose weights live elsewhere, e.g. on a GPU). Every sync is a new version; once both actors have
+loaded it the publisher lets it go (``release``), as the driver's pool does with the previous version when
+it hands out the next. Baseline: ``dst.copy_(src)`` of the same state dict into 2 pre-allocated
+destination dicts in this process (the same bytes delivered: one copy per worker). Bandwidth = 2 x
+state-dict bytes / time; the ratio is sync bandwidth / copy bandwidth, steady state (median of the
+repetitions after the first, which touches every page for the first time).
 
 The cluster is started with ``RAY_SYSTEM_CONFIG`` (what ``services.cluster.start_ray`` does);
-``--free-period-ms 1000`` runs it with Ray's default instead. "previous" variants publish the simpler way
-(whole tensors as buffers, buckets put one after another). A put that lands on
-fresh object-store pages (> 10% of its pages faulted in by this process) is counted.
+``--free-period-ms 1000`` runs it with Ray's default instead. A put that lands on fresh object-store pages
+(> 10% of its pages faulted in by this process) is counted.
 
-    python -m bench.weight_sync [--reps 7] [--buckets 8,32,128,512] [--free-period-ms 100]
+    python -m bench.weight_sync [--reps 7] [--buckets 8,32,128,512] [--copy-buckets 32,128] [--free-period-ms 100]
 """
 
 from __future__ import annotations
@@ -71,12 +72,13 @@ class Replica:
         self.params = {k: torch.empty_like(v) for k, v in state_dict_100m().items()}
         self.receiver = make_receiver("object_store")
 
-    def load(self, handle) -> tuple[float, int]:
-        """Seconds and page faults of receive + copy."""
+    def load(self, handle, share: bool = True) -> tuple[float, int]:
+        """Seconds and page faults of receive + load (``share``: the rollout worker's ``load_trainable(share=True)``,
+        the received views become the parameters; else copied into them)."""
         from policy.weights import copy_named_tensors
 
         f0, t0 = _minflt(), time.perf_counter()
-        copy_named_tensors(self.params, self.receiver.receive(handle, 120))
+        copy_named_tensors(self.params, self.receiver.receive(handle, 120), share=share)
         return time.perf_counter() - t0, _minflt() - f0
 
     def join(self, addr: str, port: int, world_size: int, rank: int) -> None:
@@ -90,11 +92,44 @@ class Replica:
         from policy.weights import copy_named_tensors
 
         t0 = time.perf_counter()
-        copy_named_tensors(self.params, self.collective.receive(handle, 120))
+        copy_named_tensors(self.params, self.collective.receive(handle, 120), share=True)
         return time.perf_counter() - t0
 
     def checksum(self) -> float:
         return float(sum(v.double().sum() for v in self.params.values()))
+
+
+def tcp_loopback_s(nbytes: int, reps: int) -> float:
+    """Median seconds to send ``nbytes`` over one TCP loopback socket (a thread receives): what gloo's
+    transport can do on this machine at best."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    payload, sink = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def receive() -> None:
+            conn, _ = server.accept()
+            with conn:
+                view = memoryview(sink)
+                for _ in range(reps + 1):
+                    got = 0
+                    while got < nbytes:
+                        got += conn.recv_into(view[got:], nbytes - got)
+                    conn.sendall(b"k")
+
+        thread = threading.Thread(target=receive, daemon=True)
+        thread.start()
+        times = []
+        with socket.create_connection(server.getsockname()) as conn:
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                conn.sendall(payload)
+                conn.recv(1)
+                times.append(time.perf_counter() - t0)
+        thread.join(60)
+    return median(times[1:])
 
 
 def collective_syncs(reps: int, bucket_mb: float, replicas: list, src: dict) -> tuple[float, list[float]]:
@@ -142,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7, help="timed repetitions after the first (warm-up) one")
     p.add_argument("--buckets", default="8,32,128,512", help="bucket sizes in MiB")
-    p.add_argument("--previous-buckets", default="32,512", help="bucket MiB of the previous publish path")
+    p.add_argument("--copy-buckets", default="32,128",
+                   help="bucket MiB of syncs whose replicas copy into their own parameters (a GPU replica's path)")
     p.add_argument("--service-syncs", type=int, default=12,
                    help="back-to-back syncs as the service does them, first thing on a fresh store (0: none)")
     p.add_argument("--collective-buckets", default="32,128", help="bucket MiB of the collective (gloo) backend")
@@ -167,11 +203,11 @@ def main(argv: list[str] | None = None) -> None:
         replicas = [Replica.remote(), Replica.remote()]
         ray.get([r.checksum.remote() for r in replicas])
         service = service_syncs(args.service_syncs, 32, replicas, src, nbytes) if args.service_syncs else None
-        # (bucket MiB, previous path?): the previous path shipped whole tensors and put buckets one by one
-        variants = [(float(b), False) for b in args.buckets.split(",")]
-        variants += [(float(b), True) for b in args.previous_buckets.split(",") if b]
-        pubs = {v: make_publisher("object_store", bucket_mb=v[0], chunk_bytes=None, put_threads=1) if v[1]
-                else make_publisher("object_store", bucket_mb=v[0]) for v in variants}
+        # (bucket MiB, shared?): shared = the replicas take the store's views as their parameters (a CPU
+        # rollout worker's load); else they copy them into their own (what a GPU worker's load costs on the host)
+        variants = [(float(b), True) for b in args.buckets.split(",")]
+        variants += [(float(b), False) for b in args.copy_buckets.split(",") if b]
+        pubs = {v: make_publisher("object_store", bucket_mb=v[0]) for v in variants}
         copy_s: list[float] = []
         sync_s: dict[tuple, list[float]] = {v: [] for v in variants}
         put_s: dict[tuple, list[float]] = {v: [] for v in variants}
@@ -190,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                 f0, t0 = _minflt(), time.perf_counter()
                 handle = pubs[v].publish(version, src.items())
                 f1, t1 = _minflt(), time.perf_counter()
-                ray.get([r.load.remote(handle) for r in replicas])
+                ray.get([r.load.remote(handle, v[1]) for r in replicas])
                 t2 = time.perf_counter()
                 if rep:
                     sync_s[v].append(t2 - t0)
@@ -202,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                 pubs[v].release()  # both actors hold this version now; the next sync brings a new one
         collective = {float(b): collective_syncs(args.reps, float(b), replicas, src)
                       for b in args.collective_buckets.split(",") if b}
+        tcp_s = tcp_loopback_s(nbytes, args.reps)
         want = float(sum(v.double().sum() for v in src.values()))
         got = ray.get([r.checksum.remote() for r in replicas])
         assert all(abs(g - want) < 1e-3 * abs(want) + 1 for g in got), (got, want)
@@ -223,15 +260,15 @@ def main(argv: list[str] | None = None) -> None:
               f"median of the last {len(last)} {median(last):.3f} s ({gb / median(last) / copy_bw * 100:.0f}% of copy)")
     best = None
     for v in variants:
-        b, previous = v
+        b, shared = v
         t = median(sync_s[v])
         bw = gb / t
         n_b = -(-nbytes // int(b * 2**20))
-        kind = "previous path (whole tensors, serial puts)" if previous else "current path"
+        kind = "views taken as parameters" if shared else "copied into the replicas' parameters"
         print(f"object store, {kind}, bucket {b:g} MiB (~{n_b} buckets): {t:.3f} s (publish {median(put_s[v]):.3f} s; "
               f"{bw:.2f} GB/s, {bw / copy_bw * 100:.0f}% of copy); first sync {first[v]:.2f} s; "
               f"puts on fresh pages {fresh[v]}/{len(sync_s[v])}")
-        if not previous and (best is None or bw > best[1]):
+        if shared and (best is None or bw > best[1]):
             best = (b, bw)
     best_c = None
     for b, (first_s, times) in collective.items():
@@ -240,10 +277,13 @@ def main(argv: list[str] | None = None) -> None:
               f"copy); first sync {first_s:.2f} s")
         if best_c is None or bw > best_c[1]:
             best_c = (b, bw)
-    prev = [gb / median(sync_s[v]) for v in variants if v[1]]
+    tcp_bw = nbytes / 1e9 / tcp_s
+    print(f"TCP loopback, one socket: {tcp_bw:.2f} GB/s ({tcp_bw / copy_bw * 100:.0f}% of copy): the most a "
+          f"transport over TCP (gloo) delivers here")
+    copied = [gb / median(sync_s[v]) for v in variants if not v[1]]
     print(mem.line())
-    if prev:
-        print(f"previous path, same run: best ratio {max(prev) / copy_bw:.2f}")
+    if copied:
+        print(f"object store, replicas copying, same run: best ratio {max(copied) / copy_bw:.2f}")
     line = f"sync / copy bandwidth ratio: object store {best[1] / copy_bw:.2f} (best bucket {best[0]:g} MiB)"
     if best_c:
         line += f", collective (gloo) {best_c[1] / copy_bw:.2f} (best bucket {best_c[0]:g} MiB)"

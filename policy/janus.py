@@ -353,17 +353,19 @@ class JanusPolicy(nn.Module):
         """Where ``model.lora`` puts adapters (``policy.lora``): the language model; the generation path."""
         return lora_roots(self.model, "model")
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def trainable_state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """Everything but the frozen VQ model (what weight sync ships; with LoRA, the adapters only); tied
         weights appear once."""
         if self.lora is not None:
-            return self.lora.trainable_state_dict(self)
+            return self.lora.trainable_state_dict(self, keep_vars)
         skip = "model.model.vqmodel."
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+        return {k: v for k, v in self.state_dict(keep_vars=keep_vars).items() if not k.startswith(skip)}
 
-    def load_trainable(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy tensors in place; unknown names or shape mismatches raise. Returns the count."""
-        return copy_named_tensors(self.trainable_state_dict(), named_tensors)
+    def load_trainable(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       share: bool = False) -> int:
+        """Copy tensors in place (``share``: take them as the weights, no copy); unknown names or shape
+        mismatches raise. Returns the count."""
+        return copy_named_tensors(self.trainable_state_dict(keep_vars=share), named_tensors, share)
 
     def adapted_modules(self) -> dict[str, list[str]]:
         """LoRA: adapted module -> its adapter tensors' names (what every weight sync verifies); {} without."""

@@ -129,9 +129,10 @@ class Adapters:
         return {name: sorted(f"{name}.{pn}" for pn, _ in layer.named_parameters() if ".lora_" in f".{pn}")
                 for name, layer in self.lora_layers(policy)}
 
-    def trainable_state_dict(self, policy: nn.Module) -> dict[str, torch.Tensor]:
-        """The adapter tensors and the heads (bridge, connector); tensors share storage with the model."""
-        return {k: v for k, v in policy.state_dict().items() if k.startswith(HEADS) or ".lora_" in k}
+    def trainable_state_dict(self, policy: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter tensors and the heads (bridge, connector); tensors share storage with the model
+        (``keep_vars``: the parameter objects themselves)."""
+        return {k: v for k, v in policy.state_dict(keep_vars=keep_vars).items() if k.startswith(HEADS) or ".lora_" in k}
 
     @contextlib.contextmanager
     def disabled(self, policy: nn.Module):

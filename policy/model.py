@@ -392,14 +392,14 @@ class UnifiedPolicy(nn.Module):
             frozen += ("lm.model.visual.",)
         return frozen
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def trainable_state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """Name -> tensor for everything but the frozen parts (VAE; generator if frozen; with LoRA, every
         base weight: the adapters and heads only). Names are ``load_state_dict(strict=False)`` compatible;
         tensors share storage with the model."""
         if self.lora is not None:
-            return self.lora.trainable_state_dict(self)
+            return self.lora.trainable_state_dict(self, keep_vars)
         skip = self._frozen_prefixes()
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+        return {k: v for k, v in self.state_dict(keep_vars=keep_vars).items() if not k.startswith(skip)}
 
     def lora_roots(self) -> dict[str, dict[str, nn.Module]]:
         """Where ``model.lora`` puts adapters (``policy.lora``): the LM side and the generator side."""
@@ -414,10 +414,12 @@ class UnifiedPolicy(nn.Module):
         return tensor_sums(self.trainable_state_dict())
 
     def load_trainable(
-        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], share: bool = False
     ) -> int:
-        """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count."""
-        return copy_named_tensors(self.trainable_state_dict(), named_tensors)
+        """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count.
+        ``share``: take a received tensor as the weight itself, no copy (``policy.weights.copy_named_tensors``:
+        a rollout replica's path)."""
+        return copy_named_tensors(self.trainable_state_dict(keep_vars=share), named_tensors, share)
 
 
 def unified_lora_roots(lm: nn.Module, generator: nn.Module) -> dict[str, dict[str, nn.Module]]:

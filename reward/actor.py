@@ -75,7 +75,8 @@ class RewardActor:
         if backend not in self._receivers:
             self._receivers[backend] = make_receiver(backend)
         received: list[str] = []
-        n = gvu_sync(policy, manifest.recording(self._receivers[backend].receive(handle, timeout_s), received))
+        n = gvu_sync(policy, manifest.recording(self._receivers[backend].receive(handle, timeout_s), received),
+                     share=True)
         manifest.verify(handle, policy.adapted_modules(), received, policy.trainable_state_dict())
         for ctx in self.rewards.contexts.values():  # GvUState.version: which version scored a batch
             if hasattr(ctx.state, "version"):

@@ -167,13 +167,14 @@ def gvu_scores(policy, latents: torch.Tensor, descriptions: Sequence[str], *, in
 
 
 def gvu_sync(policy, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-             version: int | None = None, state: GvUState | None = None) -> int:
+             version: int | None = None, state: GvUState | None = None, share: bool = False) -> int:
     """Load the learner's published trainable tensors into the reward's policy (in place); returns the count.
 
     ``named_tensors`` is what ``WeightReceiver.receive(handle, timeout_s)`` yields for the same handle the
-    rollout workers get. With ``state`` and ``version`` given, the state's version is updated.
+    rollout workers get (``share``: taken as the weights, no copy, as a rollout worker does). With ``state``
+    and ``version`` given, the state's version is updated.
     """
-    n = policy.load_trainable(named_tensors)
+    n = policy.load_trainable(named_tensors, share=share)
     if state is not None and version is not None:
         state.version = int(version)
     return n

@@ -136,7 +136,7 @@ class HFTextEngine:
         self.policy = policy
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.policy.load_trainable(named_tensors)
+        self.policy.load_trainable(named_tensors, share=True)  # received tensors become the weights, no copy
 
     def _mask(self, attn: torch.Tensor, q_len: int):
         if not takes_block_mask(self.policy.lm_config, ("sdpa",)):

@@ -7,7 +7,10 @@ Phases (every backend):
 2. **publish**: ``handle = publisher.publish(version, named_tensors)`` packs tensors into buckets and
    starts shipping them; ``handle`` is a small picklable :class:`WeightHandle` the driver sends to workers.
    Collective backends then need ``publisher.wait(timeout_s)`` while the workers receive.
-3. **receive**: ``for name, t in receiver.receive(handle, timeout_s): ...`` inside each rollout worker.
+3. **receive**: ``for name, t in receiver.receive(handle, timeout_s): ...`` inside each rollout worker. The
+   tensors are the worker's to keep: the receiver never reuses or writes them afterwards, so a replica
+   takes them as its weights without a copy (``policy.load_trainable(..., share=True)``). Object-store
+   tensors are read-only views of shared memory: kept or copied, never written to.
 4. **verify** (LoRA): ``publish(..., manifest=...)`` puts a count and checksum per adapted module into the
    handle; after loading, each receiver checks every module it adapts against it (``sync.manifest.verify``).
 

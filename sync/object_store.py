@@ -218,9 +218,11 @@ def _check_bucket(meta: BucketMeta, obj) -> None:
 class ObjectStoreReceiver(WeightReceiver):
     """Fetch all buckets of a handle with one bounded ``ray.get``; yields read-only views.
 
-    ``device``: move each bucket there (one copy per bucket); ``None`` keeps zero-copy CPU views,
-    which must be copied (e.g. ``param.copy_(t)``) rather than written to. A bucket's views are let go
-    as soon as the consumer moves past it, so once the iteration ends nothing here pins the objects.
+    ``device``: move each bucket there (one copy per bucket); ``None`` keeps zero-copy CPU views, which a
+    replica takes as its weights (``load_trainable(share=True)``: the workers of a node then share one copy
+    of the weights, pinned in the store until they load the next version) or copies; never writes to. A
+    bucket's views are let go as soon as the consumer moves past it, so once the iteration ends nothing
+    here pins the objects.
     """
 
     backend = "object_store"

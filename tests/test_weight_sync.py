@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from policy.weights import copy_named_tensors, tensor_sums
 from sync import (
     BACKENDS,
     RAY_SYSTEM_CONFIG,
@@ -28,6 +29,7 @@ from sync import (
     make_receiver,
     unbucketize,
 )
+from sync.buckets import dtype_from_str
 from sync.object_store import _joined, plan_buckets
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -208,6 +210,22 @@ class Worker:
         self.version = handle.version
         return self.version, state
 
+    def take_weights(self, handle: WeightHandle, timeout_s: float = 30.0) -> dict:
+        """A replica's load (``load_trainable(share=True)``) into parameters named as the handle's tensors, two
+        names on one tied parameter; what it took without a copy and what it holds."""
+        if not hasattr(self, "params"):
+            self.params = {e.name: torch.nn.Parameter(torch.zeros(e.shape, dtype=dtype_from_str(m.dtype)),
+                                                      requires_grad=False) for m in handle.buckets for e in m.entries}
+            self.tied = self.params["tied"] = self.params["big"]
+            self.ids = {n: id(p) for n, p in self.params.items()}
+        got = list(self.recvs["object_store"].receive(handle, timeout_s))
+        got.append(("tied", dict(got)["big"]))
+        received = {n: t.data_ptr() for n, t in got}
+        copy_named_tensors(self.params, got, share=True)
+        return {"shared": sorted(n for n, p in self.params.items() if p.data_ptr() == received[n]),
+                "same_objects": all(id(p) == self.ids[n] for n, p in self.params.items()),
+                "tied_sum": float(self.tied.double().sum()), "sums": tensor_sums(self.params)}
+
     def try_update(self, handle: WeightHandle, timeout_s: float, key: str | None = None):
         t0 = time.monotonic()
         try:
@@ -310,6 +328,44 @@ def test_old_version_leaves_the_store_once_workers_loaded_the_new_one(actors) ->
         time.sleep(0.05)
     assert _store_bytes_used() < base + 5 * numel  # version 2 only (+ metadata)
     assert ray.get(learner.live_versions.remote("gc")) == [2]
+
+
+def test_replicas_take_the_store_views_as_their_weights_and_let_go_on_the_next_version(actors) -> None:
+    """``load_trainable(share=True)``, the rollout replicas' load: every received tensor becomes the parameter's
+    storage (the same parameter objects, a tied one included); the replicas on a node then hold one copy of
+    the weights, in the store, pinned until they take the next version, and then let go."""
+    learner, w1, w2 = actors
+    numel = 3 << 20  # 12 MiB of float32 per version
+    ray.get(learner.make.remote("share", "object_store", bucket_mb=4))
+    base = _store_bytes_used()
+    h1 = ray.get(learner.publish_big.remote("share", 1, numel))
+    for got in ray.get([w.take_weights.remote(h1) for w in (w1, w2)]):
+        assert got["shared"] == ["big", "tied"] and got["same_objects"]
+        assert got["sums"] == {"big": numel, "tied": numel} and got["tied_sum"] == numel
+    del h1
+    h2 = ray.get(learner.publish_big.remote("share", 2, numel))
+    assert ray.get(learner.live_versions.remote("share")) == [2]
+    assert _store_bytes_used() >= base + 8 * numel  # version 1 is still the replicas' weights
+    ray.get([w.take_weights.remote(h2) for w in (w1, w2)])
+    deadline = time.monotonic() + 20
+    while _store_bytes_used() >= base + 8 * numel and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert base + 4 * numel <= _store_bytes_used() < base + 5 * numel  # version 2 only, once for both
+
+
+def test_shared_load_copies_what_it_cannot_take() -> None:
+    """Another dtype, or an empty tensor, is copied into the parameter; shape and name errors still raise."""
+    own = {"w": torch.nn.Parameter(torch.zeros(2, 3)), "h": torch.nn.Parameter(torch.zeros(4).half()),
+           "e": torch.nn.Parameter(torch.zeros(0, 2))}
+    w, h = torch.randn(2, 3), torch.randn(4)
+    assert copy_named_tensors(own, {"w": w, "h": h, "e": torch.zeros(0, 2)}, share=True) == 3
+    assert own["w"].data_ptr() == w.data_ptr() and own["w"].requires_grad
+    assert own["h"].dtype == torch.float16 and own["h"].data_ptr() != h.data_ptr()
+    assert torch.equal(own["h"].float(), h.half().float())
+    with pytest.raises(ValueError, match="shape"):
+        copy_named_tensors(own, {"w": torch.zeros(3, 2)}, share=True)
+    with pytest.raises(KeyError, match="unknown"):
+        copy_named_tensors(own, {"x": w}, share=True)
 
 
 def test_object_store_driver_publish_local_receive(actors) -> None:
