@@ -4,7 +4,7 @@ plain in-memory copy of the same bytes; bucket size swept; each backend's first 
 
 Sync (what ``Run.publish_and_sync`` does): the driver publishes the state dict (``ObjectStorePublisher``:
 ``ray.put`` of the buckets), both actors ``receive`` the handle and load every tensor into their
-parameters as a CPU rollout worker does (``load_trainable(share=True)``, ``policy.weights.copy_named_tensors``:
+parameters as a CPU rollout worker does (``load_trainable(share=True)``, ``policy.weights.load_named_tensors``:
 the received zero-copy views of the store become the parameters); timed from publish to both loads
 returned. ``--copy-buckets`` variants copy into the actors' own parameters instead (the host side of a
 replica whose weights live elsewhere, e.g. on a GPU). Every sync is a new version; once both actors have
@@ -75,10 +75,10 @@ class Replica:
     def load(self, handle, share: bool = True) -> tuple[float, int]:
         """Seconds and page faults of receive + load (``share``: the rollout worker's ``load_trainable(share=True)``,
         the received views become the parameters; else copied into them)."""
-        from policy.weights import copy_named_tensors
+        from policy.weights import load_named_tensors
 
         f0, t0 = _minflt(), time.perf_counter()
-        copy_named_tensors(self.params, self.receiver.receive(handle, 120), share=share)
+        load_named_tensors(self.params, self.receiver.receive(handle, 120), share=share)
         return time.perf_counter() - t0, _minflt() - f0
 
     def join(self, addr: str, port: int, world_size: int, rank: int) -> None:
@@ -89,10 +89,10 @@ class Replica:
         self.collective.init_group(addr, port, world_size, rank, "bench_weights", 120)
 
     def load_collective(self, handle) -> float:
-        from policy.weights import copy_named_tensors
+        from policy.weights import load_named_tensors
 
         t0 = time.perf_counter()
-        copy_named_tensors(self.params, self.collective.receive(handle, 120), share=True)
+        load_named_tensors(self.params, self.collective.receive(handle, 120), share=True)
         return time.perf_counter() - t0
 
     def checksum(self) -> float:

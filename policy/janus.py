@@ -54,7 +54,7 @@ from policy.janus_tiny import TINY_TEXT, TINY_VISION, TINY_VQ, tiny_janus_config
 from policy.lora import Adapters
 from policy.tokenizer import build_tiny_tokenizer, special_token_ids
 from policy.vision import cache_keyword
-from policy.weights import copy_named_tensors, tensor_sums
+from policy.weights import load_named_tensors, tensor_sums
 
 
 class JanusPolicy(nn.Module):
@@ -365,7 +365,7 @@ class JanusPolicy(nn.Module):
                        share: bool = False) -> int:
         """Copy tensors in place (``share``: take them as the weights, no copy); unknown names or shape
         mismatches raise. Returns the count."""
-        return copy_named_tensors(self.trainable_state_dict(keep_vars=share), named_tensors, share)
+        return load_named_tensors(self.trainable_state_dict(keep_vars=share), named_tensors, share)
 
     def adapted_modules(self) -> dict[str, list[str]]:
         """LoRA: adapted module -> its adapter tensors' names (what every weight sync verifies); {} without."""

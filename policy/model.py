@@ -39,7 +39,7 @@ from policy.prompting import image_slot
 from policy.sde import flow_sigmas
 from policy.tokenizer import special_token_ids
 from policy.vision import LMInputs, VisionSide, cache_keyword, empty_images, input_image_mode, next_positions
-from policy.weights import copy_named_tensors, tensor_sums
+from policy.weights import load_named_tensors, tensor_sums
 
 
 class UnifiedPolicy(nn.Module):
@@ -417,9 +417,9 @@ class UnifiedPolicy(nn.Module):
         self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], share: bool = False
     ) -> int:
         """Copy tensors in place (optimizer references stay valid); unknown names raise. Returns the count.
-        ``share``: take a received tensor as the weight itself, no copy (``policy.weights.copy_named_tensors``:
+        ``share``: take a received tensor as the weight itself, no copy (``policy.weights.load_named_tensors``:
         a rollout replica's path)."""
-        return copy_named_tensors(self.trainable_state_dict(keep_vars=share), named_tensors, share)
+        return load_named_tensors(self.trainable_state_dict(keep_vars=share), named_tensors, share)
 
 
 def unified_lora_roots(lm: nn.Module, generator: nn.Module) -> dict[str, dict[str, nn.Module]]:

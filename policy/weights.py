@@ -14,7 +14,7 @@ def tensor_sums(named: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def copy_named_tensors(
+def load_named_tensors(
     own: dict[str, torch.Tensor], named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     share: bool = False,
 ) -> int:

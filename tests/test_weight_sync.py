@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 
-from policy.weights import copy_named_tensors, tensor_sums
+from policy.weights import load_named_tensors, tensor_sums
 from sync import (
     BACKENDS,
     RAY_SYSTEM_CONFIG,
@@ -221,7 +221,7 @@ class Worker:
         got = list(self.recvs["object_store"].receive(handle, timeout_s))
         got.append(("tied", dict(got)["big"]))
         received = {n: t.data_ptr() for n, t in got}
-        copy_named_tensors(self.params, got, share=True)
+        load_named_tensors(self.params, got, share=True)
         return {"shared": sorted(n for n, p in self.params.items() if p.data_ptr() == received[n]),
                 "same_objects": all(id(p) == self.ids[n] for n, p in self.params.items()),
                 "tied_sum": float(self.tied.double().sum()), "sums": tensor_sums(self.params)}
@@ -358,14 +358,14 @@ def test_shared_load_copies_what_it_cannot_take() -> None:
     own = {"w": torch.nn.Parameter(torch.zeros(2, 3)), "h": torch.nn.Parameter(torch.zeros(4).half()),
            "e": torch.nn.Parameter(torch.zeros(0, 2))}
     w, h = torch.randn(2, 3), torch.randn(4)
-    assert copy_named_tensors(own, {"w": w, "h": h, "e": torch.zeros(0, 2)}, share=True) == 3
+    assert load_named_tensors(own, {"w": w, "h": h, "e": torch.zeros(0, 2)}, share=True) == 3
     assert own["w"].data_ptr() == w.data_ptr() and own["w"].requires_grad
     assert own["h"].dtype == torch.float16 and own["h"].data_ptr() != h.data_ptr()
     assert torch.equal(own["h"].float(), h.half().float())
     with pytest.raises(ValueError, match="shape"):
-        copy_named_tensors(own, {"w": torch.zeros(3, 2)}, share=True)
+        load_named_tensors(own, {"w": torch.zeros(3, 2)}, share=True)
     with pytest.raises(KeyError, match="unknown"):
-        copy_named_tensors(own, {"x": w}, share=True)
+        load_named_tensors(own, {"x": w}, share=True)
 
 
 def test_object_store_driver_publish_local_receive(actors) -> None:
