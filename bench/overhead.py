@@ -78,17 +78,16 @@ class LocalStep:
         self.worker.policy_version = self.version
 
     def __call__(self) -> None:
-        from learner.batch import collate
         from learner.sharding import shard_batch
         from recipes.clear import clear_request
-        from services.driver import assemble
+        from services.step_batch import assemble
 
         items = self.sampler.next_batch()
         trajs = self.worker.generate([clear_request(i) for i in items], (self.cfg.seed * 100003 + self.step_i) * 1009)
         totals, comps = self.reward.score_values(trajs)
-        kept, adv, _ = assemble(trajs, totals, comps, self.cfg, self.version)
-        if kept:
-            self.learner.train_step(shard_batch(collate(kept, adv, self.pad_id), self.cfg.learner.mini_batches, 1)[0])
+        step = assemble(trajs, totals, comps, self.cfg, self.version)
+        if step.kept:
+            self.learner.train_step(shard_batch(step.collate(self.pad_id), self.cfg.learner.mini_batches, 1)[0])
         self._sync()
         self.step_i += 1
 

@@ -27,10 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from bench.common import text_task
     from bench.overhead import LocalStep
-    from learner.batch import collate
     from learner.sharding import shard_batch
     from recipes.clear import clear_request
-    from services.driver import assemble
+    from services.step_batch import assemble
 
     changes = {"rollout.num_workers": 1, "rollout.max_new_tokens": args.tokens,
                "rollout.prompts_per_step": args.prompts, "algorithm.zero_variance": "zero"}
@@ -41,8 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     reqs = [clear_request(i) for i in local.sampler.next_batch()]
     trajs = local.worker.generate(reqs, 0)
     totals, comps = local.reward.score_values(trajs)
-    kept, adv, _ = assemble(trajs, totals, comps, cfg, local.version)
-    batch = collate(kept, adv, local.pad_id)
+    batch = assemble(trajs, totals, comps, cfg, local.version).collate(local.pad_id)
 
     def once():
         if args.what == "rollout":

@@ -39,6 +39,9 @@ class TrainBatch:
     seg_cond_ids: torch.Tensor | None = None
     # (S,) long: where each segment's condition starts (ImageSegment.cond_start; None: zeros)
     seg_cond_start: torch.Tensor | None = None
+    # (S,) the advantage of each segment's denoising steps (None: its row's, advantages[seg_rows]; a reward with
+    # ``applies_to: denoising`` adds its own, ``services.step_batch``)
+    seg_advantages: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         dev = self.input_ids.device
@@ -48,6 +51,8 @@ class TrainBatch:
             self.seg_cond_ids = torch.zeros((self.seg_rows.shape[0], 0), dtype=torch.long, device=dev)
         if self.seg_cond_start is None:
             self.seg_cond_start = torch.zeros(self.seg_rows.shape[0], dtype=torch.long, device=dev)
+        if self.seg_advantages is None:
+            self.seg_advantages = self.advantages[self.seg_rows]
 
     @property
     def num_rows(self) -> int:
@@ -91,7 +96,7 @@ class TrainBatch:
 _ROW_FIELDS = ("input_ids", "attention_mask", "loss_mask", "behaviour_logp", "advantages", "slot_counts", "row_group",
                "row_weight", "vision_counts")
 _SEG_FIELDS = ("seg_cond_end", "seg_latents", "seg_next_latents", "seg_sigmas", "seg_sigma_nexts", "seg_log_probs",
-               "seg_final", "seg_weight", "seg_cond_ids", "seg_cond_start")
+               "seg_final", "seg_weight", "seg_cond_ids", "seg_cond_start", "seg_advantages")
 
 
 def concat(batches: list[TrainBatch]) -> TrainBatch:
@@ -109,10 +114,13 @@ def concat(batches: list[TrainBatch]) -> TrainBatch:
     return TrainBatch(**kw)
 
 
-def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> TrainBatch:
-    """Pad on the right; slot latents concatenated in row order; image segments stacked."""
-    if len(trajs) != advantages.shape[0]:
-        raise ValueError(f"{len(trajs)} trajectories but {advantages.shape[0]} advantages")
+def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int,
+            image_advantages: torch.Tensor | None = None) -> TrainBatch:
+    """Pad on the right; slot latents concatenated in row order; image segments stacked. ``image_advantages``
+    (B,): the advantage of each row's denoising steps (None: ``advantages``)."""
+    for adv in (advantages, image_advantages):
+        if adv is not None and len(trajs) != adv.shape[0]:
+            raise ValueError(f"{len(trajs)} trajectories but {adv.shape[0]} advantages")
     b, t = len(trajs), max(int(tr.input_ids.shape[0]) for tr in trajs)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
     attn = torch.zeros((b, t), dtype=torch.long)
@@ -155,6 +163,8 @@ def collate(trajs: list[Trajectory], advantages: torch.Tensor, pad_id: int) -> T
         vision_images=stack_images([tr.vision_images for tr in trajs]),
         vision_counts=torch.tensor([tr.vision_images.shape[0] for tr in trajs], dtype=torch.long),
         seg_cond_ids=cond_ids, seg_cond_start=torch.tensor([s.cond_start for _, s in segs], dtype=torch.long),
+        seg_advantages=(advantages if image_advantages is None else image_advantages).float()[
+            torch.tensor([i for i, _ in segs], dtype=torch.long)],
     )
 
 

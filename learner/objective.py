@@ -135,7 +135,8 @@ def grpo_loss(
 
     L_text,r: the text policy loss summed over this rank's rows and divided by the global mini-batch's
     count (``counts``: tokens for token-mean, sequences for the seq-mean modes); l_{s,k} the Flow-GRPO
-    term of image segment s's step k under its row's advantage, w_s its weight, B the global mini-batch's
+    term of image segment s's step k under its advantage (``seg_advantages``: its row's, plus a denoising-only
+    reward's when one is configured), w_s its weight, B the global mini-batch's
     trajectories (the image term is averaged per trajectory: a batch where few samples generated gives
     those few images their share of the batch). DeepSpeed averages gradients over the W ranks, so the
     step follows grad of sum_r L_r / W: one rank's loss on the whole mini-batch. ``counts`` None: this
@@ -154,7 +155,7 @@ def grpo_loss(
     image = None
     if out.img_logp is not None:
         image, im = image_policy_loss(
-            out.img_logp, old.img_logp, batch.advantages[batch.seg_rows], clip=s.clip_img, beta=s.beta_img,
+            out.img_logp, old.img_logp, batch.seg_advantages, clip=s.clip_img, beta=s.beta_img,
             mean=out.img_mean, ref_mean=None if ref is None else ref.img_mean, std=out.img_std,
             weight=batch.seg_weight, denominator=float(out.img_logp.shape[1] * max(1, counts.sequences)),
         )

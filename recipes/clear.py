@@ -15,10 +15,12 @@ from tasks.items import PromptItem, format_prompt
 
 
 def clear_request(item: PromptItem, image_size: int = 32) -> dict:
-    """A rollout request from a task item: its image and prompt; the reward meta travels with it."""
+    """A rollout request from a task item: its image and prompt; the reward meta travels with it, with the
+    clean image a restoration is scored against (``reference_image``, when the task has one)."""
     del image_size
     meta = {"answer": item.answer, "choices": item.choices, "answer_type": "choice" if item.choices else None,
-            "severity": int(item.meta.get("severity", 0)), "degradation": item.meta.get("degradation", "none")}
+            "severity": int(item.meta.get("severity", 0)), "degradation": item.meta.get("degradation", "none"),
+            "reference_image": item.meta.get("clean_image")}
     return {"prompt_id": item.prompt_id, "text": format_prompt(item), "image": item.image, "meta": meta}
 
 

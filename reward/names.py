@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-#: Built-in rewards: ``reward.registry`` registers the first three, ``reward.gvu`` registers ``gvu``.
-KNOWN_REWARDS = ("answer", "format", "clip_similarity", "gvu")
+#: Built-in rewards: ``reward.registry`` registers all but ``gvu`` (``reward.gvu``).
+KNOWN_REWARDS = ("answer", "format", "clip_similarity", "latent_quality", "answer_likelihood", "gvu")
 #: Rewards that score with the policy itself (they need its current weights).
 POLICY_REWARDS = ("gvu",)
 

@@ -169,7 +169,36 @@ def _clip_similarity(trajectories: Sequence[Any], ctx: RewardContext) -> list[fl
     return out
 
 
+def _latent_quality(trajectories: Sequence[Any], ctx: RewardContext) -> list[float]:
+    """How close a restoration is to the clean image, in the latent space the generator samples:
+
+        r = -mean_(c,h,w) (z_generated - z_reference)^2
+
+    (``meta["generated_latent"]`` against ``meta["reference_latent"]``, the clean image's latent the CLEAR rollout
+    attaches); 0 for a trajectory without both. Meant for ``applies_to: denoising`` (its own group-normalised
+    advantage on the denoising steps; ``services.step_batch``), where only trajectories that generated count."""
+    out = []
+    for t in trajectories:
+        m = traj_meta(t)
+        z, ref = m.get("generated_latent"), m.get("reference_latent")
+        out.append(0.0 if z is None or ref is None else -float(((z.float() - ref.float()) ** 2).mean()))
+    return out
+
+
+def _answer_likelihood(trajectories: Sequence[Any], ctx: RewardContext) -> list[float]:
+    """How well the policy reads the gold answer off its own restoration:
+
+        r = log p(<answer_start> gold <answer_end> | prompt, response up to and including the generated image)
+
+    (``meta["answer_logprob"]``, recorded by the CLEAR rollout with ``rollout.gold_answer_logprob``); 0 for a
+    trajectory without it. Meant for ``applies_to: denoising``: within a group it ranks the samples' restorations
+    by how much they help the answer, a signal the 0/1 answer reward rarely carries to the denoising steps."""
+    return [float(traj_meta(t).get("answer_logprob", 0.0)) for t in trajectories]
+
+
 register_reward("answer", _answer)
+register_reward("answer_likelihood", _answer_likelihood)
+register_reward("latent_quality", _latent_quality)
 register_reward("format", _format)
 register_reward("clip_similarity", _clip_similarity, setup=clip_setup)
 assert set(REWARDS) <= set(KNOWN_REWARDS), f"add {sorted(set(REWARDS) - set(KNOWN_REWARDS))} to reward.names"

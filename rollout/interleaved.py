@@ -3,6 +3,10 @@
 1. Sample text from prompt (image slot + question); stop at <eos> or <gen>.
 2. Rows that stopped at <gen> (and may still generate): the LM's hidden states of the context condition
    the generator; the SDE sampler draws a latent and records its stochastic window (log-probs kept).
+   A request whose meta holds a ``reference_image`` (CLEAR: the clean image) gets that image's latent as
+   ``meta["reference_latent"]`` on each trajectory that generated (what ``latent_quality`` scores against).
+   ``RolloutSettings.gold_answer_logprob``: each trajectory that generated also records
+   ``meta["answer_logprob"]``, log p(gold answer | context up to its generated image) (``answer_likelihood``).
 3. The latent enters the context through the bridge (an image slot after <gen>, no decode/re-encode; the
    ablation ``model.read_generation: pixels`` decodes and re-encodes it) and text sampling continues to the
    answer. A second <gen> ends the response (it then has no answer).
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policy.prompting import decode_response, encode_prompt
+from policy.prompting import decode_response, encode_prompt, mask_unsampleable
 from policy.sde import draw_normal, restoration_plan, restoration_sources, sample_latents, window_starts
 from policy.trajectory import ImageSegment, Trajectory
 from policy.vision import empty_images, stack_images
@@ -42,6 +46,7 @@ class RolloutSettings:
     sde_noise_level: float = 0.7
     sde_strength: float = 1.0  # < 1: a restoration starts from the input image's latent (policy.sde.restoration_start)
     generation: str = "auto"  # auto | force | forbid (module docstring)
+    gold_answer_logprob: bool = False  # record meta["answer_logprob"] after each generated image (module docstring)
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATION_MODES:
@@ -135,6 +140,9 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             masks[i] += [False] * len(slot)
             logps[i] += [0.0] * len(slot)
             slot_lat[i] = torch.cat([slot_lat[i], read[j : j + 1]])
+        if s.gold_answer_logprob:
+            gold = _gold_answer_logprobs(policy, [seqs[i] for i in gen_rows], [slot_lat[i] for i in gen_rows],
+                                         [vision[i] for i in gen_rows], [rows[i][0] for i in gen_rows])
         budgets = [s.max_new_tokens - len(first[i].token_ids) for i in gen_rows]
         second = engine.generate([TextRequest(seqs[i], slot_lat[i], n, vision[i]) for i, n in zip(gen_rows, budgets)],
                                  sampling, generator)
@@ -142,6 +150,7 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             seqs[i] += c.token_ids
             masks[i] += [True] * len(c.token_ids)
             logps[i] += c.logprobs
+    references = _reference_latents(policy, [rows[i][0] for i in gen_rows])
     out = []
     for i, (r, g, prompt, _) in enumerate(rows):
         sampled = seqs[i][len(prompt):]  # the response; decode_response drops its image slots
@@ -152,4 +161,49 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             vision_images=vision[i],
             response_text=decode_response(tok, sampled), meta=dict(r.get("meta") or {}),
         ))
+    for k, (i, ref) in enumerate(zip(gen_rows, references)):
+        if ref is not None:
+            out[i].meta["reference_latent"] = ref
+        if s.gold_answer_logprob and gold[k] is not None:
+            out[i].meta["answer_logprob"] = gold[k]
     return out
+
+
+def _gold_answer_logprobs(policy, contexts: list[list[int]], latents: list[torch.Tensor], vision: list[torch.Tensor],
+                          requests: list[dict]) -> list[float | None]:
+    """log p(<answer_start> gold <answer_end> | context) summed over the gold tokens, teacher-forced after each
+    context (a response up to its generated image), in one LM pass; None for a request without a gold answer
+    (``meta["answer"]``; a list: its first)."""
+    tok, ids = policy.tokenizer, policy.token_ids
+    golds = []
+    for r in requests:
+        a = (r.get("meta") or {}).get("answer")
+        a = a[0] if isinstance(a, (list, tuple)) and a else a
+        golds.append(None if a is None else
+                     [ids["answer_start"], *tok.encode(str(a), add_special_tokens=False), ids["answer_end"]])
+    rows = [k for k, g in enumerate(golds) if g is not None]
+    out: list[float | None] = [None] * len(requests)
+    if not rows:
+        return out
+    full = [contexts[k] + golds[k] for k in rows]
+    x, attn = _right_padded(full, ids["pad"])
+    dev = policy.device
+    logits, _ = policy.lm_forward(x.to(dev), attn.to(dev), torch.cat([latents[k] for k in rows]).to(dev),
+                                  images=stack_images([vision[k] for k in rows]))
+    logp = torch.log_softmax(mask_unsampleable(logits.float(), ids), -1).cpu()
+    for j, k in enumerate(rows):
+        start, n = len(contexts[k]), len(golds[k])  # logits at t predict token t + 1
+        targets = x[j, start : start + n]
+        out[k] = float(logp[j, start - 1 : start + n - 1].gather(-1, targets[:, None]).sum())
+    return out
+
+def _reference_latents(policy, requests: list[dict]) -> list[torch.Tensor | None]:
+    """The latent (C, h, w) of each request's ``meta["reference_image"]`` (one VAE pass per distinct request),
+    None where it has none."""
+    refs = {id(r): r["meta"]["reference_image"] for r in requests
+            if (r.get("meta") or {}).get("reference_image") is not None}
+    if not refs:
+        return [None] * len(requests)
+    pixels = torch.stack([torch.tensor(x).permute(2, 0, 1) for x in refs.values()]).float() / 255.0
+    latent = dict(zip(refs, policy.encode_image(pixels).cpu()))
+    return [latent.get(id(r)) for r in requests]

@@ -50,7 +50,8 @@ def rollout_settings(cfg: RunConfig, group_size: int | None = None) -> RolloutSe
         group_size=group_size or r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
         top_p=r.top_p, max_images=r.max_images, sde_steps=s.steps, sde_window=s.window,
         sde_window_position=s.window_position, sde_window_start=s.window_start, sde_noise_level=s.noise_level,
-        sde_strength=s.strength)
+        sde_strength=s.strength,
+        gold_answer_logprob=any(c.name == "answer_likelihood" for c in cfg.reward.components))
 
 
 def worker_pool(cfg: RunConfig, n: int) -> RolloutPool:

@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from policy.config import PolicyConfig
 from policy.pipeline import PipelineDirError, check_generator_dir
 from recipes import RECIPES, get_recipe
-from reward.names import KNOWN_REWARDS, unknown_reward
 from services.config_learner import LearnerConfig, SyncConfig
+from services.config_reward import RewardComponent, RewardConfig, ServeConfig
 from services.config_types import NonNegFloat, NonNegInt, PosFloat, PosInt, Prob
 from services.config_types import Section as _Section
 from services.lm_support import check_lm_dir, check_pipeline_lm
@@ -186,74 +186,6 @@ class RolloutConfig(_Section):
         if self.engine == "vllm" and self.num_gpus_per_worker <= 0:
             raise ConfigError("rollout.num_gpus_per_worker", "engine 'vllm' needs num_gpus_per_worker > 0")
         return self
-
-
-# ------------------------------------------------------------------------------------------- reward
-class RewardComponent(_Section):
-    name: Annotated[str, Field(min_length=1)]
-    weight: Annotated[float, Field(allow_inf_nan=False)] = 1.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class ServeAutoscaling(_Section):
-    min_replicas: NonNegInt = 1
-    max_replicas: PosInt = 2
-
-    @model_validator(mode="after")
-    def _bounds(self) -> ServeAutoscaling:
-        if self.min_replicas > self.max_replicas:
-            raise ConfigError(
-                "reward.serve.autoscaling.min_replicas",
-                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})",
-            )
-        return self
-
-
-class ServeConfig(_Section):
-    route_prefix: str = "/reward"
-    max_body_mb: PosFloat = 16
-    autoscaling: ServeAutoscaling = Field(default_factory=ServeAutoscaling)
-
-    @field_validator("route_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
-
-
-def _default_components() -> list[RewardComponent]:
-    return [RewardComponent(name="answer", weight=1.0), RewardComponent(name="format", weight=0.1)]
-
-
-class RewardConfig(_Section):
-    backend: Literal["actor", "serve"] = "actor"
-    components: list[RewardComponent] = Field(default_factory=_default_components)
-    num_cpus: NonNegFloat = 0.5
-    num_gpus: NonNegFloat = 0.0  # the reward actor's; a policy-scoring reward (gvu) then runs on the GPU
-    timeout_s: PosFloat = 600  # one scoring call (a batch of trajectories) answers within this, or the run stops
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-
-    @field_validator("components")
-    @classmethod
-    def _components(cls, v: list[RewardComponent]) -> list[RewardComponent]:
-        if not v:
-            raise ValueError("at least one reward component is needed")
-        names = [c.name for c in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate component names: {', '.join(dup)}")
-        check_reward_names(names)
-        return v
-
-
-def check_reward_names(names: list[str]) -> None:
-    """ConfigError naming ``reward.components[i].name`` for the first name that is no known reward."""
-    for i, name in enumerate(names):
-        if unknown_reward(name):
-            raise ConfigError(f"reward.components[{i}].name",
-                              f"unknown reward {name!r}; known: {', '.join(KNOWN_REWARDS)} "
-                              "(or 'package.module:function')")
 
 
 # ---------------------------------------------------------------------------------------- algorithm

@@ -165,8 +165,12 @@ FIELD_DOCS: dict[str, str] = {
     "reward.num_cpus": "CPUs the reward actor asks Ray for.",
     "reward.num_gpus": "GPUs the reward actor asks Ray for; a reward that scores with the policy (`gvu`) then "
                        "runs it on the GPU.",
-    "reward.components[].name": "A built-in reward (`answer`, `format`, `clip_similarity`, "
+    "reward.components[].name": "A built-in reward (`answer`, `format`, `clip_similarity`, `latent_quality`, "
                                 "`gvu`; `reward/names.py`) or `package.module:function`.",
+    "reward.components[].applies_to": "`trajectory`: in the total reward, whose group advantage every text token "
+                                      "and denoising step of a trajectory takes; `denoising`: out of the total, "
+                                      "its own group advantage (times the weight) is added on the denoising steps "
+                                      "alone while `algorithm.lambda_img` > 0 (`services/step_batch.py`).",
     "reward.components[].weight": "Its weight in the total reward.",
     "reward.components[].kwargs": "Keyword arguments of the reward function (e.g. `clip_similarity`'s "
                                   "backbones; a backbone `{kind: clip, fit: true}` is the tiny CLIP tower "

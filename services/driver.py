@@ -14,8 +14,6 @@ import ray
 import torch
 from tqdm import tqdm
 
-from learner.advantage import group_advantages, zero_variance_groups
-from learner.batch import collate
 from learner.group import LearnerGroup
 from policy.build import build_tokenizer
 from policy.tokenizer import special_token_ids
@@ -27,6 +25,7 @@ from services.delivery import GroupDelivery
 from services.evaluate import EvalReport, compare, evaluate, evaluate_report, log_report
 from services.pipeline import RolloutPipeline, rollout_seed
 from services.reward_backend import start_reward
+from services.step_batch import assemble
 from services.tracking import Tracker, image_strip, plot_curves
 from sync.group import CollectiveGroup
 from tasks import build_dataset
@@ -43,54 +42,6 @@ def task_dataset(cfg: RunConfig, split: str, seed_offset: int = 0):
                          split=split, image_size=t.image_size, degradations=t.degradations, severities=t.severities,
                          degrade_prob=t.degrade_prob, question_types=t.question_types,
                          shuffle_choices=t.shuffle_choices)
-
-
-def assemble(trajs, totals, components, cfg: RunConfig, learner_version: int):
-    """Drop NaN rewards and stale trajectories (counted), group advantages, handle zero-variance groups.
-    Returns (kept trajectories, advantages, metrics)."""
-    a = cfg.algorithm
-    for t, r in zip(trajs, totals):
-        t.reward = float(r)
-    m: dict[str, float] = {}
-    groups: dict[str, list] = {}
-    for t in trajs:
-        groups.setdefault(t.prompt_id, []).append(t)
-    kept, advs = [], []
-    n_nan = n_stale = n_zero = n_small = 0
-    for members in groups.values():
-        fresh = [t for t in members if learner_version - t.policy_version <= a.max_staleness]
-        n_stale += len(members) - len(fresh)
-        valid = [t for t in fresh if np.isfinite(t.reward)]
-        n_nan += len(fresh) - len(valid)
-        if len(valid) < 2:
-            n_small += 1
-            continue
-        r = torch.tensor([t.reward for t in valid])
-        if bool(zero_variance_groups(r, len(valid))[0]):
-            n_zero += 1
-            if a.zero_variance == "drop":
-                continue
-        kept += valid
-        advs.append(group_advantages(r, len(valid), scale=a.adv_scale))
-    for name, vals in components.items():
-        v = np.asarray(vals, dtype=float)
-        v = v[np.isfinite(v)]
-        if v.size:
-            m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = float(v.mean()), float(v.std())
-    tot = np.asarray(totals, dtype=float)
-    fin = tot[np.isfinite(tot)]
-    m.update({
-        "reward/total/mean": float(fin.mean()) if fin.size else float("nan"),
-        "reward/total/std": float(fin.std()) if fin.size else float("nan"),
-        "reward/nan_dropped": float(n_nan), "rollout/stale_dropped": float(n_stale),
-        "rollout/zero_variance_groups": float(n_zero), "rollout/groups_too_small": float(n_small),
-        "rollout/trigger_rate": float(np.mean([t.generated_image for t in trajs])),
-        "rollout/response_len": float(np.mean([t.response_len for t in trajs])),
-        "rollout/version_lag": float(np.mean([learner_version - t.policy_version for t in trajs])),
-    })
-    if "answer" in components:
-        m["accuracy"] = m.get("reward/answer/mean", float("nan"))
-    return kept, (torch.cat(advs) if advs else torch.zeros(0)), m
 
 
 class Run:
@@ -221,13 +172,14 @@ class Run:
                       "time/reward_s": done["reward_s"]}
             pool = done["pool"]
         t2 = time.perf_counter()
-        kept, adv, m = assemble(trajs, totals, comps, cfg, self.version)
+        batch = assemble(trajs, totals, comps, cfg, self.version)
+        m = batch.metrics
         self.phase = "learn"
-        if kept:
-            m.update(self.learner.train_step(collate(kept, adv, self.pad_id)))
+        if batch.kept:
+            m.update(self.learner.train_step(batch.collate(self.pad_id)))
         self.step += 1  # the learner holds this step: a failure from here on saves the post-step state
         self.phase = "done"
-        m["learn/trained_samples"] = float(len(kept))
+        m["learn/trained_samples"] = float(len(batch.kept))
         t3 = time.perf_counter()
         if self.pipeline is None:
             m["time/sync_s"] = self.publish_and_sync()

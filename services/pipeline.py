@@ -6,7 +6,7 @@ each published version to the pool (and to a reward that follows the policy). Wh
 step s, batches s+1 .. s+k are queued or running; after step s the driver publishes version s+1 and
 queues its delivery, then batch s+k+1, which is therefore generated under version s+1: whatever the
 timing, every batch is generated under the same version, with the same seed, in every run. Trajectories
-whose version lags the learner by more than k are still dropped and counted (``driver.assemble``).
+whose version lags the learner by more than k are still dropped and counted (``services.step_batch.assemble``).
 
 Batches never span a checkpoint or an evaluation: the pipeline is not filled past the step after which
 one is due, so every batch trained after a checkpoint is generated under the checkpoint's version (or a

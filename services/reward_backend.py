@@ -101,6 +101,6 @@ def start_reward(cfg: RunConfig) -> RewardBackend:
     if cfg.reward.backend == "serve":
         return ServeReward(cfg)
     # policy-scoring rewards (GvU) build the run's own policy from its ``model`` section
-    specs = with_policy_config([c.model_dump() for c in cfg.reward.components], cfg.model.model_dump())
+    specs = with_policy_config([c.scorer_spec() for c in cfg.reward.components], cfg.model.model_dump())
     actor = make_reward_actor(specs, num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus)
     return ActorReward(actor, follows_policy=needs_policy(specs), timeout_s=cfg.reward.timeout_s)

@@ -121,7 +121,7 @@ class RewardDeployment:
 
 
 def reward_specs(cfg: Any) -> list[dict]:
-    return [{"name": c.name, "weight": c.weight, "kwargs": dict(c.kwargs)} for c in cfg.reward.components]
+    return [c.scorer_spec() for c in cfg.reward.components]
 
 
 def build_reward_app(cfg: Any) -> Any:
