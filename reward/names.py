@@ -10,6 +10,8 @@ import re
 
 #: Built-in rewards: ``reward.registry`` registers all but ``gvu`` (``reward.gvu``).
 KNOWN_REWARDS = ("answer", "format", "clip_similarity", "latent_quality", "answer_likelihood", "gvu")
+#: Rewards of a restoration that the CLEAR rollout records (the clean image's latent, the gold answer's log-prob).
+RESTORATION_REWARDS = ("latent_quality", "answer_likelihood")
 #: Rewards that score with the policy itself (they need its current weights).
 POLICY_REWARDS = ("gvu",)
 

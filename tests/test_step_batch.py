@@ -85,6 +85,10 @@ def test_denoising_components_stay_out_of_the_total_and_bad_targets_name_the_fie
     assert totals == [1.0, 0.0] and comps["latent_quality"] == [-1.0, 0.0]
     with pytest.raises(ConfigError, match=r"reward\.components\.1\.applies_to|reward\.components\[1\]\.applies_to"):
         load_config(None, ["reward.components=[{name: answer}, {name: latent_quality, applies_to: text}]"])
+    for name in ("latent_quality", "answer_likelihood"):  # only the CLEAR rollout records what they score
+        with pytest.raises(ConfigError, match=r"reward\.components\[1\]\.name.*needs recipe clear") as e:
+            load_config("configs/gvu_tiny.yaml", [f"reward.components=[{{name: gvu}}, {{name: {name}}}]"])
+        assert e.value.field_path == "reward.components[1].name"
 
 
 def test_the_loss_gives_the_denoising_steps_their_own_advantage() -> None:
