@@ -3,9 +3,9 @@
 1. Sample text from prompt (image slot + question); stop at <eos> or <gen>.
 2. Rows that stopped at <gen> (and may still generate): the LM's hidden states of the context condition
    the generator; the SDE sampler draws a latent and records its stochastic window (log-probs kept).
-   A request whose meta holds a ``reference_image`` (CLEAR: the clean image) gets that image's latent as
-   ``meta["reference_latent"]`` on each trajectory that generated (what ``latent_quality`` scores against).
-   ``RolloutSettings.gold_answer_logprob``: each trajectory that generated also records
+   What the denoising-step rewards score, recorded on each trajectory that generated, when asked for:
+   ``RolloutSettings.reference_latents``: ``meta["reference_latent"]``, the latent of the request's
+   ``meta["reference_image"]`` (CLEAR: the clean image; ``latent_quality``); ``gold_answer_logprob``:
    ``meta["answer_logprob"]``, log p(gold answer | context up to its generated image) (``answer_likelihood``).
 3. The latent enters the context through the bridge (an image slot after <gen>, no decode/re-encode; the
    ablation ``model.read_generation: pixels`` decodes and re-encodes it) and text sampling continues to the
@@ -46,6 +46,7 @@ class RolloutSettings:
     sde_noise_level: float = 0.7
     sde_strength: float = 1.0  # < 1: a restoration starts from the input image's latent (policy.sde.restoration_start)
     generation: str = "auto"  # auto | force | forbid (module docstring)
+    reference_latents: bool = False  # record meta["reference_latent"] on each trajectory that generated (docstring)
     gold_answer_logprob: bool = False  # record meta["answer_logprob"] after each generated image (module docstring)
 
     def __post_init__(self) -> None:
@@ -150,7 +151,7 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             seqs[i] += c.token_ids
             masks[i] += [True] * len(c.token_ids)
             logps[i] += c.logprobs
-    references = _reference_latents(policy, [rows[i][0] for i in gen_rows])
+    references = _reference_latents(policy, [rows[i][0] for i in gen_rows]) if s.reference_latents else []
     out = []
     for i, (r, g, prompt, _) in enumerate(rows):
         sampled = seqs[i][len(prompt):]  # the response; decode_response drops its image slots
@@ -159,13 +160,15 @@ def rollout(policy, engine: TextEngine, requests: list[dict], s: RolloutSettings
             prompt_len=len(prompt), loss_mask=torch.tensor(masks[i]), behaviour_logp=torch.tensor(logps[i]),
             slot_latents=slot_lat[i], images=images[i], policy_version=version,
             vision_images=vision[i],
-            response_text=decode_response(tok, sampled), meta=dict(r.get("meta") or {}),
+            response_text=decode_response(tok, sampled),
+            meta={k: v for k, v in (r.get("meta") or {}).items() if k != "reference_image"},  # read here only
         ))
-    for k, (i, ref) in enumerate(zip(gen_rows, references)):
+    for i, ref in zip(gen_rows, references):
         if ref is not None:
             out[i].meta["reference_latent"] = ref
-        if s.gold_answer_logprob and gold[k] is not None:
-            out[i].meta["answer_logprob"] = gold[k]
+    for i, lp in zip(gen_rows, gold if s.gold_answer_logprob and gen_rows else []):
+        if lp is not None:
+            out[i].meta["answer_logprob"] = lp
     return out
 
 
@@ -196,6 +199,7 @@ def _gold_answer_logprobs(policy, contexts: list[list[int]], latents: list[torch
         targets = x[j, start : start + n]
         out[k] = float(logp[j, start - 1 : start + n - 1].gather(-1, targets[:, None]).sum())
     return out
+
 
 def _reference_latents(policy, requests: list[dict]) -> list[torch.Tensor | None]:
     """The latent (C, h, w) of each request's ``meta["reference_image"]`` (one VAE pass per distinct request),

@@ -51,6 +51,7 @@ def rollout_settings(cfg: RunConfig, group_size: int | None = None) -> RolloutSe
         top_p=r.top_p, max_images=r.max_images, sde_steps=s.steps, sde_window=s.window,
         sde_window_position=s.window_position, sde_window_start=s.window_start, sde_noise_level=s.noise_level,
         sde_strength=s.strength,
+        reference_latents=any(c.name == "latent_quality" for c in cfg.reward.components),
         gold_answer_logprob=any(c.name == "answer_likelihood" for c in cfg.reward.components))
 
 

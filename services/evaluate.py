@@ -60,7 +60,7 @@ def mode_overrides(mode: str, cfg: RunConfig) -> dict:
              "sampled": {"temperature": cfg.rollout.temperature, "generation": "auto"},
              "forced": {"temperature": 0.0, "generation": "force"},
              "forbidden": {"temperature": 0.0, "generation": "forbid"}}
-    return {"group_size": 1, "gold_answer_logprob": False, **table[mode]}
+    return {"group_size": 1, "reference_latents": False, "gold_answer_logprob": False, **table[mode]}
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -2,6 +2,8 @@
 reward (``latent_quality``: the restoration against the clean image's latent), its contract through collate and
 the loss, and the CLEAR rollout's reference latents. CPU, no Ray."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -118,19 +120,22 @@ def test_the_clear_rollout_attaches_the_clean_images_latent_to_what_generated() 
     items = [data[k] for k in range(3)]
     reqs = [clear_request(i) for i in items]
     reqs[2]["meta"]["reference_image"] = None  # an item without a clean image
-    trajs = rollout(policy, HFTextEngine(policy), reqs, RolloutSettings(group_size=2, max_new_tokens=8,
-                                                                          generation="force"), 1,
-                    torch.Generator().manual_seed(0))
+    settings = RolloutSettings(group_size=2, max_new_tokens=8, generation="force", reference_latents=True)
+    trajs = rollout(policy, HFTextEngine(policy), reqs, settings, 1, torch.Generator().manual_seed(0))
     clean = torch.stack([torch.tensor(np.asarray(i.meta["clean_image"])).permute(2, 0, 1) for i in items[:2]])
     with torch.no_grad():
         expected = policy.encode_image(clean.float() / 255.0)
     for t in trajs[:4]:
         assert torch.allclose(t.meta["reference_latent"], expected[int(t.prompt_id != items[0].prompt_id)], atol=1e-6)
     assert all("reference_latent" not in t.meta for t in trajs[4:])
-    forbidden = rollout(policy, HFTextEngine(policy), reqs[:1], RolloutSettings(group_size=2, max_new_tokens=8,
-                                                                               generation="forbid"), 1,
-                        torch.Generator().manual_seed(0))
-    assert all("reference_latent" not in t.meta for t in forbidden)
+    assert all("reference_image" not in t.meta for t in trajs)  # the rollout reads it; trajectories do not carry it
+    for off in (replace(settings, generation="forbid"), replace(settings, reference_latents=False)):
+        again = rollout(policy, HFTextEngine(policy), reqs[:1], off, 1, torch.Generator().manual_seed(0))
+        assert all("reference_latent" not in t.meta for t in again)
+    from services.cluster import rollout_settings
+
+    with_reward = load_config(None, LQ)
+    assert rollout_settings(with_reward).reference_latents and not rollout_settings(cfg).reference_latents
 
 
 def test_the_rollout_records_the_gold_answers_log_prob_after_each_generated_image() -> None:
@@ -162,4 +167,4 @@ def test_the_rollout_records_the_gold_answers_log_prob_after_each_generated_imag
     with_reward = load_config(None, ["reward.components=[{name: answer}, {name: answer_likelihood, "
                                      "applies_to: denoising}]"])
     assert rollout_settings(with_reward).gold_answer_logprob and not rollout_settings(cfg).gold_answer_logprob
-    assert mode_overrides("greedy", with_reward)["gold_answer_logprob"] is False
+    assert not any(mode_overrides("greedy", with_reward)[k] for k in ("gold_answer_logprob", "reference_latents"))
