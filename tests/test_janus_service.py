@@ -54,7 +54,7 @@ def test_janus_gvu_trajectories_reward_and_learner_logprobs():
     assert out.img_logp is None and float((out.logp - batch.behaviour_logp)[batch.loss_mask].abs().max()) < 1e-5
     assert (out.entropy[batch.loss_mask] > 0).all()
     # the gvu reward reads the decoded image: same codes, same score; another image, another score
-    rewards = RewardSet(with_policy_config([c.model_dump() for c in cfg.reward.components], cfg.model.model_dump()))
+    rewards = RewardSet(with_policy_config([c.scorer_spec() for c in cfg.reward.components], cfg.model.model_dump()))
     scores, _ = rewards.combine(trajs)
     assert all(0 < r <= 1 for r in scores)
     again, _ = rewards.combine(trajs[:1])

@@ -275,7 +275,7 @@ def test_uae_rollouts_reward_learner_step_and_checkpoint_reload(local_ray, qi_di
     sig = policy.sigmas(4)
     for seg in (s for t in trajs for s in t.images):  # windows on the scheduler's schedule
         assert all(bool((sig == x).any()) for x in seg.sigmas) and all(bool((sig == x).any()) for x in seg.sigma_nexts)
-    rewards, parts = combine(trajs, [c.model_dump() for c in cfg.reward.components])
+    rewards, parts = combine(trajs, [c.scorer_spec() for c in cfg.reward.components])
     assert len(rewards) == 4 and all(-1 <= r <= 1 for r in rewards) and set(parts) == {"clip_similarity"}
     adv = torch.tensor(rewards) - torch.tensor(rewards).mean()
     group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde)

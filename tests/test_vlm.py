@@ -166,7 +166,7 @@ def test_rollouts_reward_learner_step_sync_and_checkpoint(local_ray, vl_dir, sd3
     policy = UnifiedPolicy.from_config(cfg.model)  # the learner builds the same policy from the same config
     trajs = _rollout(policy, [_image(0)], group_size=4, generation="force")  # every sample generates
     assert len(trajs) == 4 and all(t.generated_image for t in trajs)
-    totals, parts = RewardActor([c.model_dump() for c in cfg.reward.components]).score_values(trajs)
+    totals, parts = RewardActor([c.scorer_spec() for c in cfg.reward.components]).score_values(trajs)
     assert len(totals) == 4 and {"answer", "format"} <= set(parts) and all(r == r for r in totals)
     group = LearnerGroup(cfg.model, cfg.learner, cfg.algorithm, cfg.sft, cfg.seed, None, cfg.rollout.sde)
     try:
