@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from recipes.arch import architecture_problems
+from recipes.arch import ARCHITECTURES, architecture_problems
 from reward.names import RESTORATION_REWARDS
 from tasks.items import PromptItem
 
@@ -87,10 +87,10 @@ class Recipe:
                                          "a fitted tiny CLIP scorer is trained on the shapes_vqa task's images and "
                                          "descriptions: it needs reward 'clip_similarity' and task.name shapes_vqa"))
         for i, c in enumerate(cfg.reward.components):  # recorded by the CLEAR rollout (rollout.interleaved)
-            if c.name in RESTORATION_REWARDS and (not self.restores or cfg.model.arch == "janus"):
+            if c.name in RESTORATION_REWARDS and not (self.restores and ARCHITECTURES[cfg.model.arch].flow_generator):
                 out.append(ConfigProblem(f"reward.components[{i}].name", f"{c.name!r} scores a restoration of the "
-                                         "input image in the flow generator's latents: it needs recipe clear on "
-                                         "model.arch unified"))
+                                         "input image in the flow generator's latents: it needs recipe clear on an "
+                                         "architecture with a flow generator (model.arch unified)"))
         if cfg.model.read_generation != "latent" and not self.restores:
             out.append(ConfigProblem("model.read_generation", f"recipe {self.name!r} never reads a generated image "
                                      "back; only clear does"))

@@ -190,7 +190,8 @@ def _answer_likelihood(trajectories: Sequence[Any], ctx: RewardContext) -> list[
 
         r = log p(<answer_start> gold <answer_end> | prompt, response up to and including the generated image)
 
-    (``meta["answer_logprob"]``, recorded by the CLEAR rollout with ``rollout.gold_answer_logprob``); 0 for a
+    (``meta["answer_logprob"]``, recorded by the CLEAR rollout when this reward is configured:
+    ``RolloutSettings.gold_answer_logprob``); 0 for a
     trajectory without it. Meant for ``applies_to: denoising``: within a group it ranks the samples' restorations
     by how much they help the answer, a signal the 0/1 answer reward rarely carries to the denoising steps."""
     return [float(traj_meta(t).get("answer_logprob", 0.0)) for t in trajectories]
